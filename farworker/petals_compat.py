@@ -1,0 +1,53 @@
+"""The one way farworker imports petals.
+
+petals 2.2.0.post1 does ``from hivemind import PeerID, anext, ...``; hivemind 1.1.12 (the first release
+with an installable wheel today) made submodule imports explicit and dropped those top-level names.
+We put them back on the ``hivemind`` module, then import petals. Everything in farworker that needs
+petals goes through :func:`import_petals`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+# name restored on `hivemind` -> the submodule that still defines it in hivemind 1.1.12
+RESTORED_NAMES: dict[str, str] = {
+    "BatchTensorDescriptor": "hivemind.utils.tensor_descr",
+    "DHT": "hivemind.dht",
+    "MAX_DHT_TIME_DISCREPANCY_SECONDS": "hivemind.utils.timed_storage",
+    "MSGPackSerializer": "hivemind.utils.serializer",
+    "P2P": "hivemind.p2p",
+    "P2PContext": "hivemind.p2p",
+    "PeerID": "hivemind.p2p",
+    "TensorDescriptor": "hivemind.utils.tensor_descr",
+    "anext": "hivemind.utils.asyncio",
+    "deserialize_tensor_stream": "hivemind.compression",
+    "deserialize_torch_tensor": "hivemind.compression",
+    "get_dht_time": "hivemind.utils.timed_storage",
+    "get_logger": "hivemind.utils.logging",
+    "nested_compare": "hivemind.utils.nested",
+    "nested_flatten": "hivemind.utils.nested",
+    "nested_pack": "hivemind.utils.nested",
+    "serialize_torch_tensor": "hivemind.compression",
+}
+
+
+def restore_hivemind_names() -> ModuleType:
+    """Re-export on `hivemind` the names petals 2.2 imports from it; returns the hivemind module."""
+    import hivemind
+
+    for name, module_name in RESTORED_NAMES.items():
+        if not hasattr(hivemind, name):
+            setattr(hivemind, name, getattr(importlib.import_module(module_name), name))
+    return hivemind
+
+
+def import_petals() -> ModuleType:
+    """Import petals with hivemind's names restored and petals' import-time noise silenced."""
+    os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+    restore_hivemind_names()
+    import petals
+
+    return petals
