@@ -1,0 +1,156 @@
+"""The durable usage outbox: a usage record is on disk before it is sent and leaves only when acknowledged.
+
+One SQLite file in the state dir (WAL, synchronous=FULL), so a coordinator outage, ``kill -9`` or a
+reboot loses no record; record ids are UUIDs and the coordinator counts an id once, so a record sent
+again after a crash between "sent" and "acknowledged" is not doubled.
+
+Record (the dict the serving-path hook adds, and the usage item of the API contract)::
+
+    {"id": "<uuid4>", "session_id": str, "blocks": [start, end], "tokens": int, "steps": int,
+     "started_at": unix seconds (float), "ended_at": unix seconds (float)}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+RECORD_FIELDS = ("id", "session_id", "blocks", "tokens", "steps", "started_at", "ended_at")
+
+
+class OutboxError(ValueError):
+    """A record does not have the shape above."""
+
+
+def make_record(session_id: str, blocks: tuple[int, int] | list[int], tokens: int, steps: int,
+                started_at: float, ended_at: float | None = None) -> dict:
+    """A new usage record with a fresh id."""
+    return {
+        "id": str(uuid.uuid4()),
+        "session_id": str(session_id),
+        "blocks": [int(blocks[0]), int(blocks[1])],
+        "tokens": int(tokens),
+        "steps": int(steps),
+        "started_at": float(started_at),
+        "ended_at": float(time.time() if ended_at is None else ended_at),
+    }
+
+
+def validate_record(record: dict) -> dict:
+    """Return a normalised copy of ``record`` or raise OutboxError naming the bad field."""
+    if not isinstance(record, dict):
+        raise OutboxError("usage record must be a dict")
+    missing = [f for f in RECORD_FIELDS if f not in record]
+    if missing:
+        raise OutboxError(f"usage record lacks {', '.join(missing)}")
+    try:
+        uuid.UUID(str(record["id"]))
+    except ValueError:
+        raise OutboxError(f"usage record id must be a UUID, got {record['id']!r}") from None
+    blocks = record["blocks"]
+    if (not isinstance(blocks, list | tuple) or len(blocks) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+            or not 0 <= blocks[0] < blocks[1]):
+        raise OutboxError(f"usage record blocks must be [start, end] with 0 <= start < end, got {blocks!r}")
+    for name in ("tokens", "steps"):
+        value = record[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise OutboxError(f"usage record {name} must be a non-negative integer, got {value!r}")
+    for name in ("started_at", "ended_at"):
+        if not isinstance(record[name], int | float) or isinstance(record[name], bool):
+            raise OutboxError(f"usage record {name} must be unix seconds, got {record[name]!r}")
+    if record["ended_at"] < record["started_at"]:
+        raise OutboxError("usage record ended_at is before started_at")
+    normalised = {name: record[name] for name in RECORD_FIELDS}
+    normalised["id"] = str(record["id"])
+    normalised["session_id"] = str(record["session_id"])
+    normalised["blocks"] = [blocks[0], blocks[1]]
+    return normalised
+
+
+class Outbox:
+    """Thread-safe, and safe to share between processes (SQLite locking, busy timeout)."""
+
+    def __init__(self, path: str | os.PathLike, busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._listeners: list[Callable[[], None]] = []
+        with self._lock:
+            self._connection().execute(
+                "CREATE TABLE IF NOT EXISTS outbox ("
+                " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " id TEXT NOT NULL UNIQUE,"
+                " record TEXT NOT NULL,"
+                " added_at REAL NOT NULL)"
+            )
+
+    def _connection(self) -> sqlite3.Connection:
+        # a connection must not cross a fork; the serving hook may run in a forked child
+        if self._conn is None or self._pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after each successful add in this process (the reporter's wake-up)."""
+        self._listeners.append(callback)
+
+    def add(self, record: dict) -> str:
+        """Store ``record`` durably (committed and fsynced on return); returns its id. Adding an id twice
+        keeps the first."""
+        record = validate_record(record)
+        with self._lock:
+            self._connection().execute(
+                "INSERT OR IGNORE INTO outbox (id, record, added_at) VALUES (?, ?, ?)",
+                (record["id"], json.dumps(record, separators=(",", ":")), time.time()),
+            )
+        for callback in self._listeners:
+            callback()
+        return record["id"]
+
+    def pending(self, limit: int = 100) -> list[dict]:
+        """Oldest first, at most ``limit``."""
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT record FROM outbox ORDER BY seq LIMIT ?", (int(limit),)
+            ).fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    def acknowledge(self, ids: Iterable[str]) -> int:
+        """Delete acknowledged records; returns how many were deleted."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return deleted
+
+    def depth(self) -> int:
+        with self._lock:
+            return self._connection().execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
