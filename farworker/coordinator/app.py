@@ -1,0 +1,318 @@
+"""The reference coordinator's HTTP API (FastAPI): worker registration, signed heartbeats and usage,
+the earnings ledger, and OpenAI-style completions routed through the mesh."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from farworker import __version__
+from farworker.coordinator import ledger
+from farworker.coordinator.models import (
+    CompletionRequest,
+    CompletionResponse,
+    DeregisterRequest,
+    DeregisterResponse,
+    ErrorResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+    UsageRequest,
+    UsageResponse,
+    WorkerList,
+    WorkerView,
+)
+from farworker.coordinator.store import Store
+from farworker.identity import HEADER_PEER_ID, SignatureError, verify_request
+
+log = logging.getLogger("farworker.coordinator")
+
+BODY_KEY = "farworker.body"
+
+
+@dataclass
+class Settings:
+    db_path: Path
+    heartbeat_interval_s: float = 30.0
+    signature_window_s: int = 60
+    max_body_bytes: int = 1 << 20
+    far_per_token: float = ledger.DEFAULT_FAR_PER_TOKEN
+    # the mesh, for /v1/completions (none configured: the route answers 503)
+    model_path: Path | None = None
+    model_name: str | None = None  # names the model for the ledger and the DHT prefix; default: dir name
+    initial_peers: tuple[str, ...] = ()
+    dht_prefix: str | None = None
+    model_blocks: dict[str, int] = field(default_factory=dict)  # model name -> block count, for the ledger
+
+    def __post_init__(self):
+        self.db_path = Path(self.db_path)
+        if self.model_path is not None:
+            self.model_path = Path(self.model_path)
+            self.model_name = self.model_name or self.model_path.name
+            self.dht_prefix = self.dht_prefix or (re.sub(r"[^A-Za-z0-9_-]", "-", Path(self.model_name).name)
+                                                  or "local-model")
+            config = self.model_path / "config.json"
+            if config.is_file() and self.model_name not in self.model_blocks:
+                layers = json.loads(config.read_text()).get("num_hidden_layers")
+                if isinstance(layers, int) and layers > 0:
+                    self.model_blocks[self.model_name] = layers
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.field = status, message, code, field
+
+
+def _error(status: int, message: str, code: str, field: str | None = None, **extra) -> JSONResponse:
+    body = {"error": message, "code": code, "field": field, **extra}
+    return JSONResponse(body, status_code=status)
+
+
+class BodyLimit:
+    """Reads the whole request body (at most ``limit`` bytes) before the app sees it: bigger bodies get
+    413 without being buffered, and the signature check gets the exact bytes that were sent."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        scope[BODY_KEY] = body
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = _error(413, f"request body over {self.limit} bytes", "body_too_large")
+        await response(scope, receive, send)
+
+
+def _signed_path(request: Request) -> str:
+    query = request.url.query
+    return request.url.path + (f"?{query}" if query else "")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    store = Store(settings.db_path)
+    mesh = None
+    if settings.model_path is not None:
+        from farworker.coordinator.mesh import MeshClient
+
+        mesh = MeshClient(settings.model_path, list(settings.initial_peers), settings.dht_prefix)
+
+    app = FastAPI(
+        title="Far Labs coordinator API",
+        version="1.0.0",
+        description="Worker registration, signed heartbeats and usage, the earnings ledger "
+                    f"(reference coordinator of farworker {__version__}).",
+        responses={401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    )
+    app.state.settings, app.state.store, app.state.mesh = settings, store, mesh
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return _error(err.status, err.message, err.code, err.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        problems = err.errors()
+        first = problems[0] if problems else {"loc": (), "msg": "invalid"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        name = ".".join(loc) or None
+        detail = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg")}
+                  for e in problems]
+        return _error(422, f"invalid {name or 'payload'}: {first.get('msg')}", "invalid_payload", name,
+                      detail=detail)
+
+    def _check(public_key: str, request: Request) -> str:
+        try:
+            peer_id, nonce, _ = verify_request(
+                public_key, request.method, _signed_path(request), request.scope.get(BODY_KEY, b""),
+                request.headers, window_s=settings.signature_window_s,
+            )
+        except SignatureError as err:
+            raise ApiError(401, str(err), "bad_signature") from None
+        if not store.consume_nonce(peer_id, nonce, time.time(), keep_s=3 * settings.signature_window_s):
+            raise ApiError(401, "nonce already used (replayed request)", "replay")
+        return peer_id
+
+    def registration_signature(request: Request) -> str:
+        """The registering worker proves it holds the key its body carries."""
+        try:
+            body = json.loads(request.scope.get(BODY_KEY, b"") or b"null")
+        except ValueError:
+            raise ApiError(422, "invalid payload: body is not JSON", "invalid_payload") from None
+        public_key = body.get("public_key") if isinstance(body, dict) else None
+        if not isinstance(public_key, str):
+            raise ApiError(422, "invalid public_key: a base64 DER RSA public key is required",
+                           "invalid_payload", "public_key")
+        if not request.headers.get(HEADER_PEER_ID):
+            raise ApiError(401, f"missing header {HEADER_PEER_ID}", "bad_signature")
+        return _check(public_key, request)
+
+    def worker_signature(request: Request) -> str:
+        """A registered worker's request, for its own worker id; returns the worker id."""
+        peer_id = request.headers.get(HEADER_PEER_ID)
+        if not peer_id:
+            raise ApiError(401, f"missing header {HEADER_PEER_ID}", "bad_signature")
+        public_key = store.public_key_of(peer_id)
+        if public_key is None:
+            raise ApiError(401, "unknown peer id; register first", "unregistered")
+        _check(public_key, request)
+        worker_id = request.path_params["worker_id"]
+        row = store.worker_row(worker_id)
+        if row is None:
+            raise ApiError(404, f"unknown worker {worker_id}; register again", "unknown_worker")
+        if row["peer_id"] != peer_id:
+            raise ApiError(403, f"worker {worker_id} belongs to another peer id", "forbidden")
+        return worker_id
+
+    def total_blocks_of(row) -> int:
+        return settings.model_blocks.get(row["model_name"]) or row["total_blocks"] or row["block_end"]
+
+    def uptime(row, now: float) -> float:
+        return ledger.uptime_fraction(row["heartbeat_count"], row["registered_at"], now, row["heartbeat_interval"])
+
+    def figures(row, now: float) -> dict:
+        reliability = uptime(row, now)
+        window = ledger.earn_rate_window(row["registered_at"], now, row["heartbeat_interval"])
+        tokens, earned, recent = store.ledger_totals(row["worker_id"], now - window)
+        return {
+            "tokens_served": tokens,
+            "earnings_far": round(earned, 9),
+            "reliability": round(reliability, 6),
+            "uptime_pct": round(100 * reliability, 3),
+            "earn_rate_far_per_hour": round(recent * 3600 / window, 9),
+        }
+
+    def view(row, now: float) -> WorkerView:
+        return WorkerView(
+            worker_id=row["worker_id"], peer_id=row["peer_id"], wallet_address=row["wallet_address"],
+            model_name=row["model_name"], blocks=[row["block_start"], row["block_end"]],
+            total_blocks=total_blocks_of(row), state=row["state"], location=row["location"],
+            farworker_version=row["farworker_version"], announce_maddrs=json.loads(row["announce_maddrs"]),
+            hardware=json.loads(row["hardware"]), registered_at=row["registered_at"],
+            last_heartbeat_at=row["last_heartbeat_at"], heartbeat_count=row["heartbeat_count"],
+            last_heartbeat=json.loads(row["last_heartbeat"]) if row["last_heartbeat"] else None,
+            **figures(row, now),
+        )
+
+    @app.post("/v1/workers/register", response_model=RegisterResponse, tags=["workers"],
+              responses={403: {"model": ErrorResponse}})
+    def register(body: RegisterRequest, peer_id: str = Depends(registration_signature)) -> RegisterResponse:
+        if body.peer_id != peer_id:
+            raise ApiError(403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id")
+        worker_id = store.register(body.model_dump(), time.time(), settings.heartbeat_interval_s)
+        log.info("registered %s (peer %s) blocks %d:%d of %s", worker_id, peer_id, *body.blocks, body.model_name)
+        return RegisterResponse(worker_id=worker_id, heartbeat_interval=settings.heartbeat_interval_s)
+
+    @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse, tags=["workers"],
+              responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    def heartbeat(worker_id: str, body: HeartbeatRequest,
+                  _: str = Depends(worker_signature)) -> HeartbeatResponse:
+        now = time.time()
+        store.heartbeat(worker_id, body.model_dump(), now)
+        f = figures(store.worker_row(worker_id), now)
+        return HeartbeatResponse(earn_rate_far_per_hour=f["earn_rate_far_per_hour"], reliability=f["reliability"],
+                                 uptime_pct=f["uptime_pct"], heartbeat_interval=settings.heartbeat_interval_s)
+
+    @app.post("/v1/workers/{worker_id}/usage", response_model=UsageResponse, tags=["workers"],
+              responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    def usage(worker_id: str, body: UsageRequest, _: str = Depends(worker_signature)) -> UsageResponse:
+        now = time.time()
+        row = store.worker_row(worker_id)
+        total = total_blocks_of(row)
+        accepted = store.add_usage(
+            worker_id, [r.model_dump() for r in body.records], now,
+            share_of=lambda start, end: ledger.block_share(start, end, total),
+            reliability=uptime(row, now), far_per_token=settings.far_per_token,
+        )
+        return UsageResponse(accepted=accepted)
+
+    @app.post("/v1/workers/{worker_id}/deregister", response_model=DeregisterResponse, tags=["workers"],
+              responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    def deregister(worker_id: str, body: DeregisterRequest | None = None,
+                   _: str = Depends(worker_signature)) -> DeregisterResponse:
+        store.set_state(worker_id, "offline")
+        log.info("deregistered %s (%s)", worker_id, body.reason if body else "shutdown")
+        return DeregisterResponse(worker_id=worker_id, state="offline")
+
+    @app.get("/v1/workers", response_model=WorkerList, tags=["ledger"])
+    def list_workers() -> WorkerList:
+        now = time.time()
+        return WorkerList(workers=[view(store.worker_row(w), now) for w in store.worker_ids()])
+
+    @app.get("/v1/workers/{worker_id}", response_model=WorkerView, tags=["ledger"],
+             responses={404: {"model": ErrorResponse}})
+    def get_worker(worker_id: str) -> WorkerView:
+        row = store.worker_row(worker_id)
+        if row is None:
+            raise ApiError(404, f"unknown worker {worker_id}", "unknown_worker")
+        return view(row, time.time())
+
+    @app.post("/v1/completions", response_model=CompletionResponse, tags=["inference"],
+              responses={400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    def completions(body: CompletionRequest) -> CompletionResponse:
+        if mesh is None:
+            raise ApiError(503, "this coordinator has no model configured for completions (--model-path)",
+                           "no_model")
+        if body.model and body.model != settings.model_name:
+            raise ApiError(400, f"model {body.model!r} is not served here; this mesh serves {settings.model_name!r}",
+                           "unknown_model", "model")
+        from farworker.coordinator.mesh import MeshError
+
+        try:
+            result = mesh.generate(body.prompt, body.max_tokens, body.temperature)
+        except MeshError as err:
+            raise ApiError(err.status, str(err), err.code, err.field) from None
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        route = [dict(span, worker_id=store.worker_by_peer(span["peer_id"])) for span in result.route]
+        now = time.time()
+        store.record_completion(completion_id, now, settings.model_name, len(result.prompt_ids),
+                                len(result.completion_ids), route)
+        return CompletionResponse(
+            id=completion_id, created=int(now), model=settings.model_name,
+            choices=[{"index": 0, "text": result.text, "token_ids": result.completion_ids,
+                      "finish_reason": result.finish_reason}],
+            usage={"prompt_tokens": len(result.prompt_ids), "completion_tokens": len(result.completion_ids),
+                   "total_tokens": len(result.prompt_ids) + len(result.completion_ids)},
+            route=route,
+        )
+
+    return app

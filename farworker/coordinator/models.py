@@ -1,0 +1,236 @@
+"""The wire models of the Far Labs coordinator API (openapi/farworker-api.yaml is generated from these).
+
+Unknown top-level fields are refused (``extra="forbid"``) so a worker and a coordinator that drifted
+apart fail loudly, naming the field; hardware and per-GPU telemetry entries accept extra readings
+because what NVML can report differs per GPU.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BlockIndex = Annotated[int, Field(ge=0, le=100_000)]
+Count = Annotated[int, Field(ge=0)]
+WALLET_PATTERN = r"^0x[0-9a-fA-F]{40}$"
+PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{30,128}$"  # base58
+
+
+def _check_span(value: list[int]) -> list[int]:
+    if value[0] >= value[1]:
+        raise ValueError(f"blocks must be [start, end] with start < end, got {value}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GpuInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    index: Count
+    name: str = Field(max_length=256)
+    uuid: str | None = Field(default=None, max_length=128)
+    memory_total_bytes: Count
+
+
+class Hardware(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    gpus: list[GpuInfo] = Field(max_length=64)
+    gpu_count: Count
+    driver_version: str | None = Field(default=None, max_length=64)
+    cuda_version: str | None = Field(default=None, max_length=64)
+    cpu: str = Field(max_length=256)
+    cpu_count: Count | None = None
+    ram_bytes: Count
+
+
+class RegisterRequest(_Strict):
+    wallet_address: str = Field(pattern=WALLET_PATTERN, description="payout wallet, 0x + 40 hex digits")
+    peer_id: str = Field(pattern=PEER_ID_PATTERN, description="libp2p peer id (base58) of the worker's key")
+    public_key: str = Field(min_length=64, max_length=4096,
+                            description="RSA public key, base64 DER SubjectPublicKeyInfo; the peer id derives from it")
+    model_name: str = Field(min_length=1, max_length=256)
+    blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] = Field(
+        description="[start, end): the model blocks this worker serves")
+    total_blocks: int | None = Field(default=None, ge=1, le=100_000,
+                                     description="the model's block count, as the worker sees it")
+    torch_dtype: str = Field(max_length=32)
+    quant_type: str = Field(max_length=32)
+    location: str = Field(default="Unknown", max_length=128)
+    farworker_version: str = Field(max_length=64)
+    announce_maddrs: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=64)
+    hardware: Hardware
+
+    _blocks = field_validator("blocks")(_check_span)
+
+
+class RegisterResponse(BaseModel):
+    worker_id: str
+    heartbeat_interval: float = Field(description="seconds between heartbeats the coordinator wants")
+
+
+class GpuTelemetry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    index: Count
+    name: str | None = Field(default=None, max_length=256)
+    uuid: str | None = Field(default=None, max_length=128)
+    utilization_pct: float | None = Field(default=None, ge=0, le=100)
+    memory_used_bytes: Count | None = None
+    memory_total_bytes: Count | None = None
+    temperature_c: float | None = None
+    power_w: float | None = Field(default=None, ge=0)
+    sm_clock_mhz: float | None = Field(default=None, ge=0)
+    mem_clock_mhz: float | None = Field(default=None, ge=0)
+    ecc_volatile_uncorrected: Count | None = None
+    retired_pages_dbe: Count | None = None
+    xid_errors: Count | None = None
+
+
+class Counters(_Strict):
+    requests: Count
+    inference_steps: Count
+    tokens_processed: Count
+    errors: Count
+
+
+class HeartbeatRequest(_Strict):
+    state: Literal["joining", "online", "draining"]
+    blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] | None = None
+    uptime_s: float = Field(ge=0)
+    gpus: list[GpuTelemetry] = Field(max_length=64, description="empty on a host without GPU")
+    counters: Counters
+
+    @field_validator("blocks")
+    @classmethod
+    def _span(cls, value):
+        return None if value is None else _check_span(value)
+
+
+class HeartbeatResponse(BaseModel):
+    earn_rate_far_per_hour: float
+    reliability: float = Field(description="0..1; uptime share from heartbeats")
+    uptime_pct: float
+    heartbeat_interval: float
+
+
+class UsageRecord(_Strict):
+    id: str = Field(description="UUID chosen by the worker; a record id counts once")
+    session_id: str = Field(max_length=256, description="inference session id ('' for a lone forward pass)")
+    blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)]
+    tokens: Count
+    steps: Count
+    started_at: float = Field(ge=0, description="unix seconds")
+    ended_at: float = Field(ge=0, description="unix seconds")
+
+    _blocks = field_validator("blocks")(_check_span)
+
+    @field_validator("id")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            raise ValueError("id must be a UUID") from None
+
+    @model_validator(mode="after")
+    def _times(self):
+        if self.ended_at < self.started_at:
+            raise ValueError("ended_at is before started_at")
+        return self
+
+
+class UsageRequest(_Strict):
+    records: list[UsageRecord] = Field(min_length=1, max_length=1000)
+
+
+class UsageResponse(BaseModel):
+    accepted: list[str] = Field(description="ids now on the ledger (new ones and ones already counted)")
+
+
+class DeregisterRequest(_Strict):
+    reason: str = Field(default="shutdown", max_length=256)
+
+
+class DeregisterResponse(BaseModel):
+    worker_id: str
+    state: str
+
+
+class WorkerView(BaseModel):
+    worker_id: str
+    peer_id: str
+    wallet_address: str
+    model_name: str
+    blocks: list[int]
+    total_blocks: int | None
+    state: str
+    location: str
+    farworker_version: str
+    announce_maddrs: list[str]
+    hardware: dict
+    registered_at: float
+    last_heartbeat_at: float | None
+    heartbeat_count: int
+    last_heartbeat: dict | None = Field(description="the last heartbeat as sent: state, blocks, uptime, gpus, counters")
+    tokens_served: int
+    earnings_far: float
+    reliability: float
+    uptime_pct: float
+    earn_rate_far_per_hour: float
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerView]
+
+
+class CompletionRequest(_Strict):
+    prompt: str | list[Annotated[int, Field(ge=0)]] = Field(description="text (needs a tokenizer) or token ids")
+    max_tokens: int = Field(default=16, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0, le=10, description="0 = greedy")
+    model: str | None = Field(default=None, max_length=256)
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value):
+        if len(value) == 0:
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class Contribution(BaseModel):
+    peer_id: str
+    worker_id: str | None
+    blocks: list[int]
+    tokens: int = Field(description="tokens this span processed for the request")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+    route: list[Contribution] = Field(description="which workers served which blocks for this request")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    field: str | None = None
+    code: str | None = None

@@ -1,0 +1,92 @@
+"""Running the coordinator: in the foreground (``farworker coordinator``) or in a thread (demo, tests)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+from farworker.coordinator.app import Settings, create_app
+
+log = logging.getLogger("farworker.coordinator")
+
+
+def _apply_thread_policy() -> None:
+    # The completions route runs the petals client beside the mesh's servers: idle OpenMP threads must
+    # sleep, not spin (../shared/facts.md). Set before torch is imported.
+    try:
+        from farworker.threading_policy import apply_thread_policy
+    except ImportError:
+        import os
+
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    else:
+        apply_thread_policy("passive")
+
+
+def _uvicorn_config(app, host: str, port: int, log_level: str):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          lifespan="off", timeout_graceful_shutdown=5)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8787, db_path: str | Path = "coordinator.sqlite", *,
+          heartbeat_interval_s: float = 30.0, model_path: str | Path | None = None, model_name: str | None = None,
+          initial_peers: tuple[str, ...] = (), dht_prefix: str | None = None, log_level: str = "info",
+          **settings) -> None:
+    """Run the coordinator in the foreground until SIGINT/SIGTERM."""
+    import uvicorn
+
+    _apply_thread_policy()
+    app = create_app(Settings(db_path=Path(db_path), heartbeat_interval_s=heartbeat_interval_s,
+                              model_path=model_path, model_name=model_name, initial_peers=tuple(initial_peers),
+                              dht_prefix=dht_prefix, **settings))
+    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+
+
+class RunningCoordinator:
+    """A coordinator served from a background thread on loopback; ``stop()`` ends it, ``url`` reaches it."""
+
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        _apply_thread_policy()
+        self.settings = settings
+        self.app = create_app(settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self._server = uvicorn.Server(_uvicorn_config(self.app, self.host, self.port, log_level))
+        self._server.install_signal_handlers = lambda: None  # not the main thread; the host process owns signals
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name=f"coordinator-{self.port}", daemon=True)
+
+    @property
+    def store(self):
+        return self.app.state.store
+
+    def start(self, timeout: float = 10.0) -> RunningCoordinator:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"coordinator did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+        self.app.state.store.close()
+
+    def __enter__(self) -> RunningCoordinator:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,287 @@
+"""SQLite storage of the reference coordinator: workers, heartbeats, nonces, the usage ledger, completions.
+
+One connection behind a lock: the reference coordinator serves a private mesh, and SQLite serialises
+writers anyway. Every write that belongs to one request is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+
+from farworker.coordinator import ledger
+
+HEARTBEAT_HISTORY = 500  # kept per worker; older beats only live on as counts
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    peer_id TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL,
+    wallet_address TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    block_start INTEGER NOT NULL,
+    block_end INTEGER NOT NULL,
+    total_blocks INTEGER,
+    torch_dtype TEXT NOT NULL,
+    quant_type TEXT NOT NULL,
+    location TEXT NOT NULL,
+    farworker_version TEXT NOT NULL,
+    announce_maddrs TEXT NOT NULL,
+    hardware TEXT NOT NULL,
+    state TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    last_registered_at REAL NOT NULL,
+    heartbeat_interval REAL NOT NULL,
+    heartbeat_count INTEGER NOT NULL DEFAULT 0,
+    counted_beat_at REAL,
+    last_heartbeat_at REAL,
+    last_heartbeat TEXT
+);
+CREATE TABLE IF NOT EXISTS heartbeats (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
+    received_at REAL NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS heartbeats_worker ON heartbeats(worker_id, seq);
+CREATE TABLE IF NOT EXISTS nonces (
+    peer_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (peer_id, nonce)
+);
+CREATE INDEX IF NOT EXISTS nonces_seen ON nonces(seen_at);
+CREATE TABLE IF NOT EXISTS usage (
+    id TEXT PRIMARY KEY,
+    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
+    session_id TEXT NOT NULL,
+    block_start INTEGER NOT NULL,
+    block_end INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    steps INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    received_at REAL NOT NULL,
+    share REAL NOT NULL,
+    reliability REAL NOT NULL,
+    earned_far REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_worker ON usage(worker_id, received_at);
+CREATE TABLE IF NOT EXISTS completions (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS completion_route (
+    completion_id TEXT NOT NULL REFERENCES completions(id),
+    peer_id TEXT NOT NULL,
+    worker_id TEXT,
+    block_start INTEGER NOT NULL,
+    block_end INTEGER NOT NULL,
+    tokens INTEGER NOT NULL
+);
+"""
+
+DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_route")
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _tx(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self):
+                store._lock.acquire()
+                store._conn.execute("BEGIN IMMEDIATE")
+                return store._conn
+
+            def __exit__(self, exc_type, exc, tb):
+                try:
+                    store._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    store._lock.release()
+                return False
+
+        return _Tx()
+
+    def _read(self, sql: str, args=()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # --- auth ---------------------------------------------------------------------------------------
+    def public_key_of(self, peer_id: str) -> str | None:
+        rows = self._read("SELECT public_key FROM workers WHERE peer_id = ?", (peer_id,))
+        return rows[0]["public_key"] if rows else None
+
+    def consume_nonce(self, peer_id: str, nonce: str, now: float, keep_s: float) -> bool:
+        """Remember ``nonce``; False if it was seen before. Nonces older than ``keep_s`` are forgotten:
+        the timestamp window refuses their requests anyway."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM nonces WHERE seen_at < ?", (now - keep_s,))
+            try:
+                conn.execute("INSERT INTO nonces (peer_id, nonce, seen_at) VALUES (?, ?, ?)", (peer_id, nonce, now))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    # --- workers ------------------------------------------------------------------------------------
+    def register(self, req: dict, now: float, interval: float) -> str:
+        """Insert or refresh the worker of ``req['peer_id']``; its worker id stays the same across restarts."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT worker_id FROM workers WHERE peer_id = ?", (req["peer_id"],)).fetchone()
+            fields = {
+                "public_key": req["public_key"],
+                "wallet_address": req["wallet_address"],
+                "model_name": req["model_name"],
+                "block_start": req["blocks"][0],
+                "block_end": req["blocks"][1],
+                "total_blocks": req.get("total_blocks"),
+                "torch_dtype": req["torch_dtype"],
+                "quant_type": req["quant_type"],
+                "location": req["location"],
+                "farworker_version": req["farworker_version"],
+                "announce_maddrs": json.dumps(req["announce_maddrs"]),
+                "hardware": json.dumps(req["hardware"]),
+                "state": "joining",
+                "last_registered_at": now,
+                "heartbeat_interval": interval,
+            }
+            if row:
+                worker_id = row["worker_id"]
+                assignments = ", ".join(f"{k} = ?" for k in fields)
+                conn.execute(f"UPDATE workers SET {assignments} WHERE worker_id = ?", [*fields.values(), worker_id])
+            else:
+                worker_id = f"w-{uuid.uuid4().hex[:16]}"
+                fields.update(worker_id=worker_id, peer_id=req["peer_id"], registered_at=now)
+                conn.execute(
+                    f"INSERT INTO workers ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                    list(fields.values()),
+                )
+        return worker_id
+
+    def worker_row(self, worker_id: str) -> sqlite3.Row | None:
+        rows = self._read("SELECT * FROM workers WHERE worker_id = ?", (worker_id,))
+        return rows[0] if rows else None
+
+    def heartbeat(self, worker_id: str, payload: dict, now: float) -> None:
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT counted_beat_at, heartbeat_interval FROM workers WHERE worker_id = ?", (worker_id,)
+            ).fetchone()
+            # at most one beat per half interval counts toward uptime: beating faster earns nothing
+            counts = row["counted_beat_at"] is None or now - row["counted_beat_at"] >= row["heartbeat_interval"] / 2
+            updates = {"state": payload["state"], "last_heartbeat_at": now, "last_heartbeat": json.dumps(payload)}
+            if payload.get("blocks"):
+                updates.update(block_start=payload["blocks"][0], block_end=payload["blocks"][1])
+            assignments = ", ".join(f"{k} = ?" for k in updates)
+            extra = ", heartbeat_count = heartbeat_count + 1, counted_beat_at = ?" if counts else ""
+            args = [*updates.values(), *([now] if counts else []), worker_id]
+            conn.execute(f"UPDATE workers SET {assignments}{extra} WHERE worker_id = ?", args)
+            conn.execute(
+                "INSERT INTO heartbeats (worker_id, received_at, payload) VALUES (?, ?, ?)",
+                (worker_id, now, json.dumps(payload)),
+            )
+            conn.execute(
+                "DELETE FROM heartbeats WHERE worker_id = ? AND seq <= "
+                "(SELECT seq FROM heartbeats WHERE worker_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (worker_id, worker_id, HEARTBEAT_HISTORY),
+            )
+
+    def heartbeats(self, worker_id: str) -> list[dict]:
+        rows = self._read("SELECT received_at, payload FROM heartbeats WHERE worker_id = ? ORDER BY seq", (worker_id,))
+        return [{"received_at": r["received_at"], **json.loads(r["payload"])} for r in rows]
+
+    def set_state(self, worker_id: str, state: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE workers SET state = ? WHERE worker_id = ?", (state, worker_id))
+
+    def worker_ids(self) -> list[str]:
+        return [r["worker_id"] for r in self._read("SELECT worker_id FROM workers ORDER BY registered_at")]
+
+    def worker_by_peer(self, peer_id: str) -> str | None:
+        rows = self._read("SELECT worker_id FROM workers WHERE peer_id = ?", (peer_id,))
+        return rows[0]["worker_id"] if rows else None
+
+    # --- ledger -------------------------------------------------------------------------------------
+    def add_usage(self, worker_id: str, records: list[dict], now: float, share_of, reliability: float,
+                  far_per_token: float) -> list[str]:
+        """Credit new records once; returns the ids now on this worker's ledger (new or seen before)."""
+        accepted = []
+        with self._tx() as conn:
+            for r in records:
+                share = share_of(r["blocks"][0], r["blocks"][1])
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO usage (id, worker_id, session_id, block_start, block_end, tokens, steps,"
+                    " started_at, ended_at, received_at, share, reliability, earned_far)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r["id"], worker_id, r["session_id"], r["blocks"][0], r["blocks"][1], r["tokens"], r["steps"],
+                     r["started_at"], r["ended_at"], now, share, reliability,
+                     ledger.earned_far(r["tokens"], share, reliability, far_per_token)),
+                )
+                if cur.rowcount == 1:
+                    accepted.append(r["id"])
+                else:
+                    owner = conn.execute("SELECT worker_id FROM usage WHERE id = ?", (r["id"],)).fetchone()
+                    if owner and owner["worker_id"] == worker_id:
+                        accepted.append(r["id"])
+        return accepted
+
+    def ledger_totals(self, worker_id: str, since: float) -> tuple[int, float, float]:
+        """(tokens served, earnings, earnings since ``since``) of one worker."""
+        row = self._read(
+            "SELECT COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(earned_far), 0) AS earned,"
+            " COALESCE(SUM(CASE WHEN received_at >= ? THEN earned_far ELSE 0 END), 0) AS recent"
+            " FROM usage WHERE worker_id = ?",
+            (since, worker_id),
+        )[0]
+        return int(row["tokens"]), float(row["earned"]), float(row["recent"])
+
+    def usage_records(self, worker_id: str | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM usage", ()
+        if worker_id:
+            sql, args = sql + " WHERE worker_id = ?", (worker_id,)
+        return [dict(r) for r in self._read(sql + " ORDER BY received_at, id", args)]
+
+    # --- completions --------------------------------------------------------------------------------
+    def record_completion(self, completion_id: str, now: float, model: str, prompt_tokens: int,
+                          completion_tokens: int, route: list[dict]) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO completions (id, created_at, model, prompt_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?)",
+                (completion_id, now, model, prompt_tokens, completion_tokens),
+            )
+            conn.executemany(
+                "INSERT INTO completion_route (completion_id, peer_id, worker_id, block_start, block_end, tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(completion_id, s["peer_id"], s["worker_id"], s["blocks"][0], s["blocks"][1], s["tokens"])
+                 for s in route],
+            )
+
+    def completion_routes(self) -> list[dict]:
+        return [dict(r) for r in self._read("SELECT * FROM completion_route ORDER BY rowid")]
+
+    def counts(self) -> dict[str, int]:
+        """Row count per data table (tests check that refused requests stored nothing)."""
+        return {t: self._read(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in DATA_TABLES}
