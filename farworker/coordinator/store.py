@@ -228,7 +228,7 @@ class Store:
     def add_usage(self, worker_id: str, records: list[dict], now: float, share_of, reliability: float,
                   far_per_token: float) -> list[str]:
         """Credit new records once; returns the ids now on this worker's ledger (new or seen before)."""
-        accepted = []
+        accepted: dict[str, None] = {}  # ordered, once per id even if the batch repeats one
         with self._tx() as conn:
             for r in records:
                 share = share_of(r["blocks"][0], r["blocks"][1])
@@ -241,12 +241,12 @@ class Store:
                      ledger.earned_far(r["tokens"], share, reliability, far_per_token)),
                 )
                 if cur.rowcount == 1:
-                    accepted.append(r["id"])
+                    accepted[r["id"]] = None
                 else:
                     owner = conn.execute("SELECT worker_id FROM usage WHERE id = ?", (r["id"],)).fetchone()
                     if owner and owner["worker_id"] == worker_id:
-                        accepted.append(r["id"])
-        return accepted
+                        accepted[r["id"]] = None
+        return list(accepted)
 
     def ledger_totals(self, worker_id: str, since: float) -> tuple[int, float, float]:
         """(tokens served, earnings, earnings since ``since``) of one worker."""
