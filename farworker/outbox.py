@@ -93,6 +93,10 @@ class Outbox:
                 " record TEXT NOT NULL,"
                 " added_at REAL NOT NULL)"
             )
+            self._connection().execute(
+                "CREATE TABLE IF NOT EXISTS rejected ("
+                " id TEXT PRIMARY KEY, record TEXT NOT NULL, reason TEXT NOT NULL, rejected_at REAL NOT NULL)"
+            )
 
     def _connection(self) -> sqlite3.Connection:
         # a connection must not cross a fork; the serving hook may run in a forked child
@@ -144,6 +148,27 @@ class Outbox:
                 conn.execute("ROLLBACK")
                 raise
         return deleted
+
+    def reject(self, record_id: str, reason: str) -> None:
+        """Move a record the coordinator refuses as malformed out of the way (kept, for the operator),
+        so one bad record cannot hold up the ones behind it."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "INSERT OR REPLACE INTO rejected (id, record, reason, rejected_at)"
+                    " SELECT id, record, ?, ? FROM outbox WHERE id = ?", (reason, time.time(), record_id))
+                conn.execute("DELETE FROM outbox WHERE id = ?", (record_id,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def rejected(self) -> list[dict]:
+        with self._lock:
+            rows = self._connection().execute("SELECT record, reason FROM rejected ORDER BY rejected_at").fetchall()
+        return [dict(json.loads(record), rejected_reason=reason) for record, reason in rows]
 
     def depth(self) -> int:
         with self._lock:

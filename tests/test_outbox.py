@@ -124,3 +124,14 @@ def test_sigkill_loses_nothing_that_add_returned(tmp_path):
     assert set(confirmed) <= on_disk
     # and the file is a sound database after the kill
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_reject_moves_a_record_aside(tmp_path):
+    box = Outbox(tmp_path / "outbox.sqlite")
+    good, bad = rec(), rec()
+    box.add(bad)
+    box.add(good)
+    box.reject(bad["id"], "HTTP 422: invalid records.0.blocks")
+    assert box.pending() == [good]
+    assert box.depth() == 1
+    assert box.rejected() == [dict(bad, rejected_reason="HTTP 422: invalid records.0.blocks")]

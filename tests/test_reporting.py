@@ -1,0 +1,256 @@
+"""The reporter against a real coordinator on loopback: backoff, outages, SIGKILL, draining."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator_fixtures import heartbeat, registration
+from farworker.api_client import CoordinatorClient
+from farworker.coordinator import RunningCoordinator, Settings
+from farworker.identity import load_or_create
+from farworker.outbox import Outbox, make_record
+from farworker.reporting import Backoff, Reporter, heartbeat_line
+
+INTERVAL = 0.3
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def settings(tmp_path: Path, db="coordinator.sqlite") -> Settings:
+    return Settings(db_path=tmp_path / db, heartbeat_interval_s=INTERVAL)
+
+
+def record(tokens: int) -> dict:
+    return make_record("sess", (0, 2), tokens=tokens, steps=1, started_at=time.time() - 0.1)
+
+
+@pytest.fixture
+def identity(tmp_path):
+    return load_or_create(tmp_path / "identity.key")
+
+
+def make_reporter(url, identity, outbox, **kwargs) -> Reporter:
+    options = dict(interval_s=5.0, batch_size=25, backoff_initial_s=0.05, backoff_max_s=0.4, flush_delay_s=0.02)
+    options.update(kwargs)
+    return Reporter(CoordinatorClient(url, identity, timeout=2.0), outbox, lambda: registration(identity),
+                    lambda: heartbeat(tokens=12), **options)
+
+
+def test_backoff_is_capped_exponential_with_jitter():
+    low = Backoff(1.0, 8.0, rng=lambda: 0.0)
+    assert [low.next_delay() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    high = Backoff(1.0, 8.0, rng=lambda: 1.0)
+    assert [high.next_delay() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    high.reset()
+    assert high.next_delay() == 1.0
+
+
+def test_heartbeat_line():
+    line = heartbeat_line(heartbeat(tokens=12), {"earn_rate_far_per_hour": 0.4213, "reliability": 1.0})
+    assert line.startswith("heartbeat ok: online, blocks 0:2, 12 tokens, earn rate 0.42 $FAR/h")
+
+
+def test_registers_after_the_coordinator_comes_up(tmp_path, identity, caplog):
+    caplog.set_level(logging.INFO, logger="farworker.reporting")
+    coordinator = RunningCoordinator(settings(tmp_path))  # port bound, not listening yet: refused
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    reporter = make_reporter(coordinator.url, identity, outbox).start()
+    try:
+        time.sleep(1.2)
+        attempts = reporter.stats["register_attempts"]
+        # 0.05 s doubling to a 0.4 s cap (jittered to 0.2-0.4 s): a handful of tries, not a tight loop
+        assert 3 <= attempts <= 12, attempts
+        assert reporter.worker_id is None and reporter.state == "unregistered"
+        outbox.add(record(5))  # usage made while unregistered waits in the outbox
+        coordinator.start()
+        wait_for(lambda: reporter.last_heartbeat is not None and outbox.depth() == 0, 5, "registration + flush")
+        assert reporter.interval_s == INTERVAL  # the coordinator's interval wins over the local 5 s
+        wait_for(lambda: reporter.stats["heartbeats"] >= 3, 3, "heartbeats at the coordinator's interval")
+        beats = coordinator.store.heartbeats(reporter.worker_id)
+        gaps = [b["received_at"] - a["received_at"] for a, b in zip(beats, beats[1:], strict=False)]
+        assert all(INTERVAL * 0.8 <= g <= INTERVAL * 3 for g in gaps), gaps
+        assert beats[-1]["counters"]["tokens_processed"] == 12 and beats[-1]["gpus"] == []
+        assert any("heartbeat ok: online, blocks 0:2, 12 tokens, earn rate" in r.message for r in caplog.records)
+        assert any("registration failed" in r.message and "cannot reach" in r.message for r in caplog.records)
+    finally:
+        reporter.stop()
+        coordinator.stop()
+
+
+def test_outage_with_records_arriving_each_arrives_once(tmp_path, identity):
+    coordinator = RunningCoordinator(settings(tmp_path)).start()
+    port = coordinator.port
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    reporter = make_reporter(coordinator.url, identity, outbox).start()
+    added: list[dict] = []
+    stop = threading.Event()
+
+    def produce():  # a client generating through the mesh: a usage record every 20 ms
+        i = 0
+        while not stop.is_set() and i < 400:
+            r = record(i % 7 + 1)
+            outbox.add(r)
+            added.append(r)
+            i += 1
+            time.sleep(0.02)
+
+    producer = threading.Thread(target=produce)
+    try:
+        wait_for(lambda: reporter.last_heartbeat is not None, 5, "registration")
+        producer.start()
+        time.sleep(0.4)
+        coordinator.stop()  # down for several heartbeat intervals
+        time.sleep(INTERVAL * 5)
+        assert outbox.depth() > 0
+        failures = reporter.stats["heartbeat_failures"] + reporter.stats["flush_failures"]
+        assert failures >= 2
+        coordinator = RunningCoordinator(settings(tmp_path), port=port).start()
+        time.sleep(0.5)
+        stop.set()
+        producer.join(10)
+        wait_for(lambda: outbox.depth() == 0, 10, "outbox drained after the outage")
+        on_ledger = coordinator.store.usage_records()
+        assert sorted(r["id"] for r in on_ledger) == sorted(r["id"] for r in added)
+        assert sum(r["tokens"] for r in on_ledger) == sum(r["tokens"] for r in added)
+        # heartbeats resumed with the same worker id
+        wait_for(lambda: len(coordinator.store.heartbeats(reporter.worker_id)) >= 1, 3, "heartbeats after outage")
+    finally:
+        stop.set()
+        reporter.stop()
+        coordinator.stop()
+
+
+def test_registers_again_when_the_coordinator_forgets(tmp_path, identity):
+    coordinator = RunningCoordinator(settings(tmp_path)).start()
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    reporter = make_reporter(coordinator.url, identity, outbox).start()
+    try:
+        wait_for(lambda: reporter.worker_id is not None, 5, "registration")
+        port, first = coordinator.port, reporter.worker_id
+        coordinator.stop()
+        coordinator = RunningCoordinator(settings(tmp_path, db="fresh.sqlite"), port=port).start()
+        outbox.add(record(3))
+        wait_for(lambda: outbox.depth() == 0 and reporter.worker_id not in (None, first), 5, "re-registration")
+        assert [r["tokens"] for r in coordinator.store.usage_records()] == [3]
+    finally:
+        reporter.stop()
+        coordinator.stop()
+
+
+def test_drain_flushes_and_deregisters(tmp_path, identity):
+    with RunningCoordinator(settings(tmp_path)) as coordinator:
+        outbox = Outbox(tmp_path / "outbox.sqlite")
+        reporter = make_reporter(coordinator.url, identity, outbox, interval_s=60).start()
+        wait_for(lambda: reporter.last_heartbeat is not None, 5, "registration")
+        reporter._api_retry_at = time.monotonic() + 60  # hold flushes back: drain must do it
+        for i in range(60):
+            outbox.add(record(i + 1))
+        assert reporter.drain_and_stop(timeout=10) is True
+        assert outbox.depth() == 0 and reporter.state == "stopped"
+        view = coordinator.store.worker_row(reporter.worker_id)
+        assert view["state"] == "offline"
+        assert coordinator.store.heartbeats(reporter.worker_id)[-1]["state"] == "draining"
+        assert len(coordinator.store.usage_records()) == 60
+
+
+def test_drain_with_the_coordinator_down_is_bounded(tmp_path, identity):
+    coordinator = RunningCoordinator(settings(tmp_path)).start()
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    reporter = make_reporter(coordinator.url, identity, outbox).start()
+    wait_for(lambda: reporter.worker_id is not None, 5, "registration")
+    coordinator.stop()
+    outbox.add(record(4))
+    started = time.monotonic()
+    assert reporter.drain_and_stop(timeout=3) is False
+    assert time.monotonic() - started < 4
+    assert outbox.depth() == 1  # kept for the next start
+
+
+def test_poison_record_is_set_aside(tmp_path, identity):
+    with RunningCoordinator(settings(tmp_path)) as coordinator:
+        outbox = Outbox(tmp_path / "outbox.sqlite")
+        good = [record(2) for _ in range(3)]
+        # valid for the outbox, refused by the coordinator (a session id over 256 characters)
+        poison = dict(record(1), session_id="x" * 300)
+        outbox.add(good[0])
+        outbox.add(poison)
+        outbox.add(good[1])
+        outbox.add(good[2])
+        reporter = make_reporter(coordinator.url, identity, outbox).start()
+        try:
+            wait_for(lambda: outbox.depth() == 0, 5, "good records through")
+            assert sorted(r["id"] for r in coordinator.store.usage_records()) == sorted(r["id"] for r in good)
+            assert [r["id"] for r in outbox.rejected()] == [poison["id"]]
+        finally:
+            reporter.stop()
+
+
+_WORKER = textwrap.dedent("""
+    import sys, time
+    from farworker.api_client import CoordinatorClient
+    from farworker.identity import load_or_create
+    from farworker.outbox import Outbox
+    from farworker.reporting import Reporter
+    sys.path.insert(0, sys.argv[4])
+    from coordinator_fixtures import heartbeat, registration
+
+    url, state_dir, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    identity = load_or_create(state_dir + "/identity.key")
+    outbox = Outbox(state_dir + "/outbox.sqlite")
+    reporter = Reporter(CoordinatorClient(url, identity, timeout=5), outbox, lambda: registration(identity),
+                        lambda: heartbeat(), interval_s=30, batch_size=10, backoff_initial_s=0.05,
+                        backoff_max_s=0.2, flush_delay_s=0.0).start()
+    print("started", flush=True)
+    deadline = time.monotonic() + 60
+    while outbox.depth() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print("drained" if reporter.drain_and_stop(10) else "not drained", flush=True)
+""")
+
+
+def test_sigkill_mid_flush_then_restart_loses_and_doubles_nothing(tmp_path):
+    state = tmp_path / "state"
+    outbox = Outbox(state / "outbox.sqlite")
+    records = [record(i % 5 + 1) for i in range(1500)]
+    for r in records:
+        outbox.add(r)
+    outbox.close()
+    tests_dir = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    with RunningCoordinator(settings(tmp_path)) as coordinator:
+        args = [sys.executable, "-c", _WORKER, coordinator.url, str(state), "run", tests_dir]
+        first = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            wait_for(lambda: len(coordinator.store.usage_records()) >= 200, 30, "flush under way")
+            os.kill(first.pid, signal.SIGKILL)
+        finally:
+            first.kill()
+            first.wait(10)
+        sent_before_kill = len(coordinator.store.usage_records())
+        assert 0 < sent_before_kill < len(records), "the kill must land mid-flush"
+        second = subprocess.run(args, stdout=subprocess.PIPE, text=True, env=env, timeout=60)
+        assert second.stdout.split() == ["started", "drained"]
+        ledger = coordinator.store.usage_records()
+        assert len(ledger) == len(records)
+        assert sorted(r["id"] for r in ledger) == sorted(r["id"] for r in records)
+        assert sum(r["tokens"] for r in ledger) == sum(r["tokens"] for r in records)
+        assert Outbox(state / "outbox.sqlite").depth() == 0
+        rows = [coordinator.store.worker_row(w) for w in coordinator.store.worker_ids()]
+        assert len(rows) == 1 and rows[0]["state"] == "offline"  # same identity, same worker after restart
