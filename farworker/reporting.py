@@ -58,12 +58,12 @@ class Backoff:
 
 class Reporter:
     def __init__(self, client: CoordinatorClient, outbox: Outbox, registration: Callable[[], dict],
-                 heartbeat_payload: Callable[[], dict], *, interval_s: float = 30.0, batch_size: int = 100,
+                 heartbeat_payload: Callable[[], dict], *, interval: float = 30.0, batch_size: int = 100,
                  backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0, flush_delay_s: float = 0.2,
                  rng: Callable[[], float] = random.random):
         self.client, self.outbox = client, outbox
         self._registration, self._heartbeat_payload = registration, heartbeat_payload
-        self.interval_s = interval_s
+        self.interval_s = interval
         self.batch_size = batch_size
         self.flush_delay_s = flush_delay_s
         self._register_backoff = Backoff(backoff_initial_s, backoff_max_s, rng)

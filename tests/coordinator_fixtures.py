@@ -20,7 +20,7 @@ def registration(identity: Identity, blocks=(0, 2), total_blocks=4, model_name="
         "torch_dtype": "float32",
         "quant_type": "none",
         "location": "Test Lab",
-        "farworker_version": "0.1.0",
+        "version": "0.1.0",
         "announce_maddrs": ["/ip4/127.0.0.1/tcp/31337"],
         "hardware": {"gpus": [], "gpu_count": 0, "driver_version": None, "cuda_version": None,
                      "cpu": "x86_64", "cpu_count": 2, "ram_bytes": 8 << 30},
@@ -31,7 +31,7 @@ def heartbeat(state="online", blocks=(0, 2), tokens=0, gpus=None) -> dict:
     return {
         "state": state,
         "blocks": list(blocks),
-        "uptime_s": 12.5,
+        "uptime_seconds": 12.5,
         "gpus": gpus if gpus is not None else [],
         "counters": {"requests": 1, "inference_steps": 3, "tokens_processed": tokens, "errors": 0},
     }

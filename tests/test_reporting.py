@@ -47,7 +47,7 @@ def identity(tmp_path):
 
 
 def make_reporter(url, identity, outbox, **kwargs) -> Reporter:
-    options = dict(interval_s=5.0, batch_size=25, backoff_initial_s=0.05, backoff_max_s=0.4, flush_delay_s=0.02)
+    options = dict(interval=5.0, batch_size=25, backoff_initial_s=0.05, backoff_max_s=0.4, flush_delay_s=0.02)
     options.update(kwargs)
     return Reporter(CoordinatorClient(url, identity, timeout=2.0), outbox, lambda: registration(identity),
                     lambda: heartbeat(tokens=12), **options)
@@ -157,7 +157,7 @@ def test_registers_again_when_the_coordinator_forgets(tmp_path, identity):
 def test_drain_flushes_and_deregisters(tmp_path, identity):
     with RunningCoordinator(settings(tmp_path)) as coordinator:
         outbox = Outbox(tmp_path / "outbox.sqlite")
-        reporter = make_reporter(coordinator.url, identity, outbox, interval_s=60).start()
+        reporter = make_reporter(coordinator.url, identity, outbox, interval=60).start()
         wait_for(lambda: reporter.last_heartbeat is not None, 5, "registration")
         reporter._api_retry_at = time.monotonic() + 60  # hold flushes back: drain must do it
         for i in range(60):
@@ -215,7 +215,7 @@ _WORKER = textwrap.dedent("""
     identity = load_or_create(state_dir + "/identity.key")
     outbox = Outbox(state_dir + "/outbox.sqlite")
     reporter = Reporter(CoordinatorClient(url, identity, timeout=5), outbox, lambda: registration(identity),
-                        lambda: heartbeat(), interval_s=30, batch_size=10, backoff_initial_s=0.05,
+                        lambda: heartbeat(), interval=30, batch_size=10, backoff_initial_s=0.05,
                         backoff_max_s=0.2, flush_delay_s=0.0).start()
     print("started", flush=True)
     deadline = time.monotonic() + 60

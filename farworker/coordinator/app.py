@@ -226,7 +226,7 @@ def create_app(settings: Settings) -> FastAPI:
             worker_id=row["worker_id"], peer_id=row["peer_id"], wallet_address=row["wallet_address"],
             model_name=row["model_name"], blocks=[row["block_start"], row["block_end"]],
             total_blocks=total_blocks_of(row), state=row["state"], location=row["location"],
-            farworker_version=row["farworker_version"], announce_maddrs=json.loads(row["announce_maddrs"]),
+            version=row["farworker_version"], announce_maddrs=json.loads(row["announce_maddrs"]),
             hardware=json.loads(row["hardware"]), registered_at=row["registered_at"],
             last_heartbeat_at=row["last_heartbeat_at"], heartbeat_count=row["heartbeat_count"],
             last_heartbeat=json.loads(row["last_heartbeat"]) if row["last_heartbeat"] else None,

@@ -60,7 +60,7 @@ class RegisterRequest(_Strict):
     torch_dtype: str = Field(max_length=32)
     quant_type: str = Field(max_length=32)
     location: str = Field(default="Unknown", max_length=128)
-    farworker_version: str = Field(max_length=64)
+    version: str = Field(max_length=64, description="farworker version")
     announce_maddrs: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=64)
     hardware: Hardware
 
@@ -99,7 +99,7 @@ class Counters(_Strict):
 class HeartbeatRequest(_Strict):
     state: Literal["joining", "online", "draining"]
     blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] | None = None
-    uptime_s: float = Field(ge=0)
+    uptime_seconds: float = Field(ge=0, description="seconds since the worker process started")
     gpus: list[GpuTelemetry] = Field(max_length=64, description="empty on a host without GPU")
     counters: Counters
 
@@ -168,7 +168,7 @@ class WorkerView(BaseModel):
     total_blocks: int | None
     state: str
     location: str
-    farworker_version: str
+    version: str
     announce_maddrs: list[str]
     hardware: dict
     registered_at: float

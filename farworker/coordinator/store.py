@@ -161,7 +161,7 @@ class Store:
                 "torch_dtype": req["torch_dtype"],
                 "quant_type": req["quant_type"],
                 "location": req["location"],
-                "farworker_version": req["farworker_version"],
+                "farworker_version": req["version"],
                 "announce_maddrs": json.dumps(req["announce_maddrs"]),
                 "hardware": json.dumps(req["hardware"]),
                 "state": "joining",
