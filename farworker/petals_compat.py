@@ -1,6 +1,6 @@
 """The one way farworker imports petals.
 
-petals 2.2.0.post1 does ``from hivemind import PeerID, anext, ...``; hivemind 1.1.12 (the first release
+petals 2.2.0.post1 does ``from hivemind import PeerID, anext, ...`` and uses ``hivemind.TimedStorage``; hivemind 1.1.12 (the first release
 with an installable wheel today) made submodule imports explicit and dropped those top-level names.
 We put them back on the ``hivemind`` module, then import petals. Everything in farworker that needs
 petals goes through :func:`import_petals`.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 # name restored on `hivemind` -> the submodule that still defines it in hivemind 1.1.12
@@ -22,6 +23,7 @@ RESTORED_NAMES: dict[str, str] = {
     "P2PContext": "hivemind.p2p",
     "PeerID": "hivemind.p2p",
     "TensorDescriptor": "hivemind.utils.tensor_descr",
+    "TimedStorage": "hivemind.utils.timed_storage",
     "anext": "hivemind.utils.asyncio",
     "deserialize_tensor_stream": "hivemind.compression",
     "deserialize_torch_tensor": "hivemind.compression",
@@ -47,7 +49,12 @@ def restore_hivemind_names() -> ModuleType:
 def import_petals() -> ModuleType:
     """Import petals with hivemind's names restored and petals' import-time noise silenced."""
     os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+    # petals loads each block into meta tensors and fills them; torch 2.13 warns once per weight.
+    warnings.filterwarnings("ignore", category=UserWarning, message=".*copying from a non-meta parameter.*")
     restore_hivemind_names()
-    import petals
+    with warnings.catch_warnings():
+        # transformers 4.34 calls a torch pytree function that torch 2.13 renamed; harmless, noisy
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*_register_pytree_node.*")
+        import petals
 
     return petals

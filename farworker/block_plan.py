@@ -1,0 +1,110 @@
+"""Which blocks to serve, on which device, in which format: decided before any weight is loaded.
+
+Auto block count on a GPU (FARLABS_NUM_BLOCKS=auto):
+
+    per_block   = block weights (dtype, quantization) + attention cache (2 * hidden * 4096 tokens / kv groups * dtype bytes)
+    reserve     = 1 GiB (CUDA context, allocator slack) + petals' backward estimate (2 GiB * hidden / 14336)
+    num_blocks  = min(model blocks, floor((free VRAM - reserve) / per_block))
+
+Free VRAM comes from NVML at start, so memory other processes hold is respected. On CPU the operator
+gives FARLABS_NUM_BLOCKS or FARLABS_BLOCK_INDICES; a model small enough (under 1 GiB of weights) is
+served whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from farworker.config import ConfigError, WorkerConfig
+
+GIB = 1024**3
+ATTN_CACHE_TOKENS = 4096  # petals' default for multi-head attention
+CPU_WHOLE_MODEL_LIMIT = 1 * GIB
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    device: str
+    quant_type: str  # petals QuantType name, lower case
+    num_blocks: int
+    start: int | None = None  # fixed span when the operator gave FARLABS_BLOCK_INDICES
+    end: int | None = None
+    per_block_bytes: int = 0
+    free_vram_bytes: int | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.start is not None
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return "cuda:0"
+    return requested
+
+
+def per_block_bytes(block_config, dtype, quant_type) -> int:
+    import torch
+    from petals.server.block_utils import get_block_size
+    from petals.utils.convert_block import QuantType
+
+    weights = get_block_size(block_config, "memory", dtype=dtype, quant_type=QuantType[quant_type.upper()])
+    kv_groups = getattr(block_config, "num_key_value_groups", 1) or 1
+    cache = 2 * block_config.hidden_size * ATTN_CACHE_TOKENS // kv_groups * torch.finfo(dtype).bits // 8
+    return int(weights + cache)
+
+
+def auto_num_blocks(free_vram: int, per_block: int, hidden_size: int, model_blocks: int) -> int:
+    reserve = GIB + int(2 * GIB * hidden_size / 14336)
+    return min(model_blocks, math.floor((free_vram - reserve) / per_block))
+
+
+def plan_blocks(config: WorkerConfig, block_config) -> BlockPlan:
+    """Raises ConfigError (exit 78) when the request cannot be served on this host."""
+    import torch
+
+    from farworker import gpu
+
+    device = resolve_device(config.device)
+    dtype = getattr(torch, config.torch_dtype)
+    model_blocks = block_config.num_hidden_layers
+    problems = []
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"FARLABS_DEVICE={config.device!r} is unavailable: torch sees no CUDA device; expected cpu")
+    if device == "cpu" and config.torch_dtype == "float16":
+        problems.append("FARLABS_TORCH_DTYPE='float16' is not supported on CPU: expected float32 or bfloat16")
+    quant = config.quant_type
+    if quant == "auto":
+        quant = "nf4" if device.startswith("cuda") else "none"
+    elif quant != "none" and device == "cpu":
+        problems.append(f"FARLABS_QUANT_TYPE={quant!r} needs a CUDA device: expected none or auto on CPU")
+    if config.block_indices and config.block_indices[1] > model_blocks:
+        problems.append(f"FARLABS_BLOCK_INDICES={config.block_indices[0]}:{config.block_indices[1]} is out of range: "
+                        f"expected end <= {model_blocks} for {config.model_name}")
+    if problems:
+        raise ConfigError(problems)
+
+    per_block = per_block_bytes(block_config, dtype, quant)
+    if config.block_indices:
+        start, end = config.block_indices
+        return BlockPlan(device, quant, end - start, start, end, per_block)
+    if config.num_blocks is not None:
+        return BlockPlan(device, quant, min(config.num_blocks, model_blocks), per_block_bytes=per_block)
+    if device == "cpu":
+        if per_block * model_blocks <= CPU_WHOLE_MODEL_LIMIT:
+            return BlockPlan(device, quant, model_blocks, per_block_bytes=per_block)
+        raise ConfigError(["FARLABS_NUM_BLOCKS=auto needs a GPU: expected a number of blocks (or "
+                           "FARLABS_BLOCK_INDICES) when serving on CPU"])
+    index = torch.device(device).index or 0
+    gpus = {g.index: g for g in gpu.list_gpus()}
+    free = gpus[index].memory_free_bytes if index in gpus else torch.cuda.mem_get_info(index)[0]
+    count = auto_num_blocks(free, per_block, block_config.hidden_size, model_blocks)
+    if count < 1:
+        raise ConfigError([f"FARLABS_NUM_BLOCKS=auto found {free / GIB:.1f} GiB free VRAM on {device}: one block "
+                           f"needs {per_block / GIB:.2f} GiB plus reserve; expected a GPU with more free memory"])
+    return BlockPlan(device, quant, count, per_block_bytes=per_block, free_vram_bytes=free)

@@ -1,0 +1,160 @@
+"""The `farworker` command line. Commands stay thin: parse, call one function, map errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from farworker import __version__
+from farworker.config import EX_CONFIG, SETTINGS, ConfigError, load_config
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
+
+
+def config_options(command):
+    """One flag per setting (`--wallet-address` for FARLABS_WALLET_ADDRESS, ...); a flag wins over the env."""
+    for setting in reversed(SETTINGS):
+        command = click.option(setting.flag, setting.name, default=None, metavar="VALUE",
+                               help=f"{setting.help} [env {setting.env}]")(command)
+    return command
+
+
+def _overrides(kwargs: dict) -> dict:
+    """The config flags given on the command line (None = not given, the environment decides)."""
+    return {s.name: kwargs.pop(s.name, None) for s in SETTINGS}
+
+
+def _config_or_exit(overrides: dict, required: bool = True):
+    try:
+        return load_config(overrides=overrides, required=required)
+    except ConfigError as error:
+        for problem in error.problems:
+            click.echo(f"config error: {problem}", err=True)
+        sys.exit(EX_CONFIG)
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
+def exits_78_on_config_error(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as error:
+            for problem in error.problems:
+                click.echo(f"config error: {problem}", err=True)
+            sys.exit(EX_CONFIG)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="farworker")
+def main():
+    """Far Labs GPU mesh worker: serve Petals model blocks, report work to the coordinator, earn $FAR."""
+
+
+@main.command()
+@config_options
+@exits_78_on_config_error
+def run(**kwargs):
+    """Run the worker service: host Petals blocks, speak sd_notify, send signed heartbeats and usage.
+
+    Exit status 78 on bad configuration (systemd's unit does not retry it).
+    """
+    config = _config_or_exit(_overrides(kwargs))
+    from farworker.threading_policy import apply_thread_policy
+
+    apply_thread_policy(config.thread_policy)  # before torch loads: libgomp reads it once
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    _setup_logging()
+    from farworker.runner import run_worker
+
+    sys.exit(run_worker(config))
+
+
+@main.command()
+@click.option("--config-only", is_flag=True, help="Only validate the configuration (used before restarts).")
+@config_options
+def check(config_only, **kwargs):
+    """Preflight: GPU, driver, VRAM, disk, /dev/shm, peers, API and configuration, one line each."""
+    from farworker.preflight import run_preflight
+
+    sys.exit(run_preflight(_overrides(kwargs), config_only=config_only))
+
+
+@main.command()
+@click.option("--state-dir", envvar="FARLABS_STATE_DIR", type=click.Path(file_okay=False), default=None,
+              help="State directory of the running worker [env FARLABS_STATE_DIR].")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status document.")
+def status(state_dir, as_json):
+    """Show the running worker: state, blocks, peers, sessions, last heartbeat, outbox, GPUs."""
+    from farworker.status_view import show_status
+
+    sys.exit(show_status(state_dir, as_json))
+
+
+@main.command()
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1, 256),
+              help="Tokens to generate through the mesh.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 4),
+              help="Worker servers splitting the tiny model's blocks.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the demo keeps its state (default: a fresh temporary directory).")
+def demo(max_tokens, workers, work_dir):
+    """Run a private mesh here: coordinator, workers on the tiny model, a routed request, the ledger."""
+    _setup_logging("WARNING")
+    from farworker.demo import run_demo
+
+    sys.exit(run_demo(max_tokens=max_tokens, workers=workers, work_dir=work_dir))
+
+
+@main.command()
+@click.option("--host-maddrs", envvar="FARLABS_HOST_MADDRS", default="/ip4/0.0.0.0/tcp/31337", show_default=True,
+              help="Listen multiaddrs, comma separated [env FARLABS_HOST_MADDRS].")
+@click.option("--announce-maddrs", envvar="FARLABS_ANNOUNCE_MADDRS", default="",
+              help="Multiaddrs announced to peers, comma separated [env FARLABS_ANNOUNCE_MADDRS].")
+@click.option("--identity", envvar="FARLABS_BOOTSTRAP_IDENTITY", type=click.Path(dir_okay=False), default=None,
+              help="Persistent identity key (created if missing), so the multiaddr is stable "
+                   "[env FARLABS_BOOTSTRAP_IDENTITY; default STATE_DIR/bootstrap-identity.key].")
+@click.option("--state-dir", envvar="FARLABS_STATE_DIR", type=click.Path(file_okay=False), default=None,
+              help="Where bootstrap-maddrs.txt is written [env FARLABS_STATE_DIR].")
+@click.option("--initial-peers", envvar="FARLABS_DHT_BOOTSTRAP", default="",
+              help="Other bootstrap peers to join, comma separated [env FARLABS_DHT_BOOTSTRAP].")
+@exits_78_on_config_error
+def bootstrap(host_maddrs, announce_maddrs, identity, state_dir, initial_peers):
+    """Run a DHT bootstrap peer for a private mesh (Type=notify service)."""
+    _setup_logging()
+    from farworker.bootstrap_peer import run_bootstrap_peer
+
+    sys.exit(run_bootstrap_peer(host_maddrs, announce_maddrs, identity, state_dir, initial_peers))
+
+
+@main.command("render-unit")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where farworker.service and farworker.env.example are written.")
+@click.option("--venv-dir", default=sys.prefix, show_default=True, help="The venv farworker is installed in.")
+@click.option("--user", default="farworker", show_default=True, help="Service user.")
+def render_unit(output_dir, venv_dir, user):
+    """Render the systemd unit and env file from the same templates the Ansible role uses."""
+    from farworker.unit_render import render_files
+
+    for path in render_files(output_dir, venv_dir=venv_dir, user=user):
+        click.echo(f"wrote {path}")
+
+
+def _add_coordinator_command() -> None:
+    try:
+        from farworker.coordinator.cli import coordinator_command
+    except ImportError:  # the coordinator's web stack is part of the runtime set; this only guards dev trees
+        return
+    main.add_command(coordinator_command, "coordinator")
+
+
+_add_coordinator_command()

@@ -1,0 +1,363 @@
+"""Worker configuration: the one place FARLABS_* variables and CLI flags are parsed and validated.
+
+Every setting has an environment variable and an equivalent `farworker run` flag; a flag wins over the
+environment. Validation reports every problem at once, one line each, naming the variable and what is
+accepted, so an operator fixes the env file in one pass (the service then exits 78, EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+EX_CONFIG = 78
+
+# The seed's supported distributed models. Anything else needs --allow-local-model and a directory.
+SUPPORTED_MODELS = (
+    "meta-llama/Llama-2-7b-chat-hf",
+    "meta-llama/Llama-2-13b-chat-hf",
+    "meta-llama/Llama-2-70b-chat-hf",
+)
+GATED_MODEL_PREFIXES = ("meta-llama/",)
+TINY_MODEL = "farworker-tiny-llama"  # built locally from a fixed seed; see tiny_model.py
+
+DTYPES = ("float16", "bfloat16", "float32")
+QUANT_TYPES = ("auto", "none", "int8", "nf4")
+THREAD_POLICIES = ("passive", "single", "spin")
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; str() is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise _Invalid
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise _Invalid from None
+        if not low <= value <= high:
+            raise _Invalid
+        return value
+
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise _Invalid from None
+    if not value > 0:
+        raise _Invalid
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise _Invalid
+        return value
+
+    return parse
+
+
+def _wallet(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"0x[0-9a-fA-F]{40}", value):
+        raise _Invalid
+    return value
+
+
+def _multiaddr_list(raw: str) -> tuple[str, ...]:
+    items = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for item in items:
+        if not re.fullmatch(r"(/[A-Za-z0-9_.\-]+/[^/\s]+)+", item):
+            raise _Invalid
+    return items
+
+
+def _bootstrap_list(raw: str) -> tuple[str, ...]:
+    items = _multiaddr_list(raw)
+    # A bootstrap address must name the peer, or the DHT cannot authenticate it.
+    if any("/p2p/" not in item for item in items):
+        raise _Invalid
+    return items
+
+
+def _http_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise _Invalid
+    return value
+
+
+def _num_blocks(raw: str) -> int | None:
+    if raw.strip().lower() in ("", "auto"):
+        return None
+    return _int_range(1, 1000)(raw)
+
+
+def _block_indices(raw: str) -> tuple[int, int] | None:
+    if not raw.strip():
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", raw)
+    if not match or int(match[1]) >= int(match[2]):
+        raise _Invalid
+    return int(match[1]), int(match[2])
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(raw: str) -> int | None:
+    """'200GB', '1.5TiB', '0' (no limit) -> bytes, or None for no limit."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", raw)
+    if not match or match[2].lower() not in _SIZE_UNITS:
+        raise _Invalid
+    value = int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    return value or None
+
+
+def _device(raw: str) -> str:
+    value = raw.strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise _Invalid
+    return value
+
+
+def _text(max_len: int) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if len(value) > max_len or any(ord(c) < 32 for c in value):
+            raise _Invalid
+        return value
+
+    return parse
+
+
+def _model(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise _Invalid
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # attribute of WorkerConfig
+    env: str
+    parse: Callable[[str], object]
+    accepted: str  # said in the error line
+    default: str | None = None  # raw default, parsed like any input; None = unset
+    help: str = ""
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("wallet_address", "FARLABS_WALLET_ADDRESS", _wallet, "0x followed by 40 hex digits",
+            help="Wallet that receives $FAR for the work served (required)."),
+    Setting("dht_bootstrap", "FARLABS_DHT_BOOTSTRAP", _bootstrap_list,
+            "comma-separated multiaddrs with a peer id, e.g. /ip4/10.0.0.5/tcp/31337/p2p/Qm...",
+            help="Initial DHT peers (required unless --new-swarm). Give several: a restarted peer hides blocks."),
+    Setting("new_swarm", "FARLABS_NEW_SWARM", _bool, "true or false", "false",
+            help="Start a private swarm instead of joining one (private meshes, demo, tests)."),
+    Setting("model_name", "FARLABS_MODEL_NAME", _model,
+            f"one of {', '.join(SUPPORTED_MODELS)}, {TINY_MODEL}, or a local checkpoint directory "
+            "with --allow-local-model", SUPPORTED_MODELS[0], help="Model whose blocks this worker serves."),
+    Setting("allow_local_model", "FARLABS_ALLOW_LOCAL_MODEL", _bool, "true or false", "false",
+            help="Allow FARLABS_MODEL_NAME to be a local checkpoint directory."),
+    Setting("api_base_url", "FARLABS_API_BASE_URL", _http_url, "an http:// or https:// URL",
+            help="Far Labs coordinator API (required)."),
+    Setting("num_blocks", "FARLABS_NUM_BLOCKS", _num_blocks, "a whole number from 1 to 1000, or auto", "auto",
+            help="Blocks to serve; auto fits free VRAM (see README for the formula)."),
+    Setting("block_indices", "FARLABS_BLOCK_INDICES", _block_indices, "start:end with start < end, e.g. 0:16",
+            "", help="Serve exactly these blocks instead of choosing."),
+    Setting("torch_dtype", "FARLABS_TORCH_DTYPE", _choice(DTYPES), ", ".join(DTYPES), "float16",
+            help="Dtype of the served blocks (float16 needs a GPU)."),
+    Setting("quant_type", "FARLABS_QUANT_TYPE", _choice(QUANT_TYPES), ", ".join(QUANT_TYPES), "auto",
+            help="Weight quantization; auto = nf4 on CUDA, none on CPU."),
+    Setting("device", "FARLABS_DEVICE", _device, "auto, cpu, cuda or cuda:N", "auto", help="Torch device."),
+    Setting("location", "FARLABS_LOCATION", _text(64), "up to 64 printable characters", "Unknown",
+            help="Geographic location reported to the coordinator."),
+    Setting("heartbeat_interval", "FARLABS_HEARTBEAT_INTERVAL", _int_range(1, 3600),
+            "whole seconds from 1 to 3600", "30", help="Seconds between heartbeats (the coordinator may ask for another)."),
+    Setting("port", "FARLABS_PORT", _int_range(0, 65535), "a port from 0 to 65535 (0 = any free port)", "31330",
+            help="P2P listen port (TCP)."),
+    Setting("host_maddrs", "FARLABS_HOST_MADDRS", _multiaddr_list, "comma-separated multiaddrs", "",
+            help="Listen multiaddrs; overrides --port."),
+    Setting("announce_maddrs", "FARLABS_ANNOUNCE_MADDRS", _multiaddr_list, "comma-separated multiaddrs", "",
+            help="Public multiaddrs announced to peers (behind NAT or port forwarding)."),
+    Setting("public_name", "FARLABS_PUBLIC_NAME", _text(64), "up to 64 printable characters", "",
+            help="Name shown to clients and in the swarm monitor."),
+    Setting("cache_dir", "FARLABS_CACHE_DIR", Path, "a directory path", None,
+            help="Model weights cache (default: ~/.cache/farworker)."),
+    Setting("max_disk_space", "FARLABS_MAX_DISK_SPACE", parse_size, "a size such as 200GB or 1.5TiB (0 = no limit)",
+            "0", help="Disk budget of the weights cache."),
+    Setting("state_dir", "FARLABS_STATE_DIR", Path, "a directory path", None,
+            help="Identity key, usage outbox and status file (default: ~/.local/state/farworker)."),
+    Setting("thread_policy", "FARLABS_THREAD_POLICY", _choice(THREAD_POLICIES), ", ".join(THREAD_POLICIES),
+            "passive", help="OpenMP threads: passive (no spin-wait), single (1 thread) or spin (torch default)."),
+    Setting("network_mbps", "FARLABS_NETWORK_MBPS", _positive_float, "a positive number of megabits per second",
+            "100", help="Upload bandwidth used for the throughput announced to clients (no speedtest is run)."),
+    Setting("metrics_port", "FARLABS_METRICS_PORT", _int_range(0, 65535), "a port from 0 to 65535 (0 = off)", "0",
+            help="Prometheus /metrics on 127.0.0.1 (0 = off)."),
+    Setting("hf_token", "HF_TOKEN", _text(512), "a Hugging Face access token", "", secret=True,
+            help="Hugging Face token, needed for gated models such as Llama-2."),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    wallet_address: str
+    dht_bootstrap: tuple[str, ...]
+    new_swarm: bool
+    model_name: str
+    allow_local_model: bool
+    api_base_url: str
+    num_blocks: int | None
+    block_indices: tuple[int, int] | None
+    torch_dtype: str
+    quant_type: str
+    device: str
+    location: str
+    heartbeat_interval: int
+    port: int
+    host_maddrs: tuple[str, ...]
+    announce_maddrs: tuple[str, ...]
+    public_name: str
+    cache_dir: Path
+    max_disk_space: int | None
+    state_dir: Path
+    thread_policy: str
+    network_mbps: float
+    metrics_port: int
+    hf_token: str = field(repr=False)
+
+    @property
+    def is_tiny_model(self) -> bool:
+        return self.model_name == TINY_MODEL
+
+    @property
+    def is_local_model(self) -> bool:
+        return self.allow_local_model and Path(self.model_name).is_dir()
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return list(self.dht_bootstrap)
+
+    @property
+    def listen_maddrs(self) -> list[str]:
+        return list(self.host_maddrs) or [f"/ip4/0.0.0.0/tcp/{self.port}"]
+
+    @property
+    def identity_path(self) -> Path:
+        return self.state_dir / "identity.key"
+
+
+def _default_dirs(environ: Mapping[str, str]) -> dict[str, str]:
+    home = Path(environ.get("HOME", "~")).expanduser()
+    return {
+        "cache_dir": environ.get("CACHE_DIRECTORY") or str(home / ".cache" / "farworker"),
+        "state_dir": environ.get("STATE_DIRECTORY") or str(home / ".local" / "state" / "farworker"),
+    }
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str | None] | None = None,
+    *,
+    required: bool = True,
+) -> WorkerConfig:
+    """Build the config from flags (overrides, raw strings) over the environment over defaults.
+
+    Raises ConfigError listing every problem. With required=False, missing required values are allowed
+    (used by `check` and `status` to look at a partial configuration).
+    """
+    environ = os.environ if environ is None else environ
+    overrides = overrides or {}
+    dirs = _default_dirs(environ)  # systemd's StateDirectory=/CacheDirectory= set these variables
+    values: dict[str, object] = {}
+    invalid: set[str] = set()
+    problems: list[str] = []
+    for setting in SETTINGS:
+        raw = overrides.get(setting.name)
+        source = setting.flag
+        if raw is None:
+            raw = environ.get(setting.env)
+            source = setting.env
+        if raw is None:
+            raw = setting.default if setting.default is not None else dirs.get(setting.name)
+        if raw is None:
+            values[setting.name] = None
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except (_Invalid, ValueError):
+            shown = "(hidden)" if setting.secret else repr(raw)
+            problems.append(f"{source}={shown} is invalid: expected {setting.accepted}")
+            values[setting.name] = None
+            invalid.add(setting.name)
+
+    problems += _cross_checks(values, invalid, required)
+    if problems:
+        raise ConfigError(problems)
+    values["dht_bootstrap"] = values["dht_bootstrap"] or ()
+    return WorkerConfig(**values)  # type: ignore[arg-type]
+
+
+def _cross_checks(values: dict[str, object], invalid: set[str], required: bool) -> list[str]:
+    problems = []
+    if required:
+        for name in ("wallet_address", "api_base_url"):
+            if values[name] is None and name not in invalid:  # an invalid value was reported already
+                problems.append(f"{SETTINGS_BY_NAME[name].env} is required: expected {SETTINGS_BY_NAME[name].accepted}")
+        if not values["dht_bootstrap"] and values["new_swarm"] is False and "dht_bootstrap" not in invalid:
+            problems.append(
+                "FARLABS_DHT_BOOTSTRAP is required unless FARLABS_NEW_SWARM=true: expected "
+                + SETTINGS_BY_NAME["dht_bootstrap"].accepted
+            )
+    model = values["model_name"]
+    if isinstance(model, str) and model not in SUPPORTED_MODELS and model != TINY_MODEL:
+        if not values["allow_local_model"]:
+            problems.append(
+                f"FARLABS_MODEL_NAME={model!r} is not allowed: expected {SETTINGS_BY_NAME['model_name'].accepted}"
+            )
+        elif not Path(model).is_dir():
+            problems.append(f"FARLABS_MODEL_NAME={model!r} is not a directory: expected a local checkpoint directory")
+    if values["num_blocks"] is not None and values["block_indices"] is not None:
+        problems.append("FARLABS_NUM_BLOCKS and FARLABS_BLOCK_INDICES conflict: expected only one of them")
+    return problems
+
+
+def problems_as_lines(error: ConfigError) -> list[str]:
+    return [f"config error: {problem}" for problem in error.problems]

@@ -1,0 +1,161 @@
+"""The coordinator's petals client: runs a completion through the mesh and says who served it.
+
+The route comes from petals' own inference session: each ``_ServerInferenceSession`` holds the span
+(peer id, start, end) it ran on and how many token positions it processed. A span replaced mid-request
+(a worker died, petals re-routed) is recorded too, with the tokens it had processed when it was dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("farworker.coordinator")
+
+# Bounded retries: petals' default is to retry forever, which would hang an HTTP request.
+CLIENT_OPTIONS = {
+    "max_retries": 3,
+    "min_backoff": 0.5,
+    "max_backoff": 5.0,
+    "connect_timeout": 5.0,
+    "request_timeout": 60.0,
+    "update_period": 10.0,
+    "ban_timeout": 5.0,
+    "show_route": False,
+}
+
+
+class MeshError(Exception):
+    def __init__(self, message: str, status: int = 503, code: str = "mesh_unavailable", field: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.field = status, code, field
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str | None
+    finish_reason: str
+    route: list[dict]  # {"peer_id", "blocks": [start, end], "tokens"}
+
+
+class MeshClient:
+    """One petals client per coordinator, loaded on first use; requests run one at a time."""
+
+    def __init__(self, model_path: Path, initial_peers: list[str], dht_prefix: str | None, **client_options):
+        self.model_path = Path(model_path)
+        self.initial_peers = list(initial_peers)
+        self.dht_prefix = dht_prefix
+        self.client_options = {**CLIENT_OPTIONS, **client_options}
+        self._lock = threading.Lock()
+        self._model = None
+        self._tokenizer = None
+        self._config = None
+
+    def _load(self):
+        if self._model is not None:
+            return self._model
+        if not self.initial_peers:
+            raise MeshError("no initial peers configured for the mesh (--initial-peer)", code="no_mesh")
+        from farworker.petals_compat import import_petals
+
+        petals = import_petals()
+        import torch
+
+        try:
+            model = petals.AutoDistributedModelForCausalLM.from_pretrained(
+                str(self.model_path), initial_peers=self.initial_peers, dht_prefix=self.dht_prefix,
+                torch_dtype=torch.float32, **self.client_options,
+            )
+        except Exception as err:
+            raise MeshError(f"cannot start the mesh client for {self.model_path}: {err}") from None
+        self._config = model.config
+        if any((self.model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model",
+                                                                 "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self._model = model
+        return model
+
+    def warm(self) -> None:
+        with self._lock:
+            self._load()
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self._tokenizer is None:
+                raise MeshError("this model has no tokenizer; send the prompt as a list of token ids",
+                                400, "invalid_payload", "prompt")
+            ids = self._tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+        vocab = getattr(self._config, "vocab_size", None)
+        if vocab and any(i >= vocab for i in ids):
+            raise MeshError(f"token ids must be below the vocabulary size {vocab}", 400, "invalid_payload", "prompt")
+        return ids
+
+    def generate(self, prompt: str | list[int], max_tokens: int, temperature: float) -> Generation:
+        import torch
+
+        with self._lock:
+            model = self._load()
+            ids = self._prompt_ids(prompt)
+            limit = getattr(self._config, "max_position_embeddings", None)
+            if limit and len(ids) + max_tokens > limit:
+                raise MeshError(f"prompt + max_tokens = {len(ids) + max_tokens} exceeds the model's {limit} positions",
+                                400, "invalid_payload", "max_tokens")
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            seen: list = []
+            try:
+                with model.inference_session(max_length=len(ids) + max_tokens) as session:
+                    self._track(session, seen)
+                    with torch.inference_mode():
+                        output = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, session=session,
+                                                pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
+                                                **sampling)
+                    _keep(seen, session._server_sessions)
+            except MeshError:
+                raise
+            except Exception as err:
+                log.warning("completion failed in the mesh: %s", err)
+                raise MeshError(f"the mesh could not serve the request: {err}") from None
+        completion = output[0, len(ids):].tolist()
+        eos = getattr(self._config, "eos_token_id", None)
+        finish = "stop" if len(completion) < max_tokens or (eos is not None and completion[-1:] == [eos]) else "length"
+        text = self._tokenizer.decode(completion, skip_special_tokens=True) if self._tokenizer else None
+        route = [
+            {"peer_id": s.span.peer_id.to_base58(), "blocks": [int(s.span.start), int(s.span.end)],
+             "tokens": int(s._position)}
+            for s in seen if s._position > 0
+        ]
+        return Generation(ids, completion, text, finish, route)
+
+    @staticmethod
+    def _track(session, seen: list) -> None:
+        """Keep each server session petals drops while re-routing after a failure, to count its tokens."""
+        original = session._exit_server_sessions
+
+        def exit_and_keep(server_sessions):
+            _keep(seen, server_sessions)
+            return original(server_sessions)
+
+        session._exit_server_sessions = exit_and_keep
+
+    def close(self) -> None:
+        with self._lock:
+            model, self._model = self._model, None
+        if model is not None:
+            try:
+                model.transformer.h.sequence_manager.shutdown()
+            except Exception:  # best effort; the process is ending
+                pass
+
+
+def _keep(seen: list, server_sessions) -> None:
+    for server_session in server_sessions:
+        if not any(server_session is known for known in seen):
+            seen.append(server_session)

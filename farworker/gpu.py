@@ -1,0 +1,136 @@
+"""GPU facts and telemetry from NVML (pynvml, from the nvidia-ml-py package).
+
+A host without an NVIDIA driver is normal here (CPU tests, the demo): every function then returns
+empty results instead of raising, and heartbeats carry an empty GPU list.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_initialized: bool | None = None
+
+
+def _nvml():
+    """The pynvml module, initialized once; None when there is no usable driver."""
+    global _initialized
+    import pynvml
+
+    with _lock:
+        if _initialized is None:
+            try:
+                pynvml.nvmlInit()
+                _initialized = True
+            except pynvml.NVMLError as error:
+                log.debug("NVML unavailable: %s", error)
+                _initialized = False
+    return pynvml if _initialized else None
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+
+
+@dataclass(frozen=True)
+class DriverInfo:
+    driver_version: str
+    cuda_version: str  # the highest CUDA version the driver supports, e.g. "12.4"
+
+
+def driver_info() -> DriverInfo | None:
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    cuda = nvml.nvmlSystemGetCudaDriverVersion_v2()
+    return DriverInfo(str(_text(nvml.nvmlSystemGetDriverVersion())), f"{cuda // 1000}.{cuda % 1000 // 10}")
+
+
+def list_gpus() -> list[GpuInfo]:
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    gpus = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        gpus.append(GpuInfo(index, _text(nvml.nvmlDeviceGetName(handle)), _text(nvml.nvmlDeviceGetUUID(handle)),
+                            int(memory.total), int(memory.free)))
+    return gpus
+
+
+def telemetry() -> list[dict]:
+    """Per-GPU readings for heartbeats and /metrics; a field NVML can't read on this GPU is None."""
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    readings = []
+    for gpu in list_gpus():
+        handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
+        utilization = _try(lambda h=handle: nvml.nvmlDeviceGetUtilizationRates(h))
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        readings.append({
+            "index": gpu.index,
+            "name": gpu.name,
+            "uuid": gpu.uuid,
+            "utilization_pct": utilization.gpu if utilization else None,
+            "memory_used_bytes": int(memory.used),
+            "memory_total_bytes": int(memory.total),
+            "temperature_c": _try(lambda h=handle: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
+            "power_w": _try(lambda h=handle: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
+            "sm_clock_mhz": _try(lambda h=handle: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)),
+            "mem_clock_mhz": _try(lambda h=handle: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM)),
+            "ecc_volatile_uncorrected": _try(lambda h=handle: nvml.nvmlDeviceGetTotalEccErrors(
+                h, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)),
+            "retired_pages_dbe": _retired_pages(nvml, handle),
+        })
+    return readings
+
+
+def hardware_summary() -> dict:
+    """What registration reports about this host."""
+    import os
+    import platform
+
+    import psutil
+
+    gpus = list_gpus()
+    driver = driver_info()
+    return {
+        "gpus": [{k: v for k, v in asdict(g).items() if k != "memory_free_bytes"} for g in gpus],
+        "gpu_count": len(gpus),
+        "driver_version": driver.driver_version if driver else None,
+        "cuda_version": driver.cuda_version if driver else None,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "ram_bytes": psutil.virtual_memory().total,
+    }
+
+
+def _retired_pages(nvml, handle) -> int | None:
+    # NVML reports Xid errors only as events (the driver logs them to the kernel log); pages retired
+    # after double-bit ECC errors are the persistent, countable sign of failing memory.
+    pages = _try(lambda: nvml.nvmlDeviceGetRetiredPages(
+        handle, nvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR))
+    return len(pages) if pages is not None else None
+
+
+def _try(read):
+    import pynvml
+
+    try:
+        return read()
+    except pynvml.NVMLError:
+        return None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

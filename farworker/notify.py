@@ -1,0 +1,68 @@
+"""systemd's notify protocol (sd_notify), through the sdnotify library.
+
+Outside systemd (no NOTIFY_SOCKET) every call is a no-op, so the same code runs in a shell, in docker
+and under systemd.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import sdnotify
+
+
+class Notifier:
+    def __init__(self):
+        self._socket = sdnotify.SystemdNotifier()
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        # systemd asks for a ping at least every WATCHDOG_USEC; pinging at half of it is its advice.
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
+
+    def _send(self, message: str) -> None:
+        if self.enabled:
+            self._socket.notify(message)
+
+    def status(self, text: str) -> None:
+        self._send(f"STATUS={text}")
+
+    def ready(self, status: str) -> None:
+        self._send(f"READY=1\nSTATUS={status}")
+
+    def watchdog(self) -> None:
+        self._send("WATCHDOG=1")
+
+    def stopping(self, status: str = "draining") -> None:
+        self._send(f"STOPPING=1\nSTATUS={status}")
+
+    def extend_timeout(self, seconds: float) -> None:
+        self._send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+
+class StartupKeepalive:
+    """While a long step runs (download, loading weights), keep extending systemd's start timeout.
+
+    Each message grants `3 * period` more seconds, so a stalled step still times out, but a 70B
+    download that makes progress never hits TimeoutStartSec.
+    """
+
+    def __init__(self, notifier: Notifier, describe, period: float = 10.0):
+        self._notifier, self._describe, self._period = notifier, describe, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="startup-keepalive", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self._notifier.extend_timeout(3 * self._period)
+            self._notifier.status(self._describe())
+            if self._stop.wait(self._period):
+                return

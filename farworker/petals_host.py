@@ -1,0 +1,178 @@
+"""Hosts a Petals server in this process and answers the questions systemd asks about it.
+
+`PetalsHost.start()` builds petals' `Server` (which starts the DHT process) and runs it in a thread;
+`wait_online()` returns once our blocks are announced ONLINE in the DHT; `health()` says whether the
+server still serves; `stop()` announces the blocks offline and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from farworker.block_plan import BlockPlan
+from farworker.config import WorkerConfig
+from farworker.petals_compat import import_petals
+
+log = logging.getLogger(__name__)
+HEALTH_TIMEOUT = 10.0  # seconds a DHT or handler probe may take before the server counts as wedged
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    reason: str = ""
+
+
+def dht_prefix_for(model_path: str, model_name: str) -> str | None:
+    """Hub models keep petals' own prefix (it is how clients find them); local ones need one."""
+    if model_path == model_name:
+        return None
+    return re.sub(r"[^A-Za-z0-9_-]", "-", Path(model_name).name) or "local-model"
+
+
+class PetalsHost:
+    def __init__(self, config: WorkerConfig, model_path: str, plan: BlockPlan):
+        self.config = config
+        self.model_path = model_path
+        self.plan = plan
+        self.server = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.visible_maddrs: list[str] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        import_petals()
+        from petals.server.server import Server
+        from petals.utils.convert_block import QuantType
+
+        from farworker.throughput import announced_throughput, measured_rps
+
+        cfg, plan = self.config, self.plan
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.server = Server(
+            initial_peers=cfg.initial_peers,
+            dht_prefix=dht_prefix_for(self.model_path, cfg.model_name),
+            converted_model_name_or_path=self.model_path,
+            public_name=cfg.public_name or None,
+            throughput=1.0,  # replaced below with our locally measured figure; avoids petals' speedtest
+            block_indices=f"{plan.start}:{plan.end}" if plan.fixed else None,
+            num_blocks=None if plan.fixed else plan.num_blocks,
+            torch_dtype=cfg.torch_dtype,
+            cache_dir=str(cfg.cache_dir),
+            max_disk_space=cfg.max_disk_space,
+            device=plan.device,
+            quant_type=QuantType[plan.quant_type.upper()],
+            token=cfg.hf_token or None,
+            skip_reachability_check=True,  # petals would ask health.petals.dev
+            reachable_via_relay=False,  # petals would start a throwaway DHT to probe reachability
+            identity_path=str(cfg.identity_path),
+            host_maddrs=cfg.listen_maddrs,
+            announce_maddrs=list(cfg.announce_maddrs) or None,
+            # a fresh identity file is checked against the swarm; ours is ours, and the check costs a DHT round
+            check_if_identity_free=False,
+        )
+        block_config = self.server.block_config
+        rps = measured_rps(block_config, self.server.device, self.server.torch_dtype, self.server.quant_type,
+                           cfg.cache_dir, cfg.model_name)
+        figures = announced_throughput(rps, block_config.hidden_size, self.server.num_blocks, cfg.network_mbps)
+        for name, value in figures.items():
+            setattr(self.server.server_info, name, value)
+        self.visible_maddrs = [str(addr) for addr in self.server.dht.get_visible_maddrs()]
+        log.info("Connected to DHT as %s, listening on %s", self.peer_id, self.visible_maddrs)
+        self._thread = threading.Thread(target=self._run, name="petals-server", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except BaseException as error:  # reported through health(); the runner decides what to do
+            self._failure = error
+            log.exception("Petals server stopped with an error")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.server is None:
+            return
+        self.server.shutdown(timeout=timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        return self.server.dht.peer_id.to_base58()
+
+    @property
+    def block_uids(self) -> list[str]:
+        container = self.server.module_container if self.server else None
+        return list(container.module_backends) if container else []
+
+    @property
+    def blocks(self) -> tuple[int, int] | None:
+        uids = self.block_uids
+        if not uids:
+            return None
+        indices = [int(uid.rsplit(".", 1)[1]) for uid in uids]
+        return min(indices), max(indices) + 1
+
+    @property
+    def num_model_blocks(self) -> int:
+        return self.server.block_config.num_hidden_layers
+
+    @property
+    def dht_prefix(self) -> str:
+        return self.server.dht_prefix
+
+    # -- readiness and health ----------------------------------------------------------------------
+    def wait_online(self, timeout: float, poll: float = 0.5) -> bool:
+        """True once the runtime is ready and the DHT lists our blocks as ONLINE from our peer id."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._failure is not None or (self._thread and not self._thread.is_alive()):
+                return False
+            container = self.server.module_container
+            if container is not None and container.ready.is_set() and self._announced_online():
+                return True
+            time.sleep(poll)
+        return False
+
+    def health(self) -> Health:
+        if self._failure is not None:
+            return Health(False, f"server failed: {self._failure!r}")
+        if self._thread is None or not self._thread.is_alive():
+            return Health(False, "server thread is not running")
+        container = self.server.module_container
+        if container is None or not container.ready.is_set():
+            return Health(False, "blocks are not loaded")
+        # The container thread runs the runtime loop itself (Runtime.run() is called, not start()).
+        if not container.is_healthy() or not container.is_alive():
+            return Health(False, "a handler process or the runtime has died")
+        if not self.server.dht.is_alive():
+            return Health(False, "the DHT process has died")
+        try:
+            # A DHT query answered from our own node proves the DHT process and p2pd respond; the
+            # records being unexpired proves the announcer still runs. (Calling our own handlers over
+            # P2P is not possible: libp2p refuses a dial to self, and a second daemon costs ~30 MB.)
+            if not self._announced_online():
+                return Health(False, "our blocks are not announced online in the DHT")
+        except Exception as error:  # timeouts included: a wedged process answers nothing
+            return Health(False, f"probe failed: {error!r}")
+        return Health(True)
+
+    def _announced_online(self) -> bool:
+        from petals.data_structures import ServerState
+        from petals.utils.dht import get_remote_module_infos
+
+        uids = self.block_uids
+        if not uids:
+            return False
+        # Without `latest`, the DHT returns only unexpired records: a stale announcement reads as absent.
+        future = get_remote_module_infos(self.server.dht, uids, return_future=True)
+        infos = future.result(timeout=HEALTH_TIMEOUT)
+        me = self.server.dht.peer_id
+        return all(me in info.servers and info.servers[me].state == ServerState.ONLINE for info in infos)

@@ -1,0 +1,227 @@
+"""`farworker run`: the service's life from start to stop.
+
+    resolve model (download) -> plan blocks -> start Petals -> wait until announced ONLINE -> READY=1
+    -> loop: health check -> WATCHDOG=1 only when healthy, STATUS, status file
+    -> SIGTERM: STOPPING=1, drain (usage flushed, deregistered), blocks offline, exit 0
+
+systemd is never told something untrue: READY waits for the DHT to list our blocks online, and a
+wedged server (no probe answers) stops the watchdog pings so systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from farworker import __version__, gpu
+from farworker.config import WorkerConfig
+from farworker.notify import Notifier, StartupKeepalive
+from farworker.status_file import write_status
+
+log = logging.getLogger("farworker")
+ONLINE_TIMEOUT = 3600.0  # loading 70B weights from a slow disk can take long; the keepalive extends systemd's
+HEALTH_PERIOD = 5.0  # seconds between health checks when systemd gives no watchdog interval
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.notifier = Notifier()
+        self.stop_requested = threading.Event()
+        self.state = "starting"
+        self.phase = "starting"
+        self.host = None
+        self.meter = None
+        self.outbox = None
+        self.reporter = None
+        self.started_at = time.time()
+        self.healthy = False
+        self.health_reason = ""
+
+    # -- start -------------------------------------------------------------------------------------
+    def start(self) -> bool:
+        """Bring the server online; False if a stop was requested or the server failed first."""
+        from farworker.block_plan import plan_blocks
+        from farworker.identity import load_or_create
+        from farworker.model_source import resolve_model
+        from farworker.outbox import Outbox
+        from farworker.petals_compat import import_petals
+        from farworker.petals_host import PetalsHost
+        from farworker.serving_meter import ServingMeter
+
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = load_or_create(cfg.identity_path)
+        self.outbox = Outbox(cfg.state_dir / "outbox.sqlite3")
+        log.info("farworker %s, peer id %s, model %s", __version__, self.identity.peer_id, cfg.model_name)
+
+        progress = {"total": 0}
+        with StartupKeepalive(self.notifier, lambda: self._startup_status(progress)):
+            self.phase = "downloading weights"
+            model_path = resolve_model(cfg, lambda done, total: progress.update(total=total))
+            self.phase = "planning blocks"
+            import_petals()
+            from petals.utils.auto_config import AutoDistributedConfig
+
+            block_config = AutoDistributedConfig.from_pretrained(model_path, use_auth_token=cfg.hf_token or None)
+            self.plan = plan_blocks(cfg, block_config)
+            log.info("Serving %d of %d blocks on %s (%s, quantization %s)", self.plan.num_blocks,
+                     block_config.num_hidden_layers, self.plan.device, cfg.torch_dtype, self.plan.quant_type)
+            self.meter = ServingMeter(on_record=self.outbox.add)
+            self.host = PetalsHost(cfg, model_path, self.plan)
+            self.phase = "joining the DHT"
+            self.host.start()
+            self.state, self.phase = "joining", "loading blocks"
+            self._start_reporter()
+            online = self._wait_online()
+        if not online:
+            return False
+        self.state = "online"
+        start, end = self.host.blocks
+        log.info("Blocks %d:%d of %s are online", start, end, cfg.model_name)
+        self.notifier.ready(self.summary())
+        return True
+
+    def _wait_online(self) -> bool:
+        deadline = time.monotonic() + ONLINE_TIMEOUT
+        while not self.stop_requested.is_set() and time.monotonic() < deadline:
+            if self.host.wait_online(timeout=2.0):
+                return True
+            if self.host.health().reason.startswith("server failed"):
+                return False
+        return False
+
+    def _startup_status(self, progress: dict) -> str:
+        if self.phase == "downloading weights" and progress["total"]:
+            from farworker.model_source import downloaded_bytes
+
+            done = downloaded_bytes(self.config.cache_dir, self.config.model_name)
+            return f"downloading weights: {done / 1e9:.2f} of {progress['total'] / 1e9:.2f} GB"
+        return f"{self.phase}: {self.config.model_name}"
+
+    def _start_reporter(self) -> None:
+        from farworker.api_client import CoordinatorClient
+        from farworker.reporting import Reporter
+
+        client = CoordinatorClient(self.config.api_base_url, self.identity)
+        self.reporter = Reporter(
+            client, self.outbox, registration=self.registration, heartbeat_payload=self.heartbeat_payload,
+            interval=self.config.heartbeat_interval,
+        )
+        self.reporter.start()
+
+    # -- steady state ------------------------------------------------------------------------------
+    def serve_until_stopped(self) -> None:
+        period = min(self.notifier.watchdog_interval or HEALTH_PERIOD, HEALTH_PERIOD)
+        while not self.stop_requested.is_set():
+            health = self.host.health()
+            if health.ok:
+                self.notifier.watchdog()
+                self.notifier.status(self.summary())
+            elif self.healthy or health.reason != self.health_reason:
+                log.warning("Unhealthy, withholding watchdog pings: %s", health.reason)
+            self.healthy, self.health_reason = health.ok, health.reason
+            self._write_status()
+            self.stop_requested.wait(period)
+
+    def stop(self) -> None:
+        self.state = "draining"
+        self.notifier.stopping(f"draining: {self.config.model_name}")
+        log.info("Stopping: draining usage, announcing blocks offline")
+        if self.reporter is not None:
+            self.reporter.drain_and_stop(timeout=10.0)
+        if self.host is not None:
+            self.host.stop(timeout=10.0)
+        self.state = "stopped"
+        self._write_status()
+        log.info("Stopped cleanly")
+
+    # -- reports -----------------------------------------------------------------------------------
+    def summary(self) -> str:
+        blocks = self.host.blocks if self.host else None
+        span = f"{blocks[0]}:{blocks[1]}" if blocks else "none"
+        sessions = self.meter.snapshot().open_sessions if self.meter else 0
+        health = "" if self.healthy or self.state != "online" else f", unhealthy: {self.health_reason}"
+        return f"{self.state}: {self.config.model_name} blocks {span}, {sessions} open sessions{health}"
+
+    def registration(self) -> dict:
+        blocks = self.host.blocks or (0, 0)
+        return {
+            "wallet_address": self.config.wallet_address,
+            "peer_id": self.identity.peer_id,
+            "public_key": self.identity.public_key_b64,
+            "model_name": self.config.model_name,
+            "blocks": {"start": blocks[0], "end": blocks[1]},
+            "total_blocks": self.host.num_model_blocks,
+            "torch_dtype": self.config.torch_dtype,
+            "quant_type": self.plan.quant_type,
+            "location": self.config.location,
+            "version": __version__,
+            "announce_maddrs": self.host.visible_maddrs,
+            "hardware": gpu.hardware_summary(),
+        }
+
+    def heartbeat_payload(self) -> dict:
+        blocks = self.host.blocks or (0, 0)
+        return {
+            "state": self.state if self.state in ("joining", "online", "draining") else "joining",
+            "blocks": {"start": blocks[0], "end": blocks[1]},
+            "uptime_seconds": time.time() - self.started_at,
+            "gpus": gpu.telemetry(),
+            "counters": self.meter.snapshot().as_dict(),
+        }
+
+    def _write_status(self) -> None:
+        counters = self.meter.snapshot() if self.meter else None
+        last = self.reporter.last_heartbeat if self.reporter else None
+        write_status(self.config.state_dir, {
+            "state": self.state,
+            "healthy": self.healthy,
+            "health_reason": self.health_reason,
+            "model_name": self.config.model_name,
+            "blocks": list(self.host.blocks) if self.host and self.host.blocks else None,
+            "peer_id": self.identity.peer_id,
+            "maddrs": self.host.visible_maddrs if self.host else [],
+            "peers": self._peer_count(),
+            "open_sessions": counters.open_sessions if counters else 0,
+            "counters": counters.as_dict() if counters else {},
+            "last_heartbeat": last,
+            "outbox_depth": self.outbox.depth() if self.outbox else 0,
+            "gpus": gpu.telemetry(),
+            "started_at": self.started_at,
+            "pid": os.getpid(),
+        })
+
+    def _peer_count(self) -> int | None:
+        try:
+            return len(self.host.server.dht.run_coroutine(_visible_peers, return_future=True).result(timeout=5))
+        except Exception:
+            return None
+
+
+async def _visible_peers(dht, node):
+    return node.protocol.routing_table.uid_to_peer_id
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """The body of `farworker run`; returns the exit status."""
+    worker = Worker(config)
+
+    def on_signal(signum, _frame):
+        log.info("Received %s", signal.Signals(signum).name)
+        worker.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if worker.start():
+            worker.serve_until_stopped()
+            code = 0
+        else:
+            code = 0 if worker.stop_requested.is_set() else 1
+    finally:
+        worker.stop()
+    return code
