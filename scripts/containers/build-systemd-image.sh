@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Build a Debian bookworm image that boots systemd, from debootstrap (no registry is reachable here).
 # Usage: build-systemd-image.sh [TAG]   (default farworker/debian-systemd:bookworm)
-# Cached by tag: an existing image is reused. FORCE=1 rebuilds.
+# Cached by tag and recipe: an image built by this same script is reused. FORCE=1 rebuilds.
 # Run it with the flags in systemd-run-flags.sh (docker 20.10's import cannot set STOPSIGNAL).
 set -euo pipefail
 
 TAG=${1:-farworker/debian-systemd:bookworm}
 SUITE=${SUITE:-bookworm}
 
-if [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$TAG" >/dev/null 2>&1; then
+recipe=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)
+if [[ "${FORCE:-0}" != 1 ]] \
+    && [[ "$(docker image inspect -f '{{ index .Config.Labels "farworker.recipe" }}' "$TAG" 2>/dev/null)" == "$recipe" ]]; then
     echo "image $TAG: cached"
     exit 0
 fi
@@ -23,9 +25,9 @@ if [[ -z "$mirror" ]]; then
 fi
 [[ -n "$mirror" ]] || { echo "no Debian mirror found in apt's configuration; set DEBIAN_MIRROR" >&2; exit 1; }
 
-# What ansible, molecule and the farworker role need on a target: python3 (+venv, apt bindings),
-# systemd as PID 1, dbus for systemctl, procps/iproute2 for the fault checks, CA certificates.
-packages=systemd,systemd-sysv,dbus,python3,python3-venv,python3-apt,procps,iproute2,ca-certificates,sudo,kmod,gnupg
+# What ansible, molecule and the roles need on a target: python3 (+venv, apt bindings,
+# python3-debian for deb822_repository; the containers cannot reach a mirror), systemd as PID 1, dbus for systemctl, procps/iproute2 for the fault checks, CA certificates.
+packages=systemd,systemd-sysv,dbus,python3,python3-venv,python3-apt,python3-debian,procps,iproute2,ca-certificates,sudo,kmod,gnupg
 
 rootfs=$(mktemp -d /var/tmp/farworker-rootfs.XXXXXX)
 trap 'rm -rf "$rootfs"' EXIT
@@ -43,6 +45,6 @@ for unit in systemd-remount-fs.service getty@tty1.service systemd-firstboot.serv
 done
 
 tar -C "$rootfs" -c . | docker import \
-    --change 'CMD ["/sbin/init"]' --change 'ENV container=docker' \
+    --change 'CMD ["/sbin/init"]' --change 'ENV container=docker' --change "LABEL farworker.recipe=$recipe" \
     - "$TAG" >/dev/null
 echo "image $TAG: built"
