@@ -31,8 +31,13 @@ class CoordinatorError(Exception):
 
 
 class CoordinatorClient:
-    def __init__(self, base_url: str, identity: Identity, timeout: float = 10.0,
-                 session: requests.Session | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        identity: Identity,
+        timeout: float = 10.0,
+        session: requests.Session | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.identity = identity
         self.timeout = timeout
@@ -50,7 +55,9 @@ class CoordinatorClient:
         try:
             response = self._session.post(url, data=body, headers=headers, timeout=self.timeout)
         except requests.Timeout:
-            raise CoordinatorError(f"{what}: no answer from {self.base_url} within {self.timeout:g} s") from None
+            raise CoordinatorError(
+                f"{what}: no answer from {self.base_url} within {self.timeout:g} s"
+            ) from None
         except requests.ConnectionError as err:
             reason = _root_cause(err)
             raise CoordinatorError(f"{what}: cannot reach {self.base_url} ({reason})") from None
@@ -64,10 +71,14 @@ class CoordinatorClient:
             code = answer.get("code") if isinstance(answer, dict) else None
             message = answer.get("error") if isinstance(answer, dict) else None
             message = message or (response.text[:200].strip() or response.reason)
-            raise CoordinatorError(f"{what}: HTTP {response.status_code}: {message}", response.status_code, code)
+            raise CoordinatorError(
+                f"{what}: HTTP {response.status_code}: {message}", response.status_code, code
+            )
         if not isinstance(answer, dict):
-            raise CoordinatorError(f"{what}: HTTP {response.status_code} but the answer is not a JSON object",
-                                   response.status_code)
+            raise CoordinatorError(
+                f"{what}: HTTP {response.status_code} but the answer is not a JSON object",
+                response.status_code,
+            )
         return answer
 
     @staticmethod
@@ -85,8 +96,13 @@ class CoordinatorClient:
     def heartbeat(self, worker_id: str, payload: dict) -> dict:
         """-> {"earn_rate_far_per_hour", "reliability", "uptime_pct", "heartbeat_interval"}"""
         answer = self._post(f"/v1/workers/{worker_id}/heartbeat", payload)
-        return self._need(answer, "heartbeat", earn_rate_far_per_hour=(int, float), reliability=(int, float),
-                          uptime_pct=(int, float))
+        return self._need(
+            answer,
+            "heartbeat",
+            earn_rate_far_per_hour=(int, float),
+            reliability=(int, float),
+            uptime_pct=(int, float),
+        )
 
     def send_usage(self, worker_id: str, records: list[dict]) -> list[str]:
         """-> the ids the coordinator has on its ledger now (safe to delete from the outbox)."""

@@ -150,10 +150,8 @@ def render_unit(output_dir, venv_dir, user):
 
 
 def _add_coordinator_command() -> None:
-    try:
-        from farworker.coordinator.cli import coordinator_command
-    except ImportError:  # the coordinator's web stack is part of the runtime set; this only guards dev trees
-        return
+    from farworker.coordinator.cli import coordinator_command
+
     main.add_command(coordinator_command, "coordinator")
 
 

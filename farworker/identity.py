@@ -16,6 +16,7 @@ sent as ``X-Far-Peer-Id``, ``X-Far-Timestamp`` (integer unix seconds), ``X-Far-N
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import hashlib
 import os
@@ -144,12 +145,21 @@ class Identity:
     def peer_id(self) -> str:
         return _peer_id_from_der(self.public_key_der)
 
-    def sign(self, method: str, path: str, body: bytes = b"", *, timestamp: int | None = None,
-             nonce: str | None = None) -> dict[str, str]:
+    def sign(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        *,
+        timestamp: int | None = None,
+        nonce: str | None = None,
+    ) -> dict[str, str]:
         """Headers that authenticate one request (method, path, body) as coming from this identity."""
         ts = str(int(time.time()) if timestamp is None else timestamp)
         nonce = nonce or secrets.token_hex(16)
-        signature = self.private_key.sign(canonical_request(method, path, ts, nonce, body), _PSS, hashes.SHA256())
+        signature = self.private_key.sign(
+            canonical_request(method, path, ts, nonce, body), _PSS, hashes.SHA256()
+        )
         return {
             HEADER_PEER_ID: self.peer_id,
             HEADER_TIMESTAMP: ts,
@@ -218,11 +228,9 @@ def _create(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            # link, not rename: if another process made the key meanwhile, theirs stays and we use it
+        # link, not rename: if another process made the key meanwhile, theirs stays and we use it
+        with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
-        except FileExistsError:
-            pass
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -234,8 +242,16 @@ def _create(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def verify_request(public_key_b64: str, method: str, path: str, body: bytes, headers, *,
-                   now: float | None = None, window_s: int = DEFAULT_WINDOW_S) -> tuple[str, str, int]:
+def verify_request(
+    public_key_b64: str,
+    method: str,
+    path: str,
+    body: bytes,
+    headers,
+    *,
+    now: float | None = None,
+    window_s: int = DEFAULT_WINDOW_S,
+) -> tuple[str, str, int]:
     """Check a signed request against a public key; returns (peer_id, nonce, timestamp).
 
     Checks, in order: all headers present, the peer id derives from the key, the timestamp lies within
@@ -267,7 +283,10 @@ def verify_request(public_key_b64: str, method: str, path: str, body: bytes, hea
         raise SignatureError(f"{HEADER_SIGNATURE} is not base64") from None
     try:
         load_public_key(public_key_b64).verify(
-            signature, canonical_request(method, path, values[HEADER_TIMESTAMP], nonce, body), _PSS, hashes.SHA256()
+            signature,
+            canonical_request(method, path, values[HEADER_TIMESTAMP], nonce, body),
+            _PSS,
+            hashes.SHA256(),
         )
     except InvalidSignature:
         raise SignatureError("signature does not verify (wrong key, or method/path/body changed)") from None

@@ -28,8 +28,14 @@ class OutboxError(ValueError):
     """A record does not have the shape above."""
 
 
-def make_record(session_id: str, blocks: tuple[int, int] | list[int], tokens: int, steps: int,
-                started_at: float, ended_at: float | None = None) -> dict:
+def make_record(
+    session_id: str,
+    blocks: tuple[int, int] | list[int],
+    tokens: int,
+    steps: int,
+    started_at: float,
+    ended_at: float | None = None,
+) -> dict:
     """A new usage record with a fresh id."""
     return {
         "id": str(uuid.uuid4()),
@@ -54,9 +60,12 @@ def validate_record(record: dict) -> dict:
     except ValueError:
         raise OutboxError(f"usage record id must be a UUID, got {record['id']!r}") from None
     blocks = record["blocks"]
-    if (not isinstance(blocks, list | tuple) or len(blocks) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
-            or not 0 <= blocks[0] < blocks[1]):
+    if (
+        not isinstance(blocks, list | tuple)
+        or len(blocks) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+        or not 0 <= blocks[0] < blocks[1]
+    ):
         raise OutboxError(f"usage record blocks must be [start, end] with 0 <= start < end, got {blocks!r}")
     for name in ("tokens", "steps"):
         value = record[name]
@@ -101,8 +110,9 @@ class Outbox:
     def _connection(self) -> sqlite3.Connection:
         # a connection must not cross a fork; the serving hook may run in a forked child
         if self._conn is None or self._pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             self._conn, self._pid = conn, os.getpid()
@@ -128,9 +138,11 @@ class Outbox:
     def pending(self, limit: int = 100) -> list[dict]:
         """Oldest first, at most ``limit``."""
         with self._lock:
-            rows = self._connection().execute(
-                "SELECT record FROM outbox ORDER BY seq LIMIT ?", (int(limit),)
-            ).fetchall()
+            rows = (
+                self._connection()
+                .execute("SELECT record FROM outbox ORDER BY seq LIMIT ?", (int(limit),))
+                .fetchall()
+            )
         return [json.loads(row[0]) for row in rows]
 
     def acknowledge(self, ids: Iterable[str]) -> int:
@@ -158,7 +170,9 @@ class Outbox:
             try:
                 conn.execute(
                     "INSERT OR REPLACE INTO rejected (id, record, reason, rejected_at)"
-                    " SELECT id, record, ?, ? FROM outbox WHERE id = ?", (reason, time.time(), record_id))
+                    " SELECT id, record, ?, ? FROM outbox WHERE id = ?",
+                    (reason, time.time(), record_id),
+                )
                 conn.execute("DELETE FROM outbox WHERE id = ?", (record_id,))
                 conn.execute("COMMIT")
             except BaseException:
@@ -167,7 +181,11 @@ class Outbox:
 
     def rejected(self) -> list[dict]:
         with self._lock:
-            rows = self._connection().execute("SELECT record, reason FROM rejected ORDER BY rejected_at").fetchall()
+            rows = (
+                self._connection()
+                .execute("SELECT record, reason FROM rejected ORDER BY rejected_at")
+                .fetchall()
+            )
         return [dict(json.loads(record), rejected_reason=reason) for record, reason in rows]
 
     def depth(self) -> int:

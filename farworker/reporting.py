@@ -35,8 +35,10 @@ def heartbeat_line(payload: dict, answer: dict) -> str:
     span = f"blocks {blocks[0]}:{blocks[1]}" if blocks else "no blocks"
     tokens = payload.get("counters", {}).get("tokens_processed", 0)
     rate = format_rate(float(answer.get("earn_rate_far_per_hour", 0.0)))
-    return (f"heartbeat ok: {payload.get('state', '?')}, {span}, {tokens} tokens, earn rate {rate} $FAR/h"
-            f" (reliability {float(answer.get('reliability', 0)):.2f})")
+    return (
+        f"heartbeat ok: {payload.get('state', '?')}, {span}, {tokens} tokens, earn rate {rate} $FAR/h"
+        f" (reliability {float(answer.get('reliability', 0)):.2f})"
+    )
 
 
 class Backoff:
@@ -57,10 +59,20 @@ class Backoff:
 
 
 class Reporter:
-    def __init__(self, client: CoordinatorClient, outbox: Outbox, registration: Callable[[], dict],
-                 heartbeat_payload: Callable[[], dict], *, interval: float = 30.0, batch_size: int = 100,
-                 backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0, flush_delay_s: float = 0.2,
-                 rng: Callable[[], float] = random.random):
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        outbox: Outbox,
+        registration: Callable[[], dict],
+        heartbeat_payload: Callable[[], dict],
+        *,
+        interval: float = 30.0,
+        batch_size: int = 100,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        flush_delay_s: float = 0.2,
+        rng: Callable[[], float] = random.random,
+    ):
         self.client, self.outbox = client, outbox
         self._registration, self._heartbeat_payload = registration, heartbeat_payload
         self.interval_s = interval
@@ -77,8 +89,13 @@ class Reporter:
         self.state = "unregistered"  # unregistered -> registered -> draining -> stopped
         self.last_heartbeat: dict | None = None  # {"at": unix s, "payload": ..., "answer": ...}
         self.last_error: str | None = None
-        self.stats = {"register_attempts": 0, "heartbeats": 0, "heartbeat_failures": 0, "records_sent": 0,
-                      "flush_failures": 0}
+        self.stats = {
+            "register_attempts": 0,
+            "heartbeats": 0,
+            "heartbeat_failures": 0,
+            "records_sent": 0,
+            "flush_failures": 0,
+        }
         outbox.add_listener(self.notify)
 
     # --- control ----------------------------------------------------------------------------------------
@@ -110,15 +127,20 @@ class Reporter:
         if self._thread is not None:
             self._thread.join(max(0.0, min(deadline - time.monotonic(), self.client.timeout + 1)))
             if self._thread.is_alive():
-                log.warning("reporter busy past the drain deadline; usage stays in the outbox for the next start")
+                log.warning(
+                    "reporter busy past the drain deadline; usage stays in the outbox for the next start"
+                )
                 return False
         if self.worker_id is None:
-            log.info("not registered with the coordinator; %d usage records stay in the outbox",
-                     self.outbox.depth())
+            log.info(
+                "not registered with the coordinator; %d usage records stay in the outbox",
+                self.outbox.depth(),
+            )
             self.state = "stopped"
             return False
         saved_timeout = self.client.timeout
         try:
+
             def remaining() -> float:
                 return deadline - time.monotonic()
 
@@ -130,7 +152,9 @@ class Reporter:
                 return False
             flushed = self._flush(deadline=deadline)
             if remaining() <= 0:
-                log.warning("drain deadline reached; %d usage records stay in the outbox", self.outbox.depth())
+                log.warning(
+                    "drain deadline reached; %d usage records stay in the outbox", self.outbox.depth()
+                )
                 return False
             self.client.timeout = max(0.5, min(saved_timeout, remaining()))
             self.client.deregister(self.worker_id)
@@ -194,7 +218,9 @@ class Reporter:
         self._set_interval(answer.get("heartbeat_interval"))
         self._register_backoff.reset()
         self.last_error = None
-        log.info("registered with the coordinator as %s; heartbeat every %g s", self.worker_id, self.interval_s)
+        log.info(
+            "registered with the coordinator as %s; heartbeat every %g s", self.worker_id, self.interval_s
+        )
         return True
 
     def _set_interval(self, value) -> None:
@@ -244,11 +270,14 @@ class Reporter:
                 log.warning("%s; registering again", err)
                 self.worker_id = None
             else:
-                log.warning("usage flush failed (%d records wait in the outbox): %s", self.outbox.depth(), err)
+                log.warning(
+                    "usage flush failed (%d records wait in the outbox): %s", self.outbox.depth(), err
+                )
                 self._api_failed()
 
     def _flush(self, deadline: float | None = None) -> bool:
-        """Send pending records in batches until the outbox is empty; True if it is. Raises CoordinatorError."""
+        """Send pending records in batches until the outbox is empty (True) or the deadline.
+        Raises CoordinatorError."""
         while deadline is None or time.monotonic() < deadline:
             if self._stop.is_set() and deadline is None:
                 return False

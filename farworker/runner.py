@@ -75,11 +75,11 @@ class Worker:
             self.phase = "joining the DHT"
             self.host.start()
             self.state, self.phase = "joining", "loading blocks"
-            self._start_reporter()
             online = self._wait_online()
         if not online:
             return False
         self.state = "online"
+        self._start_reporter()  # registration names the blocks, known only once they are loaded
         start, end = self.host.blocks
         log.info("Blocks %d:%d of %s are online", start, end, cfg.model_name)
         self.notifier.ready(self.summary())
@@ -148,13 +148,13 @@ class Worker:
         return f"{self.state}: {self.config.model_name} blocks {span}, {sessions} open sessions{health}"
 
     def registration(self) -> dict:
-        blocks = self.host.blocks or (0, 0)
+        blocks = self.host.blocks
         return {
             "wallet_address": self.config.wallet_address,
             "peer_id": self.identity.peer_id,
             "public_key": self.identity.public_key_b64,
             "model_name": self.config.model_name,
-            "blocks": {"start": blocks[0], "end": blocks[1]},
+            "blocks": list(blocks),
             "total_blocks": self.host.num_model_blocks,
             "torch_dtype": self.config.torch_dtype,
             "quant_type": self.plan.quant_type,
@@ -165,10 +165,10 @@ class Worker:
         }
 
     def heartbeat_payload(self) -> dict:
-        blocks = self.host.blocks or (0, 0)
+        blocks = self.host.blocks
         return {
             "state": self.state if self.state in ("joining", "online", "draining") else "joining",
-            "blocks": {"start": blocks[0], "end": blocks[1]},
+            "blocks": list(blocks) if blocks else None,
             "uptime_seconds": time.time() - self.started_at,
             "gpus": gpu.telemetry(),
             "counters": self.meter.snapshot().as_dict(),

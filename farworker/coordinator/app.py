@@ -15,7 +15,6 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from farworker import __version__
 from farworker.coordinator import ledger
 from farworker.coordinator.models import (
     CompletionRequest,
@@ -39,6 +38,27 @@ log = logging.getLogger("farworker.coordinator")
 
 BODY_KEY = "farworker.body"
 
+API_DESCRIPTION = """\
+Far Labs coordinator API: worker registration, signed heartbeats and usage reports, the earnings ledger,
+and OpenAI-style completions routed through the Petals mesh. Served by `farworker coordinator`
+(the reference coordinator); `openapi/farworker-api.yaml` is this document, checked by the tests.
+
+**Signed worker requests.** Every `POST /v1/workers/...` carries four headers made with the worker's
+persistent libp2p identity key (RSA; the same key gives the worker's DHT peer id):
+`X-Far-Peer-Id` (base58 peer id), `X-Far-Timestamp` (integer unix seconds), `X-Far-Nonce` (8-128
+printable ASCII characters, never reused) and `X-Far-Signature`: base64 RSA-PSS (MGF1-SHA256, salt
+length 32) with SHA-256 over the UTF-8 bytes of
+`FAR-SIG-V1\\n{METHOD}\\n{path}\\n{timestamp}\\n{nonce}\\n{hex sha256 of the body}`.
+The coordinator checks that the peer id derives from the registered public key (for registration: from
+the `public_key` in the body), the signature, a +/-60 s timestamp window, and refuses a nonce it has seen:
+401 on any failure, 403 when a worker reports for another worker's id. Nothing is stored for a refused
+request. Bodies over 1 MiB get 413; malformed bodies get 422 naming the field.
+
+**Ledger.** Each usage record counts once (by id): earned = tokens x (blocks served / model blocks) x
+reliability x FAR_PER_TOKEN, reliability = uptime share from heartbeats (see
+farworker/coordinator/ledger.py).
+"""
+
 
 @dataclass
 class Settings:
@@ -59,8 +79,9 @@ class Settings:
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
             self.model_name = self.model_name or self.model_path.name
-            self.dht_prefix = self.dht_prefix or (re.sub(r"[^A-Za-z0-9_-]", "-", Path(self.model_name).name)
-                                                  or "local-model")
+            self.dht_prefix = self.dht_prefix or (
+                re.sub(r"[^A-Za-z0-9_-]", "-", Path(self.model_name).name) or "local-model"
+            )
             config = self.model_path / "config.json"
             if config.is_file() and self.model_name not in self.model_blocks:
                 layers = json.loads(config.read_text()).get("num_hidden_layers")
@@ -138,9 +159,12 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="Far Labs coordinator API",
         version="1.0.0",
-        description="Worker registration, signed heartbeats and usage, the earnings ledger "
-                    f"(reference coordinator of farworker {__version__}).",
-        responses={401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+        description=API_DESCRIPTION,
+        responses={
+            401: {"model": ErrorResponse},
+            413: {"model": ErrorResponse},
+            422: {"model": ErrorResponse},
+        },
     )
     app.state.settings, app.state.store, app.state.mesh = settings, store, mesh
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -155,16 +179,23 @@ def create_app(settings: Settings) -> FastAPI:
         first = problems[0] if problems else {"loc": (), "msg": "invalid"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         name = ".".join(loc) or None
-        detail = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg")}
-                  for e in problems]
-        return _error(422, f"invalid {name or 'payload'}: {first.get('msg')}", "invalid_payload", name,
-                      detail=detail)
+        detail = [
+            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg")}
+            for e in problems
+        ]
+        return _error(
+            422, f"invalid {name or 'payload'}: {first.get('msg')}", "invalid_payload", name, detail=detail
+        )
 
     def _check(public_key: str, request: Request) -> str:
         try:
             peer_id, nonce, _ = verify_request(
-                public_key, request.method, _signed_path(request), request.scope.get(BODY_KEY, b""),
-                request.headers, window_s=settings.signature_window_s,
+                public_key,
+                request.method,
+                _signed_path(request),
+                request.scope.get(BODY_KEY, b""),
+                request.headers,
+                window_s=settings.signature_window_s,
             )
         except SignatureError as err:
             raise ApiError(401, str(err), "bad_signature") from None
@@ -180,8 +211,12 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(422, "invalid payload: body is not JSON", "invalid_payload") from None
         public_key = body.get("public_key") if isinstance(body, dict) else None
         if not isinstance(public_key, str):
-            raise ApiError(422, "invalid public_key: a base64 DER RSA public key is required",
-                           "invalid_payload", "public_key")
+            raise ApiError(
+                422,
+                "invalid public_key: a base64 DER RSA public key is required",
+                "invalid_payload",
+                "public_key",
+            )
         if not request.headers.get(HEADER_PEER_ID):
             raise ApiError(401, f"missing header {HEADER_PEER_ID}", "bad_signature")
         return _check(public_key, request)
@@ -207,7 +242,9 @@ def create_app(settings: Settings) -> FastAPI:
         return settings.model_blocks.get(row["model_name"]) or row["total_blocks"] or row["block_end"]
 
     def uptime(row, now: float) -> float:
-        return ledger.uptime_fraction(row["heartbeat_count"], row["registered_at"], now, row["heartbeat_interval"])
+        return ledger.uptime_fraction(
+            row["heartbeat_count"], row["registered_at"], now, row["heartbeat_interval"]
+        )
 
     def figures(row, now: float) -> dict:
         reliability = uptime(row, now)
@@ -223,52 +260,89 @@ def create_app(settings: Settings) -> FastAPI:
 
     def view(row, now: float) -> WorkerView:
         return WorkerView(
-            worker_id=row["worker_id"], peer_id=row["peer_id"], wallet_address=row["wallet_address"],
-            model_name=row["model_name"], blocks=[row["block_start"], row["block_end"]],
-            total_blocks=total_blocks_of(row), state=row["state"], location=row["location"],
-            version=row["farworker_version"], announce_maddrs=json.loads(row["announce_maddrs"]),
-            hardware=json.loads(row["hardware"]), registered_at=row["registered_at"],
-            last_heartbeat_at=row["last_heartbeat_at"], heartbeat_count=row["heartbeat_count"],
+            worker_id=row["worker_id"],
+            peer_id=row["peer_id"],
+            wallet_address=row["wallet_address"],
+            model_name=row["model_name"],
+            blocks=[row["block_start"], row["block_end"]],
+            total_blocks=total_blocks_of(row),
+            state=row["state"],
+            location=row["location"],
+            version=row["farworker_version"],
+            announce_maddrs=json.loads(row["announce_maddrs"]),
+            hardware=json.loads(row["hardware"]),
+            registered_at=row["registered_at"],
+            last_heartbeat_at=row["last_heartbeat_at"],
+            heartbeat_count=row["heartbeat_count"],
             last_heartbeat=json.loads(row["last_heartbeat"]) if row["last_heartbeat"] else None,
             **figures(row, now),
         )
 
-    @app.post("/v1/workers/register", response_model=RegisterResponse, tags=["workers"],
-              responses={403: {"model": ErrorResponse}})
+    @app.post(
+        "/v1/workers/register",
+        response_model=RegisterResponse,
+        tags=["workers"],
+        responses={403: {"model": ErrorResponse}},
+    )
     def register(body: RegisterRequest, peer_id: str = Depends(registration_signature)) -> RegisterResponse:
         if body.peer_id != peer_id:
-            raise ApiError(403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id")
+            raise ApiError(
+                403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id"
+            )
         worker_id = store.register(body.model_dump(), time.time(), settings.heartbeat_interval_s)
-        log.info("registered %s (peer %s) blocks %d:%d of %s", worker_id, peer_id, *body.blocks, body.model_name)
+        log.info(
+            "registered %s (peer %s) blocks %d:%d of %s", worker_id, peer_id, *body.blocks, body.model_name
+        )
         return RegisterResponse(worker_id=worker_id, heartbeat_interval=settings.heartbeat_interval_s)
 
-    @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse, tags=["workers"],
-              responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
-    def heartbeat(worker_id: str, body: HeartbeatRequest,
-                  _: str = Depends(worker_signature)) -> HeartbeatResponse:
+    @app.post(
+        "/v1/workers/{worker_id}/heartbeat",
+        response_model=HeartbeatResponse,
+        tags=["workers"],
+        responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    )
+    def heartbeat(
+        worker_id: str, body: HeartbeatRequest, _: str = Depends(worker_signature)
+    ) -> HeartbeatResponse:
         now = time.time()
         store.heartbeat(worker_id, body.model_dump(), now)
         f = figures(store.worker_row(worker_id), now)
-        return HeartbeatResponse(earn_rate_far_per_hour=f["earn_rate_far_per_hour"], reliability=f["reliability"],
-                                 uptime_pct=f["uptime_pct"], heartbeat_interval=settings.heartbeat_interval_s)
+        return HeartbeatResponse(
+            earn_rate_far_per_hour=f["earn_rate_far_per_hour"],
+            reliability=f["reliability"],
+            uptime_pct=f["uptime_pct"],
+            heartbeat_interval=settings.heartbeat_interval_s,
+        )
 
-    @app.post("/v1/workers/{worker_id}/usage", response_model=UsageResponse, tags=["workers"],
-              responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    @app.post(
+        "/v1/workers/{worker_id}/usage",
+        response_model=UsageResponse,
+        tags=["workers"],
+        responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    )
     def usage(worker_id: str, body: UsageRequest, _: str = Depends(worker_signature)) -> UsageResponse:
         now = time.time()
         row = store.worker_row(worker_id)
         total = total_blocks_of(row)
         accepted = store.add_usage(
-            worker_id, [r.model_dump() for r in body.records], now,
+            worker_id,
+            [r.model_dump() for r in body.records],
+            now,
             share_of=lambda start, end: ledger.block_share(start, end, total),
-            reliability=uptime(row, now), far_per_token=settings.far_per_token,
+            reliability=uptime(row, now),
+            far_per_token=settings.far_per_token,
         )
         return UsageResponse(accepted=accepted)
 
-    @app.post("/v1/workers/{worker_id}/deregister", response_model=DeregisterResponse, tags=["workers"],
-              responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
-    def deregister(worker_id: str, body: DeregisterRequest | None = None,
-                   _: str = Depends(worker_signature)) -> DeregisterResponse:
+    @app.post(
+        "/v1/workers/{worker_id}/deregister",
+        response_model=DeregisterResponse,
+        tags=["workers"],
+        responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    )
+    def deregister(
+        worker_id: str, body: DeregisterRequest | None = None, _: str = Depends(worker_signature)
+    ) -> DeregisterResponse:
         store.set_state(worker_id, "offline")
         log.info("deregistered %s (%s)", worker_id, body.reason if body else "shutdown")
         return DeregisterResponse(worker_id=worker_id, state="offline")
@@ -278,23 +352,36 @@ def create_app(settings: Settings) -> FastAPI:
         now = time.time()
         return WorkerList(workers=[view(store.worker_row(w), now) for w in store.worker_ids()])
 
-    @app.get("/v1/workers/{worker_id}", response_model=WorkerView, tags=["ledger"],
-             responses={404: {"model": ErrorResponse}})
+    @app.get(
+        "/v1/workers/{worker_id}",
+        response_model=WorkerView,
+        tags=["ledger"],
+        responses={404: {"model": ErrorResponse}},
+    )
     def get_worker(worker_id: str) -> WorkerView:
         row = store.worker_row(worker_id)
         if row is None:
             raise ApiError(404, f"unknown worker {worker_id}", "unknown_worker")
         return view(row, time.time())
 
-    @app.post("/v1/completions", response_model=CompletionResponse, tags=["inference"],
-              responses={400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        tags=["inference"],
+        responses={400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    )
     def completions(body: CompletionRequest) -> CompletionResponse:
         if mesh is None:
-            raise ApiError(503, "this coordinator has no model configured for completions (--model-path)",
-                           "no_model")
+            raise ApiError(
+                503, "this coordinator has no model configured for completions (--model-path)", "no_model"
+            )
         if body.model and body.model != settings.model_name:
-            raise ApiError(400, f"model {body.model!r} is not served here; this mesh serves {settings.model_name!r}",
-                           "unknown_model", "model")
+            raise ApiError(
+                400,
+                f"model {body.model!r} is not served here; this mesh serves {settings.model_name!r}",
+                "unknown_model",
+                "model",
+            )
         from farworker.coordinator.mesh import MeshError
 
         try:
@@ -304,15 +391,51 @@ def create_app(settings: Settings) -> FastAPI:
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         route = [dict(span, worker_id=store.worker_by_peer(span["peer_id"])) for span in result.route]
         now = time.time()
-        store.record_completion(completion_id, now, settings.model_name, len(result.prompt_ids),
-                                len(result.completion_ids), route)
+        store.record_completion(
+            completion_id, now, settings.model_name, len(result.prompt_ids), len(result.completion_ids), route
+        )
         return CompletionResponse(
-            id=completion_id, created=int(now), model=settings.model_name,
-            choices=[{"index": 0, "text": result.text, "token_ids": result.completion_ids,
-                      "finish_reason": result.finish_reason}],
-            usage={"prompt_tokens": len(result.prompt_ids), "completion_tokens": len(result.completion_ids),
-                   "total_tokens": len(result.prompt_ids) + len(result.completion_ids)},
+            id=completion_id,
+            created=int(now),
+            model=settings.model_name,
+            choices=[
+                {
+                    "index": 0,
+                    "text": result.text,
+                    "token_ids": result.completion_ids,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            usage={
+                "prompt_tokens": len(result.prompt_ids),
+                "completion_tokens": len(result.completion_ids),
+                "total_tokens": len(result.prompt_ids) + len(result.completion_ids),
+            },
             route=route,
         )
 
+    _document_signatures(app)
     return app
+
+
+def _document_signatures(app: FastAPI) -> None:
+    """Put the signature headers into the OpenAPI document as security schemes of the worker operations
+    (checked in code, not declared as parameters, so a missing header is a 401, not a 422)."""
+    from farworker.identity import SIGNATURE_HEADERS
+
+    plain_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = plain_openapi()
+        schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
+        for header in SIGNATURE_HEADERS:
+            schemes[header] = {"type": "apiKey", "in": "header", "name": header}
+        for path, operations in document["paths"].items():
+            if path.startswith("/v1/workers") and "post" in operations:
+                operations["post"]["security"] = [{header: [] for header in SIGNATURE_HEADERS}]
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi

@@ -7,6 +7,7 @@ The route comes from petals' own inference session: each ``_ServerInferenceSessi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ CLIENT_OPTIONS = {
 
 
 class MeshError(Exception):
-    def __init__(self, message: str, status: int = 503, code: str = "mesh_unavailable", field: str | None = None):
+    def __init__(
+        self, message: str, status: int = 503, code: str = "mesh_unavailable", field: str | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.field = status, code, field
 
@@ -67,14 +70,19 @@ class MeshClient:
 
         try:
             model = petals.AutoDistributedModelForCausalLM.from_pretrained(
-                str(self.model_path), initial_peers=self.initial_peers, dht_prefix=self.dht_prefix,
-                torch_dtype=torch.float32, **self.client_options,
+                str(self.model_path),
+                initial_peers=self.initial_peers,
+                dht_prefix=self.dht_prefix,
+                torch_dtype=torch.float32,
+                **self.client_options,
             )
         except Exception as err:
             raise MeshError(f"cannot start the mesh client for {self.model_path}: {err}") from None
         self._config = model.config
-        if any((self.model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model",
-                                                                 "tokenizer_config.json")):
+        if any(
+            (self.model_path / name).is_file()
+            for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        ):
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
@@ -88,14 +96,20 @@ class MeshClient:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self._tokenizer is None:
-                raise MeshError("this model has no tokenizer; send the prompt as a list of token ids",
-                                400, "invalid_payload", "prompt")
+                raise MeshError(
+                    "this model has no tokenizer; send the prompt as a list of token ids",
+                    400,
+                    "invalid_payload",
+                    "prompt",
+                )
             ids = self._tokenizer(prompt)["input_ids"]
         else:
             ids = list(prompt)
         vocab = getattr(self._config, "vocab_size", None)
         if vocab and any(i >= vocab for i in ids):
-            raise MeshError(f"token ids must be below the vocabulary size {vocab}", 400, "invalid_payload", "prompt")
+            raise MeshError(
+                f"token ids must be below the vocabulary size {vocab}", 400, "invalid_payload", "prompt"
+            )
         return ids
 
     def generate(self, prompt: str | list[int], max_tokens: int, temperature: float) -> Generation:
@@ -106,31 +120,49 @@ class MeshClient:
             ids = self._prompt_ids(prompt)
             limit = getattr(self._config, "max_position_embeddings", None)
             if limit and len(ids) + max_tokens > limit:
-                raise MeshError(f"prompt + max_tokens = {len(ids) + max_tokens} exceeds the model's {limit} positions",
-                                400, "invalid_payload", "max_tokens")
-            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+                raise MeshError(
+                    f"prompt + max_tokens = {len(ids) + max_tokens} exceeds the model's {limit} positions",
+                    400,
+                    "invalid_payload",
+                    "max_tokens",
+                )
+            sampling = (
+                {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            )
             seen: list = []
             try:
                 with model.inference_session(max_length=len(ids) + max_tokens) as session:
                     self._track(session, seen)
                     with torch.inference_mode():
-                        output = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, session=session,
-                                                pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
-                                                **sampling)
+                        output = model.generate(
+                            torch.tensor([ids]),
+                            max_new_tokens=max_tokens,
+                            session=session,
+                            pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
+                            **sampling,
+                        )
                     _keep(seen, session._server_sessions)
             except MeshError:
                 raise
             except Exception as err:
                 log.warning("completion failed in the mesh: %s", err)
                 raise MeshError(f"the mesh could not serve the request: {err}") from None
-        completion = output[0, len(ids):].tolist()
+        completion = output[0, len(ids) :].tolist()
         eos = getattr(self._config, "eos_token_id", None)
-        finish = "stop" if len(completion) < max_tokens or (eos is not None and completion[-1:] == [eos]) else "length"
+        finish = (
+            "stop"
+            if len(completion) < max_tokens or (eos is not None and completion[-1:] == [eos])
+            else "length"
+        )
         text = self._tokenizer.decode(completion, skip_special_tokens=True) if self._tokenizer else None
         route = [
-            {"peer_id": s.span.peer_id.to_base58(), "blocks": [int(s.span.start), int(s.span.end)],
-             "tokens": int(s._position)}
-            for s in seen if s._position > 0
+            {
+                "peer_id": s.span.peer_id.to_base58(),
+                "blocks": [int(s.span.start), int(s.span.end)],
+                "tokens": int(s._position),
+            }
+            for s in seen
+            if s._position > 0
         ]
         return Generation(ids, completion, text, finish, route)
 
@@ -149,10 +181,8 @@ class MeshClient:
         with self._lock:
             model, self._model = self._model, None
         if model is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort; the process is ending
                 model.transformer.h.sequence_manager.shutdown()
-            except Exception:  # best effort; the process is ending
-                pass
 
 
 def _keep(seen: list, server_sessions) -> None:

@@ -50,13 +50,18 @@ class Hardware(BaseModel):
 class RegisterRequest(_Strict):
     wallet_address: str = Field(pattern=WALLET_PATTERN, description="payout wallet, 0x + 40 hex digits")
     peer_id: str = Field(pattern=PEER_ID_PATTERN, description="libp2p peer id (base58) of the worker's key")
-    public_key: str = Field(min_length=64, max_length=4096,
-                            description="RSA public key, base64 DER SubjectPublicKeyInfo; the peer id derives from it")
+    public_key: str = Field(
+        min_length=64,
+        max_length=4096,
+        description="RSA public key, base64 DER SubjectPublicKeyInfo; the peer id derives from it",
+    )
     model_name: str = Field(min_length=1, max_length=256)
     blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] = Field(
-        description="[start, end): the model blocks this worker serves")
-    total_blocks: int | None = Field(default=None, ge=1, le=100_000,
-                                     description="the model's block count, as the worker sees it")
+        description="[start, end): the model blocks this worker serves"
+    )
+    total_blocks: int | None = Field(
+        default=None, ge=1, le=100_000, description="the model's block count, as the worker sees it"
+    )
     torch_dtype: str = Field(max_length=32)
     quant_type: str = Field(max_length=32)
     location: str = Field(default="Unknown", max_length=128)
@@ -174,7 +179,9 @@ class WorkerView(BaseModel):
     registered_at: float
     last_heartbeat_at: float | None
     heartbeat_count: int
-    last_heartbeat: dict | None = Field(description="the last heartbeat as sent: state, blocks, uptime, gpus, counters")
+    last_heartbeat: dict | None = Field(
+        description="the last heartbeat as sent: state, blocks, uptime, gpus, counters"
+    )
     tokens_served: int
     earnings_far: float
     reliability: float
@@ -187,7 +194,9 @@ class WorkerList(BaseModel):
 
 
 class CompletionRequest(_Strict):
-    prompt: str | list[Annotated[int, Field(ge=0)]] = Field(description="text (needs a tokenizer) or token ids")
+    prompt: str | list[Annotated[int, Field(ge=0)]] = Field(
+        description="text (needs a tokenizer) or token ids"
+    )
     max_tokens: int = Field(default=16, ge=1, le=4096)
     temperature: float = Field(default=0.0, ge=0, le=10, description="0 = greedy")
     model: str | None = Field(default=None, max_length=256)
@@ -231,6 +240,11 @@ class CompletionResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str
-    field: str | None = None
-    code: str | None = None
+    error: str = Field(description="one line: what is wrong and what is accepted")
+    field: str | None = Field(default=None, description="the offending field, dotted (records.0.tokens)")
+    code: str | None = Field(
+        default=None,
+        description="bad_signature, replay, unregistered, forbidden, "
+        "unknown_worker, invalid_payload, body_too_large, no_model, mesh_unavailable",
+    )
+    detail: list[dict] | None = Field(default=None, description="every invalid field, for 422")

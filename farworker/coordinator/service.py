@@ -29,28 +29,54 @@ def _apply_thread_policy() -> None:
 def _uvicorn_config(app, host: str, port: int, log_level: str):
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          lifespan="off", timeout_graceful_shutdown=5)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
 
 
-def serve(host: str = "127.0.0.1", port: int = 8787, db_path: str | Path = "coordinator.sqlite", *,
-          heartbeat_interval_s: float = 30.0, model_path: str | Path | None = None, model_name: str | None = None,
-          initial_peers: tuple[str, ...] = (), dht_prefix: str | None = None, log_level: str = "info",
-          **settings) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    db_path: str | Path = "coordinator.sqlite",
+    *,
+    heartbeat_interval_s: float = 30.0,
+    model_path: str | Path | None = None,
+    model_name: str | None = None,
+    initial_peers: tuple[str, ...] = (),
+    dht_prefix: str | None = None,
+    log_level: str = "info",
+    **settings,
+) -> None:
     """Run the coordinator in the foreground until SIGINT/SIGTERM."""
     import uvicorn
 
     _apply_thread_policy()
-    app = create_app(Settings(db_path=Path(db_path), heartbeat_interval_s=heartbeat_interval_s,
-                              model_path=model_path, model_name=model_name, initial_peers=tuple(initial_peers),
-                              dht_prefix=dht_prefix, **settings))
+    app = create_app(
+        Settings(
+            db_path=Path(db_path),
+            heartbeat_interval_s=heartbeat_interval_s,
+            model_path=model_path,
+            model_name=model_name,
+            initial_peers=tuple(initial_peers),
+            dht_prefix=dht_prefix,
+            **settings,
+        )
+    )
     uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
 
 
 class RunningCoordinator:
     """A coordinator served from a background thread on loopback; ``stop()`` ends it, ``url`` reaches it."""
 
-    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(
+        self, settings: Settings, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ):
         import uvicorn
 
         _apply_thread_policy()
@@ -62,9 +88,15 @@ class RunningCoordinator:
         self.host, self.port = self._sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
         self._server = uvicorn.Server(_uvicorn_config(self.app, self.host, self.port, log_level))
-        self._server.install_signal_handlers = lambda: None  # not the main thread; the host process owns signals
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name=f"coordinator-{self.port}", daemon=True)
+        self._server.install_signal_handlers = lambda: (
+            None
+        )  # not the main thread; the host process owns signals
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name=f"coordinator-{self.port}",
+            daemon=True,
+        )
 
     @property
     def store(self):

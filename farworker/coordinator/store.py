@@ -141,16 +141,20 @@ class Store:
         with self._tx() as conn:
             conn.execute("DELETE FROM nonces WHERE seen_at < ?", (now - keep_s,))
             try:
-                conn.execute("INSERT INTO nonces (peer_id, nonce, seen_at) VALUES (?, ?, ?)", (peer_id, nonce, now))
+                conn.execute(
+                    "INSERT INTO nonces (peer_id, nonce, seen_at) VALUES (?, ?, ?)", (peer_id, nonce, now)
+                )
             except sqlite3.IntegrityError:
                 return False
         return True
 
     # --- workers ------------------------------------------------------------------------------------
     def register(self, req: dict, now: float, interval: float) -> str:
-        """Insert or refresh the worker of ``req['peer_id']``; its worker id stays the same across restarts."""
+        """Insert or refresh the worker of ``req['peer_id']``; its worker id survives restarts."""
         with self._tx() as conn:
-            row = conn.execute("SELECT worker_id FROM workers WHERE peer_id = ?", (req["peer_id"],)).fetchone()
+            row = conn.execute(
+                "SELECT worker_id FROM workers WHERE peer_id = ?", (req["peer_id"],)
+            ).fetchone()
             fields = {
                 "public_key": req["public_key"],
                 "wallet_address": req["wallet_address"],
@@ -171,7 +175,9 @@ class Store:
             if row:
                 worker_id = row["worker_id"]
                 assignments = ", ".join(f"{k} = ?" for k in fields)
-                conn.execute(f"UPDATE workers SET {assignments} WHERE worker_id = ?", [*fields.values(), worker_id])
+                conn.execute(
+                    f"UPDATE workers SET {assignments} WHERE worker_id = ?", [*fields.values(), worker_id]
+                )
             else:
                 worker_id = f"w-{uuid.uuid4().hex[:16]}"
                 fields.update(worker_id=worker_id, peer_id=req["peer_id"], registered_at=now)
@@ -191,8 +197,15 @@ class Store:
                 "SELECT counted_beat_at, heartbeat_interval FROM workers WHERE worker_id = ?", (worker_id,)
             ).fetchone()
             # at most one beat per half interval counts toward uptime: beating faster earns nothing
-            counts = row["counted_beat_at"] is None or now - row["counted_beat_at"] >= row["heartbeat_interval"] / 2
-            updates = {"state": payload["state"], "last_heartbeat_at": now, "last_heartbeat": json.dumps(payload)}
+            counts = (
+                row["counted_beat_at"] is None
+                or now - row["counted_beat_at"] >= row["heartbeat_interval"] / 2
+            )
+            updates = {
+                "state": payload["state"],
+                "last_heartbeat_at": now,
+                "last_heartbeat": json.dumps(payload),
+            }
             if payload.get("blocks"):
                 updates.update(block_start=payload["blocks"][0], block_end=payload["blocks"][1])
             assignments = ", ".join(f"{k} = ?" for k in updates)
@@ -210,7 +223,9 @@ class Store:
             )
 
     def heartbeats(self, worker_id: str) -> list[dict]:
-        rows = self._read("SELECT received_at, payload FROM heartbeats WHERE worker_id = ? ORDER BY seq", (worker_id,))
+        rows = self._read(
+            "SELECT received_at, payload FROM heartbeats WHERE worker_id = ? ORDER BY seq", (worker_id,)
+        )
         return [{"received_at": r["received_at"], **json.loads(r["payload"])} for r in rows]
 
     def set_state(self, worker_id: str, state: str) -> None:
@@ -225,20 +240,40 @@ class Store:
         return rows[0]["worker_id"] if rows else None
 
     # --- ledger -------------------------------------------------------------------------------------
-    def add_usage(self, worker_id: str, records: list[dict], now: float, share_of, reliability: float,
-                  far_per_token: float) -> list[str]:
+    def add_usage(
+        self,
+        worker_id: str,
+        records: list[dict],
+        now: float,
+        share_of,
+        reliability: float,
+        far_per_token: float,
+    ) -> list[str]:
         """Credit new records once; returns the ids now on this worker's ledger (new or seen before)."""
         accepted: dict[str, None] = {}  # ordered, once per id even if the batch repeats one
         with self._tx() as conn:
             for r in records:
                 share = share_of(r["blocks"][0], r["blocks"][1])
                 cur = conn.execute(
-                    "INSERT OR IGNORE INTO usage (id, worker_id, session_id, block_start, block_end, tokens, steps,"
+                    "INSERT OR IGNORE INTO usage (id, worker_id, session_id, block_start, block_end, tokens,"
+                    " steps,"
                     " started_at, ended_at, received_at, share, reliability, earned_far)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r["id"], worker_id, r["session_id"], r["blocks"][0], r["blocks"][1], r["tokens"], r["steps"],
-                     r["started_at"], r["ended_at"], now, share, reliability,
-                     ledger.earned_far(r["tokens"], share, reliability, far_per_token)),
+                    (
+                        r["id"],
+                        worker_id,
+                        r["session_id"],
+                        r["blocks"][0],
+                        r["blocks"][1],
+                        r["tokens"],
+                        r["steps"],
+                        r["started_at"],
+                        r["ended_at"],
+                        now,
+                        share,
+                        reliability,
+                        ledger.earned_far(r["tokens"], share, reliability, far_per_token),
+                    ),
                 )
                 if cur.rowcount == 1:
                     accepted[r["id"]] = None
@@ -265,18 +300,29 @@ class Store:
         return [dict(r) for r in self._read(sql + " ORDER BY received_at, id", args)]
 
     # --- completions --------------------------------------------------------------------------------
-    def record_completion(self, completion_id: str, now: float, model: str, prompt_tokens: int,
-                          completion_tokens: int, route: list[dict]) -> None:
+    def record_completion(
+        self,
+        completion_id: str,
+        now: float,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        route: list[dict],
+    ) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO completions (id, created_at, model, prompt_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO completions (id, created_at, model, prompt_tokens, completion_tokens)"
+                " VALUES (?, ?, ?, ?, ?)",
                 (completion_id, now, model, prompt_tokens, completion_tokens),
             )
             conn.executemany(
-                "INSERT INTO completion_route (completion_id, peer_id, worker_id, block_start, block_end, tokens)"
+                "INSERT INTO completion_route"
+                " (completion_id, peer_id, worker_id, block_start, block_end, tokens)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                [(completion_id, s["peer_id"], s["worker_id"], s["blocks"][0], s["blocks"][1], s["tokens"])
-                 for s in route],
+                [
+                    (completion_id, s["peer_id"], s["worker_id"], s["blocks"][0], s["blocks"][1], s["tokens"])
+                    for s in route
+                ],
             )
 
     def completion_routes(self) -> list[dict]:

@@ -1,0 +1,3 @@
+from farworker.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""`farworker coordinator`: run the reference coordinator (private meshes, demos, tests)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+EX_CONFIG = 78
+
+
+@click.command("coordinator")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8787, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--db",
+    "db_path",
+    envvar="FARLABS_COORDINATOR_DB",
+    default="coordinator.sqlite",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SQLite file [env FARLABS_COORDINATOR_DB].",
+)
+@click.option(
+    "--heartbeat-interval",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0.05, 3600),
+    help="Seconds between heartbeats the coordinator asks workers for.",
+)
+@click.option(
+    "--model-path",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Local checkpoint of the mesh's model; enables POST /v1/completions.",
+)
+@click.option(
+    "--model-name", default=None, help="Model name workers register with [default: model dir name]."
+)
+@click.option(
+    "--initial-peer",
+    "initial_peers",
+    multiple=True,
+    envvar="FARLABS_DHT_BOOTSTRAP",
+    help="Mesh DHT multiaddr for the completions client (repeatable) [env FARLABS_DHT_BOOTSTRAP].",
+)
+@click.option("--dht-prefix", default=None, help="DHT prefix of the model [default: from the model name].")
+@click.option(
+    "--far-per-token",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    help="$FAR per token for a worker serving the whole model at full reliability.",
+)
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1024))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
+def coordinator_command(
+    host,
+    port,
+    db_path,
+    heartbeat_interval,
+    model_path,
+    model_name,
+    initial_peers,
+    dht_prefix,
+    far_per_token,
+    max_body_bytes,
+    log_level,
+):
+    """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
+    ledger, and completions routed through the mesh."""
+    from farworker.coordinator.service import serve
+
+    if model_path is not None and not initial_peers:
+        click.echo(
+            "--model-path needs at least one --initial-peer (the mesh to route completions through)", err=True
+        )
+        sys.exit(EX_CONFIG)
+    peers = tuple(p for raw in initial_peers for p in raw.replace(",", " ").split())
+    extra = {"far_per_token": far_per_token} if far_per_token is not None else {}
+    try:
+        serve(
+            host,
+            port,
+            db_path,
+            heartbeat_interval_s=heartbeat_interval,
+            model_path=model_path,
+            model_name=model_name,
+            initial_peers=peers,
+            dht_prefix=dht_prefix,
+            max_body_bytes=max_body_bytes,
+            log_level=log_level,
+            **extra,
+        )
+    except OSError as err:
+        click.echo(f"cannot serve on {host}:{port} with database {db_path}: {err.strerror or err}", err=True)
+        sys.exit(EX_CONFIG)

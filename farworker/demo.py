@@ -1,0 +1,114 @@
+"""`farworker demo`: the whole product on one machine, for real.
+
+A bootstrap peer, the reference coordinator, and workers (`farworker run` processes) splitting the
+embedded tiny model's blocks; a request routed through the coordinator; its tokens compared with plain
+transformers on the same checkpoint; the earnings ledger. Exit 0 only when the tokens match.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import requests
+
+from farworker.local_mesh import shared_cache_dir, split_blocks, start_bootstrap_peer, start_worker
+from farworker.threading_policy import apply_thread_policy
+
+PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
+
+
+def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
+    apply_thread_policy("passive")  # the demo's client shares 2 cores with the servers
+    from farworker.coordinator.app import Settings
+    from farworker.coordinator.service import RunningCoordinator
+    from farworker.local_reference import generate_locally
+    from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, ensure_tiny_checkpoint
+
+    own_dir = work_dir is None
+    work = Path(work_dir or tempfile.mkdtemp(prefix="farworker-demo-"))
+    started = time.monotonic()
+    model = ensure_tiny_checkpoint(shared_cache_dir())
+    say(f"model      {TINY_MODEL_NAME} ({TINY_CONFIG['num_hidden_layers']} blocks, built locally: {model})")
+    processes, coordinator = [], None
+    try:
+        bootstrap, peers = start_bootstrap_peer(work)
+        processes.append(bootstrap.stop)
+        say(f"bootstrap  {peers[0]}")
+        coordinator = RunningCoordinator(Settings(
+            db_path=work / "coordinator.sqlite3", heartbeat_interval_s=2.0, model_path=model,
+            model_name=TINY_MODEL_NAME, initial_peers=tuple(peers),
+        )).start()
+        say(f"coordinator {coordinator.url}")
+        handles = [start_worker(work, f"worker{i + 1}", coordinator.url, peers, span)
+                   for i, span in enumerate(split_blocks(TINY_CONFIG["num_hidden_layers"], workers))]
+        processes += [h.proc.stop for h in handles]
+        for handle in handles:
+            status = handle.wait_online()
+            say(f"{handle.proc.name:<10} online: blocks {status['blocks'][0]}:{status['blocks'][1]}, "
+                f"peer {status['peer_id']}")
+        _wait_registered(coordinator.url, len(handles))
+
+        # The first request loads the coordinator's petals client; time the second.
+        requests.post(f"{coordinator.url}/v1/completions", timeout=120,
+                      json={"prompt": PROMPT_IDS, "max_tokens": 1, "temperature": 0})
+        begin = time.perf_counter()
+        answer = requests.post(f"{coordinator.url}/v1/completions", timeout=120, json={
+            "prompt": PROMPT_IDS, "max_tokens": max_tokens, "temperature": 0})
+        seconds = time.perf_counter() - begin
+        if answer.status_code != 200:
+            say(f"completion failed: HTTP {answer.status_code} {answer.text}")
+            return 1
+        completion = answer.json()
+        mesh_ids = completion["choices"][0]["token_ids"]
+        for span in completion["route"]:
+            say(f"route      blocks {span['blocks'][0]}:{span['blocks'][1]} served by {span['peer_id']}")
+        say(f"mesh       {len(mesh_ids)} tokens in {seconds:.2f} s ({len(mesh_ids) / seconds:.1f} tokens/s): {mesh_ids}")
+        local_ids = generate_locally(str(model), PROMPT_IDS, max_tokens)
+        match = mesh_ids == local_ids
+        say(f"local      transformers greedy: {local_ids}")
+        say(f"match      {'YES: the mesh returned exactly the local tokens' if match else 'NO'}")
+
+        _show_ledger(coordinator.url, handles)
+        say(f"done in {time.monotonic() - started:.0f} s")
+        return 0 if match else 1
+    finally:
+        for stop in reversed(processes):
+            stop()
+        if coordinator is not None:
+            coordinator.stop()
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_registered(url: str, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = requests.get(f"{url}/v1/workers", timeout=5).json()["workers"]
+        if sum(w.get("state") == "online" for w in workers) >= count:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"only some of {count} workers registered with the coordinator in {timeout:.0f} s")
+
+
+def _show_ledger(url: str, handles, timeout: float = 30.0) -> None:
+    """Wait for each worker's usage to be acknowledged, then print the ledger."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = requests.get(f"{url}/v1/workers", timeout=5).json()["workers"]
+        pending = sum((h.status() or {}).get("outbox_depth", 1) for h in handles)
+        if pending == 0 and all(w.get("tokens_served", 0) > 0 for w in workers):
+            break
+        time.sleep(0.5)
+    say("ledger     worker                                          blocks  tokens  earned $FAR  rate $FAR/h")
+    for w in workers:
+        blocks = w.get("blocks") or [0, 0]
+        say(f"           {w['peer_id']:<47} {blocks[0]}:{blocks[1]:<5} {w.get('tokens_served', 0):>6}  "
+            f"{w.get('earnings_far', 0):>11.6f}  {w.get('earn_rate_far_per_hour', 0):>10.4f}")
+
+
+def say(line: str) -> None:
+    click.echo(line)

@@ -1,0 +1,15 @@
+"""Plain transformers generation on the same checkpoint: the reference mesh output must equal."""
+
+from __future__ import annotations
+
+
+def generate_locally(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy new token ids from local transformers, float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=0)
+    return output[0, len(prompt_ids):].tolist()
