@@ -16,8 +16,8 @@ sent as ``X-Far-Peer-Id``, ``X-Far-Timestamp`` (integer unix seconds), ``X-Far-N
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
+import contextlib
 import hashlib
 import os
 import secrets

@@ -9,7 +9,9 @@ import requests
 from farworker.identity import Identity
 
 
-def registration(identity: Identity, blocks=(0, 2), total_blocks=4, model_name="farworker-tiny-llama") -> dict:
+def registration(
+    identity: Identity, blocks=(0, 2), total_blocks=4, model_name="farworker-tiny-llama"
+) -> dict:
     return {
         "wallet_address": "0x" + "ab" * 20,
         "peer_id": identity.peer_id,
@@ -22,8 +24,15 @@ def registration(identity: Identity, blocks=(0, 2), total_blocks=4, model_name="
         "location": "Test Lab",
         "version": "0.1.0",
         "announce_maddrs": ["/ip4/127.0.0.1/tcp/31337"],
-        "hardware": {"gpus": [], "gpu_count": 0, "driver_version": None, "cuda_version": None,
-                     "cpu": "x86_64", "cpu_count": 2, "ram_bytes": 8 << 30},
+        "hardware": {
+            "gpus": [],
+            "gpu_count": 0,
+            "driver_version": None,
+            "cuda_version": None,
+            "cpu": "x86_64",
+            "cpu_count": 2,
+            "ram_bytes": 8 << 30,
+        },
     }
 
 
@@ -38,16 +47,36 @@ def heartbeat(state="online", blocks=(0, 2), tokens=0, gpus=None) -> dict:
 
 
 GPU_READING = {
-    "index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0000", "utilization_pct": 37.0,
-    "memory_used_bytes": 10 << 30, "memory_total_bytes": 80 << 30, "temperature_c": 41.0, "power_w": 180.5,
-    "sm_clock_mhz": 1980, "mem_clock_mhz": 2619, "ecc_volatile_uncorrected": 0, "retired_pages_dbe": 0,
+    "index": 0,
+    "name": "NVIDIA H100 80GB HBM3",
+    "uuid": "GPU-0000",
+    "utilization_pct": 37.0,
+    "memory_used_bytes": 10 << 30,
+    "memory_total_bytes": 80 << 30,
+    "temperature_c": 41.0,
+    "power_w": 180.5,
+    "sm_clock_mhz": 1980,
+    "mem_clock_mhz": 2619,
+    "ecc_volatile_uncorrected": 0,
+    "retired_pages_dbe": 0,
 }
 
 
-def signed_post(base_url: str, identity: Identity, path: str, payload, *, headers=None, sign_body=None,
-                sign_path=None, **sign_kwargs) -> requests.Response:
-    """POST ``payload`` signed by ``identity``; ``sign_body``/``sign_path`` sign something else (tampering)."""
+def signed_post(
+    base_url: str,
+    identity: Identity,
+    path: str,
+    payload,
+    *,
+    headers=None,
+    sign_body=None,
+    sign_path=None,
+    **sign_kwargs,
+) -> requests.Response:
+    """POST ``payload`` signed by ``identity``; ``sign_body``/``sign_path`` sign other bytes (tampering)."""
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    signature = identity.sign("POST", sign_path or path, body if sign_body is None else sign_body, **sign_kwargs)
+    signature = identity.sign(
+        "POST", sign_path or path, body if sign_body is None else sign_body, **sign_kwargs
+    )
     all_headers = {"Content-Type": "application/json", **signature, **(headers or {})}
     return requests.post(base_url + path, data=body, headers=all_headers, timeout=10)

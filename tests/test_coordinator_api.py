@@ -8,11 +8,10 @@ import uuid
 
 import pytest
 import requests
-
 from coordinator_fixtures import GPU_READING, heartbeat, registration, signed_post
+
 from farworker.api_client import CoordinatorClient, CoordinatorError
-from farworker.coordinator import RunningCoordinator, Settings
-from farworker.coordinator import ledger
+from farworker.coordinator import RunningCoordinator, Settings, ledger
 from farworker.identity import HEADER_PEER_ID, Identity
 from farworker.outbox import make_record
 
@@ -24,8 +23,9 @@ def keys():
 
 @pytest.fixture
 def coordinator(tmp_path):
-    with RunningCoordinator(Settings(db_path=tmp_path / "coordinator.sqlite", heartbeat_interval_s=2.0,
-                                     max_body_bytes=64 * 1024)) as running:
+    with RunningCoordinator(
+        Settings(db_path=tmp_path / "coordinator.sqlite", heartbeat_interval_s=2.0, max_body_bytes=64 * 1024)
+    ) as running:
         yield running
 
 
@@ -143,7 +143,9 @@ def test_forged_heartbeats_refused_nothing_stored(coordinator, keys, worker):
         assert response.status_code == 401, (attempt.__name__, response.text)
         assert response.json()["error"], attempt.__name__
     assert coordinator.store.counts() == before
-    assert requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()["last_heartbeat"] is None
+    assert (
+        requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()["last_heartbeat"] is None
+    )
 
 
 def test_replayed_request_refused_once_counted(coordinator, worker):
@@ -161,8 +163,12 @@ def test_replayed_request_refused_once_counted(coordinator, worker):
     hb_path = f"/v1/workers/{worker_id}/heartbeat"
     hb = json.dumps(heartbeat()).encode()
     hb_headers = {"Content-Type": "application/json", **identity.sign("POST", hb_path, hb)}
-    assert requests.post(coordinator.url + hb_path, data=hb, headers=hb_headers, timeout=10).status_code == 200
-    assert requests.post(coordinator.url + hb_path, data=hb, headers=hb_headers, timeout=10).status_code == 401
+    assert (
+        requests.post(coordinator.url + hb_path, data=hb, headers=hb_headers, timeout=10).status_code == 200
+    )
+    assert (
+        requests.post(coordinator.url + hb_path, data=hb, headers=hb_headers, timeout=10).status_code == 401
+    )
     assert len(coordinator.store.heartbeats(worker_id)) == 1
 
 
@@ -171,8 +177,9 @@ def test_worker_cannot_report_for_another(coordinator, keys, worker):
     intruder = keys[1]
     CoordinatorClient(coordinator.url, intruder).register(registration(intruder))
     before = coordinator.store.counts()
-    response = signed_post(coordinator.url, intruder, f"/v1/workers/{worker_id}/usage",
-                           {"records": [usage_record()]})
+    response = signed_post(
+        coordinator.url, intruder, f"/v1/workers/{worker_id}/usage", {"records": [usage_record()]}
+    )
     assert response.status_code == 403
     assert coordinator.store.counts() == before
 
@@ -220,14 +227,31 @@ def test_malformed_registration_names_the_field(coordinator, keys, change, field
     "path_tail,payload,field",
     [
         ("heartbeat", dict(heartbeat(), state="sleeping"), "state"),
-        ("heartbeat", dict(heartbeat(), counters={"requests": -1, "inference_steps": 0, "tokens_processed": 0,
-                                                  "errors": 0}), "counters.requests"),
-        ("heartbeat", dict(heartbeat(), gpus=[{"index": 0, "utilization_pct": 250}]), "gpus.0.utilization_pct"),
+        (
+            "heartbeat",
+            dict(
+                heartbeat(),
+                counters={"requests": -1, "inference_steps": 0, "tokens_processed": 0, "errors": 0},
+            ),
+            "counters.requests",
+        ),
+        (
+            "heartbeat",
+            dict(heartbeat(), gpus=[{"index": 0, "utilization_pct": 250}]),
+            "gpus.0.utilization_pct",
+        ),
         ("usage", {"records": []}, "records"),
         ("usage", {"records": [dict(make_record("s", (0, 2), 1, 1, 5.0, 6.0), id="x")]}, "records.0.id"),
-        ("usage", {"records": [dict(make_record("s", (0, 2), 1, 1, 5.0, 6.0), tokens="ten")]}, "records.0.tokens"),
-        ("usage", {"records": [make_record("s", (0, 2), 1, 1, 5.0, 6.0), {"id": str(uuid.uuid4())}]},
-         "records.1.session_id"),
+        (
+            "usage",
+            {"records": [dict(make_record("s", (0, 2), 1, 1, 5.0, 6.0), tokens="ten")]},
+            "records.0.tokens",
+        ),
+        (
+            "usage",
+            {"records": [make_record("s", (0, 2), 1, 1, 5.0, 6.0), {"id": str(uuid.uuid4())}]},
+            "records.1.session_id",
+        ),
     ],
 )
 def test_malformed_worker_payloads_store_nothing(coordinator, worker, path_tail, payload, field):
@@ -251,7 +275,7 @@ def test_not_json_and_oversize(coordinator, worker):
     assert r.status_code == 413 and "bytes" in r.json()["error"]
     # and streamed without a length (chunked)
     data = json.dumps(big).encode()
-    chunks = (data[i:i + 8192] for i in range(0, len(data), 8192))
+    chunks = (data[i : i + 8192] for i in range(0, len(data), 8192))
     headers = {"Content-Type": "application/json", **identity.sign("POST", path, data)}
     r = requests.post(coordinator.url + path, data=chunks, headers=headers, timeout=10)
     assert r.status_code == 413

@@ -87,7 +87,9 @@ def key():
 
 def test_sign_and_verify_round_trip(key):
     headers = key.sign("post", "/v1/workers/w1/heartbeat", b'{"a":1}')
-    peer_id, nonce, _ = verify_request(key.public_key_b64, "POST", "/v1/workers/w1/heartbeat", b'{"a":1}', headers)
+    peer_id, nonce, _ = verify_request(
+        key.public_key_b64, "POST", "/v1/workers/w1/heartbeat", b'{"a":1}', headers
+    )
     assert peer_id == key.peer_id
     assert nonce == headers["X-Far-Nonce"]
     assert key.sign("POST", "/p", b"")["X-Far-Nonce"] != headers["X-Far-Nonce"]

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from coordinator_fixtures import heartbeat, registration
+
 from farworker.api_client import CoordinatorClient
 from farworker.coordinator import RunningCoordinator, Settings
 from farworker.identity import load_or_create
@@ -49,8 +49,13 @@ def identity(tmp_path):
 def make_reporter(url, identity, outbox, **kwargs) -> Reporter:
     options = dict(interval=5.0, batch_size=25, backoff_initial_s=0.05, backoff_max_s=0.4, flush_delay_s=0.02)
     options.update(kwargs)
-    return Reporter(CoordinatorClient(url, identity, timeout=2.0), outbox, lambda: registration(identity),
-                    lambda: heartbeat(tokens=12), **options)
+    return Reporter(
+        CoordinatorClient(url, identity, timeout=2.0),
+        outbox,
+        lambda: registration(identity),
+        lambda: heartbeat(tokens=12),
+        **options,
+    )
 
 
 def test_backoff_is_capped_exponential_with_jitter():
@@ -80,14 +85,18 @@ def test_registers_after_the_coordinator_comes_up(tmp_path, identity, caplog):
         assert reporter.worker_id is None and reporter.state == "unregistered"
         outbox.add(record(5))  # usage made while unregistered waits in the outbox
         coordinator.start()
-        wait_for(lambda: reporter.last_heartbeat is not None and outbox.depth() == 0, 5, "registration + flush")
+        wait_for(
+            lambda: reporter.last_heartbeat is not None and outbox.depth() == 0, 5, "registration + flush"
+        )
         assert reporter.interval_s == INTERVAL  # the coordinator's interval wins over the local 5 s
         wait_for(lambda: reporter.stats["heartbeats"] >= 3, 3, "heartbeats at the coordinator's interval")
         beats = coordinator.store.heartbeats(reporter.worker_id)
         gaps = [b["received_at"] - a["received_at"] for a, b in zip(beats, beats[1:], strict=False)]
         assert all(INTERVAL * 0.8 <= g <= INTERVAL * 3 for g in gaps), gaps
         assert beats[-1]["counters"]["tokens_processed"] == 12 and beats[-1]["gpus"] == []
-        assert any("heartbeat ok: online, blocks 0:2, 12 tokens, earn rate" in r.message for r in caplog.records)
+        assert any(
+            "heartbeat ok: online, blocks 0:2, 12 tokens, earn rate" in r.message for r in caplog.records
+        )
         assert any("registration failed" in r.message and "cannot reach" in r.message for r in caplog.records)
     finally:
         reporter.stop()
@@ -130,7 +139,9 @@ def test_outage_with_records_arriving_each_arrives_once(tmp_path, identity):
         assert sorted(r["id"] for r in on_ledger) == sorted(r["id"] for r in added)
         assert sum(r["tokens"] for r in on_ledger) == sum(r["tokens"] for r in added)
         # heartbeats resumed with the same worker id
-        wait_for(lambda: len(coordinator.store.heartbeats(reporter.worker_id)) >= 1, 3, "heartbeats after outage")
+        wait_for(
+            lambda: len(coordinator.store.heartbeats(reporter.worker_id)) >= 1, 3, "heartbeats after outage"
+        )
     finally:
         stop.set()
         reporter.stop()
@@ -147,7 +158,9 @@ def test_registers_again_when_the_coordinator_forgets(tmp_path, identity):
         coordinator.stop()
         coordinator = RunningCoordinator(settings(tmp_path, db="fresh.sqlite"), port=port).start()
         outbox.add(record(3))
-        wait_for(lambda: outbox.depth() == 0 and reporter.worker_id not in (None, first), 5, "re-registration")
+        wait_for(
+            lambda: outbox.depth() == 0 and reporter.worker_id not in (None, first), 5, "re-registration"
+        )
         assert [r["tokens"] for r in coordinator.store.usage_records()] == [3]
     finally:
         reporter.stop()
@@ -233,7 +246,9 @@ def test_sigkill_mid_flush_then_restart_loses_and_doubles_nothing(tmp_path):
         outbox.add(r)
     outbox.close()
     tests_dir = str(Path(__file__).parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    )
     with RunningCoordinator(settings(tmp_path)) as coordinator:
         args = [sys.executable, "-c", _WORKER, coordinator.url, str(state), "run", tests_dir]
         first = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
