@@ -1,0 +1,65 @@
+"""`farworker status`: what the running worker last wrote to its status file, for a human."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from farworker.status_file import is_fresh, read_status, status_path
+
+
+def default_state_dir() -> Path:
+    return Path.home() / ".local" / "state" / "farworker"
+
+
+def show_status(state_dir: str | None, as_json: bool) -> int:
+    directory = Path(state_dir) if state_dir else default_state_dir()
+    status = read_status(directory)
+    if status is None:
+        click.echo(f"no worker status at {status_path(directory)}: is `farworker run` running with "
+                   "FARLABS_STATE_DIR set to this directory?", err=True)
+        return 3  # LSB: program is not running
+    if as_json:
+        click.echo(json.dumps(status, indent=1))
+    else:
+        for line in format_status(status):
+            click.echo(line)
+    return 0 if is_fresh(status) and status.get("state") == "online" and status.get("healthy") else 1
+
+
+def format_status(status: dict, now: float | None = None) -> list[str]:
+    now = now or time.time()
+    age = now - float(status.get("updated_at", 0))
+    blocks = status.get("blocks")
+    counters = status.get("counters") or {}
+    lines = [
+        f"state          {status.get('state')}{'' if status.get('healthy') else ' (unhealthy: ' + str(status.get('health_reason')) + ')'}"
+        f"{'' if is_fresh(status, now) else f' (status is {age:.0f} s old: worker not running?)'}",
+        f"model          {status.get('model_name')}",
+        f"blocks         {f'{blocks[0]}:{blocks[1]}' if blocks else 'none'}",
+        f"peer id        {status.get('peer_id')}",
+        f"peers          {status.get('peers') if status.get('peers') is not None else 'unknown'}",
+        f"open sessions  {status.get('open_sessions', 0)}",
+        f"served         {counters.get('tokens_processed', 0)} tokens, {counters.get('inference_steps', 0)} steps, "
+        f"{counters.get('requests', 0)} requests, {counters.get('errors', 0)} errors",
+        f"usage outbox   {status.get('outbox_depth', 0)} records waiting",
+    ]
+    beat = status.get("last_heartbeat")
+    if beat:
+        answer = beat.get("answer") or {}
+        lines.append(f"last heartbeat {now - beat.get('at', now):.0f} s ago: earn rate "
+                     f"{answer.get('earn_rate_far_per_hour', 0):.4f} $FAR/h, reliability {answer.get('reliability', 0):.2f}, "
+                     f"uptime {answer.get('uptime_pct', 0):.1f}%")
+    else:
+        lines.append("last heartbeat none yet (coordinator unreachable or not registered)")
+    gpus = status.get("gpus") or []
+    if not gpus:
+        lines.append("GPUs           none (CPU worker)")
+    for gpu in gpus:
+        used, total = gpu.get("memory_used_bytes") or 0, gpu.get("memory_total_bytes") or 1
+        lines.append(f"GPU {gpu['index']}          {gpu['name']}: {gpu.get('utilization_pct')}% util, "
+                     f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB, {gpu.get('temperature_c')} C, {gpu.get('power_w')} W")
+    return lines
