@@ -181,8 +181,11 @@ class MeshClient:
         with self._lock:
             model, self._model = self._model, None
         if model is not None:
-            with contextlib.suppress(Exception):  # best effort; the process is ending
-                model.transformer.h.sequence_manager.shutdown()
+            manager = model.transformer.h.sequence_manager
+            with contextlib.suppress(Exception):  # best effort: stop the route updates, then the DHT and p2pd
+                manager.shutdown()
+            with contextlib.suppress(Exception):
+                manager.dht.shutdown()
 
 
 def _keep(seen: list, server_sessions) -> None:

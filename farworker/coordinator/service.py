@@ -115,6 +115,8 @@ class RunningCoordinator:
         self._server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()
+        if self.app.state.mesh is not None:
+            self.app.state.mesh.close()
         self.app.state.store.close()
 
     def __enter__(self) -> RunningCoordinator:
