@@ -57,6 +57,8 @@ def serve(
     import uvicorn
 
     _apply_thread_policy()
+    if not logging.getLogger().handlers:  # registrations and deregistrations, one line each
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(
         Settings(
             db_path=Path(db_path),
