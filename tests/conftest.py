@@ -1,0 +1,50 @@
+"""Fixtures that start real parts: the tiny checkpoint, a bootstrap peer, `farworker run` workers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The test process is a petals client sharing 2 cores with the servers it starts: don't spin.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from farworker.local_mesh import (  # noqa: E402
+    WorkerHandle,
+    shared_cache_dir,
+    start_bootstrap_peer,
+    start_worker,
+)
+
+CLOSED_API = "http://127.0.0.1:9"  # discard port: nothing listens; workers keep serving and retry
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from farworker.tiny_model import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(shared_cache_dir())
+
+
+@pytest.fixture
+def start_workers(tmp_path, tiny_model):
+    """start_workers(name, blocks, initial_peers=[], api_url=CLOSED_API, **env) -> WorkerHandle; all stopped after."""
+    handles: list[WorkerHandle] = []
+
+    def start(name="worker", blocks="0:4", initial_peers=(), api_url=CLOSED_API, env=None) -> WorkerHandle:
+        handle = start_worker(tmp_path, name, api_url, list(initial_peers), blocks, env)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.proc.stop(timeout=30)
+
+
+@pytest.fixture
+def bootstrap_peer(tmp_path):
+    peer, maddrs = start_bootstrap_peer(tmp_path)
+    yield maddrs
+    peer.stop()

@@ -1,0 +1,118 @@
+"""Configuration: every bad value named with what is accepted, all at once, exit status 78."""
+
+import subprocess
+import sys
+
+import pytest
+
+from farworker.config import EX_CONFIG, ConfigError, load_config
+
+GOOD = {
+    "FARLABS_WALLET_ADDRESS": "0x" + "ab" * 20,
+    "FARLABS_DHT_BOOTSTRAP": "/ip4/10.0.0.5/tcp/31337/p2p/QmYAM6qwoBS2ET8sW9DyZLiJK4Y6Ye2nAepQCiXfqxsX8v",
+    "FARLABS_API_BASE_URL": "https://api.example.invalid",
+}
+
+INVALID = [
+    ("FARLABS_WALLET_ADDRESS", "0x12", "0x followed by 40 hex digits"),
+    ("FARLABS_WALLET_ADDRESS", "ab" * 21, "0x followed by 40 hex digits"),
+    ("FARLABS_DHT_BOOTSTRAP", "10.0.0.5:31337", "multiaddrs with a peer id"),
+    ("FARLABS_DHT_BOOTSTRAP", "/ip4/10.0.0.5/tcp/31337", "multiaddrs with a peer id"),
+    ("FARLABS_API_BASE_URL", "ftp://api", "http:// or https:// URL"),
+    ("FARLABS_MODEL_NAME", "gpt2", "meta-llama/Llama-2-7b-chat-hf"),
+    ("FARLABS_NUM_BLOCKS", "0", "from 1 to 1000, or auto"),
+    ("FARLABS_NUM_BLOCKS", "many", "from 1 to 1000, or auto"),
+    ("FARLABS_BLOCK_INDICES", "4:2", "start:end with start < end"),
+    ("FARLABS_TORCH_DTYPE", "fp8", "float16, bfloat16, float32"),
+    ("FARLABS_QUANT_TYPE", "int3", "auto, none, int8, nf4"),
+    ("FARLABS_DEVICE", "tpu", "auto, cpu, cuda or cuda:N"),
+    ("FARLABS_HEARTBEAT_INTERVAL", "0", "whole seconds from 1 to 3600"),
+    ("FARLABS_PORT", "70000", "a port from 0 to 65535"),
+    ("FARLABS_MAX_DISK_SPACE", "lots", "a size such as 200GB"),
+    ("FARLABS_THREAD_POLICY", "turbo", "passive, single, spin"),
+    ("FARLABS_NETWORK_MBPS", "-5", "a positive number"),
+    ("FARLABS_NEW_SWARM", "maybe", "true or false"),
+]
+
+
+def test_good_config_parses_with_seed_defaults():
+    config = load_config(GOOD)
+    assert config.model_name == "meta-llama/Llama-2-7b-chat-hf"
+    assert config.torch_dtype == "float16"
+    assert config.location == "Unknown"
+    assert config.heartbeat_interval == 30
+    assert config.num_blocks is None  # auto from VRAM
+    assert config.initial_peers == [GOOD["FARLABS_DHT_BOOTSTRAP"]]
+
+
+@pytest.mark.parametrize(("env", "value", "accepted"), INVALID)
+def test_each_invalid_variable_alone_is_named(env, value, accepted):
+    with pytest.raises(ConfigError) as caught:
+        load_config({**GOOD, env: value})
+    assert len(caught.value.problems) == 1
+    problem = caught.value.problems[0]
+    assert problem.startswith(env) and accepted in problem
+
+
+def test_several_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as caught:
+        load_config({"FARLABS_WALLET_ADDRESS": "nope", "FARLABS_TORCH_DTYPE": "int4", "FARLABS_PORT": "x"})
+    named = sorted(p.split("=")[0].split(" ")[0] for p in caught.value.problems)
+    assert named == ["FARLABS_API_BASE_URL", "FARLABS_DHT_BOOTSTRAP", "FARLABS_PORT", "FARLABS_TORCH_DTYPE",
+                     "FARLABS_WALLET_ADDRESS"]
+
+
+def test_flag_wins_over_environment():
+    config = load_config({**GOOD, "FARLABS_LOCATION": "Oslo"}, {"location": "Lagos"})
+    assert config.location == "Lagos"
+
+
+def test_bootstrap_not_required_for_a_new_swarm():
+    env = {k: v for k, v in GOOD.items() if k != "FARLABS_DHT_BOOTSTRAP"}
+    assert load_config({**env, "FARLABS_NEW_SWARM": "true"}).new_swarm is True
+
+
+def test_local_model_needs_the_flag_and_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="FARLABS_MODEL_NAME"):
+        load_config({**GOOD, "FARLABS_MODEL_NAME": str(tmp_path)})
+    assert load_config({**GOOD, "FARLABS_MODEL_NAME": str(tmp_path), "FARLABS_ALLOW_LOCAL_MODEL": "1"}).is_local_model
+    with pytest.raises(ConfigError, match="not a directory"):
+        load_config({**GOOD, "FARLABS_MODEL_NAME": str(tmp_path / "nope"), "FARLABS_ALLOW_LOCAL_MODEL": "1"})
+
+
+def test_hf_token_is_never_echoed():
+    with pytest.raises(ConfigError) as caught:
+        load_config({**GOOD, "HF_TOKEN": "hf_secret\x01"})
+    assert "hf_secret" not in str(caught.value) and "HF_TOKEN" in str(caught.value)
+
+
+def _run_cli(env_overrides: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", **env_overrides}
+    return subprocess.run([sys.executable, "-m", "farworker", "run", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_run_exits_78_with_one_line_per_problem_and_no_traceback():
+    result = _run_cli({"FARLABS_WALLET_ADDRESS": "0x12", "FARLABS_TORCH_DTYPE": "fp8"})
+    assert result.returncode == EX_CONFIG
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("config error: ") for line in lines), result.stderr
+    assert any("FARLABS_WALLET_ADDRESS" in line for line in lines)
+    assert any("FARLABS_TORCH_DTYPE" in line for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_flag_is_validated_and_named():
+    result = _run_cli(GOOD, "--heartbeat-interval", "soon")
+    assert result.returncode == EX_CONFIG
+    assert "--heartbeat-interval='soon' is invalid: expected whole seconds" in result.stderr
+
+
+def test_check_config_only():
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", **GOOD}
+    ok = subprocess.run([sys.executable, "-m", "farworker", "check", "--config-only"], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "farworker", "check", "--config-only"],
+                         env={**env, "FARLABS_API_BASE_URL": "nope"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == EX_CONFIG and "FARLABS_API_BASE_URL" in bad.stdout

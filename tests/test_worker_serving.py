@@ -1,0 +1,60 @@
+"""`farworker run` serves real Petals blocks; a real petals client gets exactly local transformers' tokens,
+and the work is metered on the serving path into the durable outbox."""
+
+import time
+
+import pytest
+
+from farworker.coordinator.mesh import MeshClient
+from farworker.local_reference import generate_locally
+from farworker.outbox import Outbox
+
+pytestmark = pytest.mark.slow
+PROMPT = [1, 17, 230, 45, 99, 3]
+NEW_TOKENS = 12
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_workers_split_the_model_and_match_transformers(start_workers, bootstrap_peer, tiny_model):
+    first = start_workers("w1", "0:2", bootstrap_peer)
+    second = start_workers("w2", "2:4", bootstrap_peer)
+    status_1, status_2 = first.wait_online(), second.wait_online()
+    assert (status_1["blocks"], status_2["blocks"]) == ([0, 2], [2, 4])
+
+    client = MeshClient(tiny_model, bootstrap_peer, "farworker-tiny-llama")
+    try:
+        generation = client.generate(PROMPT, NEW_TOKENS, temperature=0)
+    finally:
+        client.close()
+    assert generation.completion_ids == generate_locally(str(tiny_model), PROMPT, NEW_TOKENS)
+    served = {tuple(span["blocks"]): span["peer_id"] for span in generation.route}
+    assert served == {(0, 2): status_1["peer_id"], (2, 4): status_2["peer_id"]}
+
+    # Each worker processed the prompt, then one token per step; the last new token is never fed back.
+    expected_tokens = len(PROMPT) + NEW_TOKENS - 1
+    for worker in (first, second):
+        status = wait_for(lambda w=worker: (s := w.status()) and s["counters"]["tokens_processed"] and s,
+                          what="counters")
+        assert status["counters"]["tokens_processed"] == expected_tokens
+        assert status["counters"]["inference_steps"] == NEW_TOKENS
+        # The coordinator is unreachable: the usage record waits on disk, not in memory.
+        records = Outbox(worker.state_dir / "outbox.sqlite3").pending()
+        assert [(r["tokens"], r["steps"], r["blocks"]) for r in records] == [
+            (expected_tokens, NEW_TOKENS, status["blocks"])]
+
+
+def test_identity_and_peer_id_survive_a_restart(start_workers):
+    worker = start_workers("solo", "0:4")
+    peer_id = worker.wait_online()["peer_id"]
+    assert worker.proc.stop() == 0
+    again = start_workers("solo", "0:4")
+    assert again.wait_online()["peer_id"] == peer_id
