@@ -1,0 +1,329 @@
+"""The weight-download path without the internet: `farworker run` downloads from a local fake hub.
+
+The fake hub (tests/hub_server.py) serves the tiny checkpoint the way huggingface.co does, under the
+allowlisted name meta-llama/Llama-2-7b-chat-hf (gated, like the real one). The real hub client in the
+worker (HF_ENDPOINT) downloads it; the test listens on a real NOTIFY_SOCKET:
+
+1. STATUS shows download progress, EXTEND_TIMEOUT_USEC keeps arriving while the bytes flow, READY=1
+   comes after the download, the tiny model's 4 blocks are served, SIGTERM exits 0.
+2. The gated repo without HF_TOKEN (and with a refused one): exit 78, one line naming HF_TOKEN, no file
+   in the cache and no file body served.
+3. A download larger than FARLABS_MAX_DISK_SPACE: exit 78, one line naming it and the size needed,
+   nothing in the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hub_server import FakeHub, HubRepo, checkpoint_files, sharded_with_padding
+
+from farworker.local_mesh import farworker_command, worker_env
+from farworker.model_source import COMPLETE_DIR, format_size, repo_cache_dir
+from farworker.notify import StartupKeepalive
+from farworker.status_file import read_status
+
+REPO = "meta-llama/Llama-2-7b-chat-hf"  # a name on the fake hub; the bytes are the tiny model's
+CLOSED_API = "http://127.0.0.1:9"  # nothing listens: the worker keeps serving and retries
+PADDING = 64 * 10**6  # an unused shard, so progress is visible at the GB resolution of STATUS
+# The worker's keepalive sends EXTEND_TIMEOUT_USEC (and STATUS) once per period: the download must span
+# at least two of them to show them "keep arriving" and progress moving.
+KEEPALIVE_PERIOD = inspect.signature(StartupKeepalive).parameters["period"].default
+DOWNLOAD_SECONDS = max(6.0, 2.5 * KEEPALIVE_PERIOD)
+PROGRESS = re.compile(r"downloading weights: ([0-9.]+) of ([0-9.]+) (TB|GB|MB|kB|B)")
+UNITS = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict[str, bytes]:
+    from farworker.tiny_model import ensure_tiny_checkpoint
+
+    files = checkpoint_files(ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+    files.pop("farworker-tiny.json")  # our build marker, not part of a hub checkpoint
+    return files
+
+
+@pytest.fixture
+def hub():
+    with FakeHub() as hub:
+        yield hub
+
+
+class NotifyListener:
+    """A real sd_notify socket: every datagram with its arrival time (monotonic)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="fw-notify-", dir="/tmp")  # AF_UNIX paths are short
+        self.path = os.path.join(self.dir, "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode(errors="replace")))
+
+    def fields(self, key: str) -> list[tuple[float, str]]:
+        """(time, value) of every `KEY=value` line received."""
+        return [
+            (at, line[len(key) + 1 :])
+            for at, message in list(self.messages)
+            for line in message.splitlines()
+            if line.startswith(key + "=")
+        ]
+
+    def wait_for(
+        self, key: str, value: str | None, timeout: float, proc: subprocess.Popen, log: Path
+    ) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, got in self.fields(key):
+                if value is None or got == value:
+                    return at
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited {proc.returncode} before {key}:\n{tail(log)}")
+            time.sleep(0.1)
+        raise AssertionError(f"no {key}={value} within {timeout:.0f} s:\n{tail(log)}")
+
+    def close(self):
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(2)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def notify():
+    listener = NotifyListener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """spawn(env) -> (Popen, log): `farworker run` in its own session; the whole group dies at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(env: dict[str, str], name: str = "worker") -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                farworker_command("run"),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        started.append(proc)
+        return proc, log
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):  # its children (DHT, p2pd, ...) share its group
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def download_env(tmp_path: Path, hub: FakeHub, **extra: str | None) -> dict[str, str]:
+    """worker_env's loopback private-swarm worker, pointed at the fake hub with a fresh cache."""
+    env = worker_env(
+        tmp_path,
+        "worker",
+        CLOSED_API,
+        [],
+        None,
+        {
+            "FARLABS_NEW_SWARM": "true",
+            "FARLABS_MODEL_NAME": REPO,
+            "FARLABS_CACHE_DIR": str(tmp_path / "cache"),
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(tmp_path / "hf-home"),  # no login token or cache of the machine's user
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        },
+    )
+    for key in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "NOTIFY_SOCKET",
+    ):
+        env.pop(key, None)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def config_errors(log: Path) -> list[str]:
+    return [line for line in log.read_text(errors="replace").splitlines() if line.startswith("config error:")]
+
+
+@pytest.mark.slow
+def test_download_reports_progress_extends_the_start_timeout_then_serves(
+    tmp_path, hub, notify, spawn, tiny_files
+):
+    repo = hub.add_repo(HubRepo(REPO, sharded_with_padding(tiny_files, PADDING), gated=True))
+    hub.bytes_per_second = repo.total_size / DOWNLOAD_SECONDS
+    env = download_env(tmp_path, hub, HF_TOKEN="test", NOTIFY_SOCKET=notify.path)
+    began = time.monotonic()
+    proc, log = spawn(env)
+
+    ready_at = notify.wait_for("READY", "1", timeout=DOWNLOAD_SECONDS + 120, proc=proc, log=log)
+    ready_after = time.monotonic() - began
+    body_started, body_finished = hub.body_started, hub.body_finished
+    assert body_started is not None and body_finished is not None, "no file body was downloaded"
+    assert body_finished < ready_at, "READY=1 came before the download finished"
+
+    # STATUS: progress with the right total, moving forward while the download runs.
+    progress = []
+    for at, status in notify.fields("STATUS"):
+        match = PROGRESS.search(status)
+        if match and at < ready_at:
+            scale = UNITS[match[3]]
+            progress.append((at, float(match[1]) * scale, float(match[2]) * scale, scale))
+    assert len(progress) >= 2, f"expected several progress STATUS lines, got {notify.fields('STATUS')}"
+    for _, done, total, scale in progress:
+        assert abs(total - repo.total_size) <= 0.006 * scale, (total, repo.total_size)
+        assert 0 <= done <= total
+    dones = [done for _, done, _, _ in progress]
+    assert dones == sorted(dones) and dones[-1] > dones[0], f"progress did not move forward: {progress}"
+    assert any(0 < done < repo.total_size - 0.01 * scale for _, done, _, scale in progress), (
+        "no STATUS showed the download partway"
+    )
+
+    # EXTEND_TIMEOUT_USEC kept arriving while the bytes flowed, and stopped once READY was sent.
+    extends = notify.fields("EXTEND_TIMEOUT_USEC")
+    during = [at for at, _ in extends if body_started <= at <= body_finished]
+    assert len(during) >= 2, (
+        f"{len(during)} EXTEND_TIMEOUT_USEC during the {body_finished - body_started:.1f} s "
+        f"download; all: {extends}"
+    )
+    assert all(int(usec) > 0 for _, usec in extends)
+    assert all(at < ready_at for at, _ in extends), "EXTEND_TIMEOUT_USEC after READY=1"
+
+    # The worker serves the tiny model (4 blocks) from the downloaded snapshot; the fake hub saw the token.
+    deadline = time.monotonic() + 30
+    while (status := read_status(tmp_path / "worker" / "state")) is None or status.get("state") != "online":
+        assert time.monotonic() < deadline, f"no online status file:\n{tail(log)}"
+        time.sleep(0.2)
+    assert status["blocks"] == [0, 4]
+    assert all(r.authorized for r in hub.requests if "/resolve/" in r.path)
+    repo_dir = repo_cache_dir(tmp_path / "cache", REPO)
+    snapshot = repo_dir / "snapshots" / repo.commit
+    assert {p.name for p in snapshot.iterdir()} == set(repo.files)
+    assert not [p for p in (repo_dir / "blobs").iterdir() if p.name.endswith(".incomplete")]
+    assert (tmp_path / "cache" / COMPLETE_DIR / f"{repo_dir.name}.json").is_file()
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(45) == 0, tail(log)
+    assert notify.fields("STOPPING"), "no STOPPING=1 after SIGTERM"
+    print(
+        f"\ndownload {body_finished - body_started:.1f} s, READY after {ready_after:.1f} s, "
+        f"{len(progress)} progress STATUS, {len(during)} EXTEND_TIMEOUT_USEC during the download"
+    )
+
+
+def test_gated_model_without_token_exits_78_before_writing(tmp_path, hub, spawn, tiny_files):
+    hub.add_repo(HubRepo(REPO, tiny_files, gated=True))
+    started = time.monotonic()
+    proc, log = spawn(download_env(tmp_path, hub))
+    assert proc.wait(90) == 78, tail(log)
+    errors = config_errors(log)
+    assert len(errors) == 1 and "HF_TOKEN" in errors[0] and REPO in errors[0], tail(log)
+    assert "Traceback" not in log.read_text()
+    assert files_under(tmp_path / "cache") == []
+    assert hub.downloads() == []
+    assert any(r.path.startswith("/api/models/") for r in hub.requests), "the hub was not asked"
+    print(f"\ngated without token: exit 78 after {time.monotonic() - started:.1f} s: {errors[0]}")
+
+
+def test_gated_model_with_refused_token_exits_78_before_writing(tmp_path, hub, spawn, tiny_files):
+    hub.add_repo(HubRepo(REPO, tiny_files, gated=True, tokens=("accepted-license",)))
+    proc, log = spawn(download_env(tmp_path, hub, HF_TOKEN="not-accepted"))
+    assert proc.wait(90) == 78, tail(log)
+    errors = config_errors(log)
+    assert len(errors) == 1 and "HF_TOKEN was refused" in errors[0], tail(log)
+    assert files_under(tmp_path / "cache") == []
+    assert hub.downloads() == []
+    assert any(r.status == 403 for r in hub.requests), "the hub never refused the token"
+
+
+def test_download_larger_than_disk_budget_exits_78_before_writing(tmp_path, hub, spawn, tiny_files):
+    repo = hub.add_repo(HubRepo(REPO, tiny_files, gated=True))
+    started = time.monotonic()
+    proc, log = spawn(download_env(tmp_path, hub, HF_TOKEN="test", FARLABS_MAX_DISK_SPACE="1MB"))
+    assert proc.wait(90) == 78, tail(log)
+    errors = config_errors(log)
+    assert len(errors) == 1, tail(log)
+    assert "FARLABS_MAX_DISK_SPACE" in errors[0] and format_size(repo.total_size) in errors[0], errors
+    assert "Traceback" not in log.read_text()
+    assert files_under(tmp_path / "cache") == []
+    assert hub.downloads() == []
+    print(f"\nover budget: exit 78 after {time.monotonic() - started:.1f} s: {errors[0]}")
+
+
+def test_fake_hub_refuses_gated_files_like_the_real_hub(tmp_path, hub, tiny_files):
+    """The fixture itself: the real client sees GatedRepoError (401 without, 403 with a wrong token)."""
+    hub.add_repo(HubRepo(REPO, tiny_files, gated=True))
+    code = (
+        "import sys\n"
+        "from huggingface_hub import HfApi, hf_hub_download\n"
+        "from huggingface_hub.utils import GatedRepoError\n"
+        f"info = HfApi().model_info({REPO!r}, files_metadata=True, token=False)\n"
+        "assert info.gated == 'manual' and all(s.size for s in info.siblings), info\n"
+        "for token in (False, 'wrong'):\n"
+        "    try:\n"
+        f"        hf_hub_download({REPO!r}, 'config.json', cache_dir=sys.argv[1], token=token)\n"
+        "    except GatedRepoError as error:\n"
+        "        print(error.response.status_code)\n"
+        f"print(hf_hub_download({REPO!r}, 'config.json', cache_dir=sys.argv[1], token='test'))\n"
+    )
+    env = download_env(tmp_path, hub)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "c")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert lines[:2] == ["401", "403"] and lines[2].endswith("config.json")
