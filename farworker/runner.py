@@ -40,6 +40,7 @@ class Worker:
         self.started_at = time.time()
         self.healthy = False
         self.health_reason = ""
+        self._last_status: dict = {}
 
     # -- start -------------------------------------------------------------------------------------
     def start(self) -> bool:
@@ -80,6 +81,11 @@ class Worker:
             return False
         self.state = "online"
         self._start_reporter()  # registration names the blocks, known only once they are loaded
+        if cfg.metrics_port:
+            from farworker.metrics import start_metrics_server
+
+            # scrapes read the last status written by the health loop: no DHT or NVML work per scrape
+            start_metrics_server(cfg.metrics_port, lambda: self._last_status)
         start, end = self.host.blocks
         log.info("Blocks %d:%d of %s are online", start, end, cfg.model_name)
         self.notifier.ready(self.summary())
@@ -175,9 +181,14 @@ class Worker:
         }
 
     def _write_status(self) -> None:
+        self._last_status = self.status_snapshot()
+        write_status(self.config.state_dir, self._last_status)
+
+    def status_snapshot(self) -> dict:
+        """What `farworker status`, /metrics and docker's HEALTHCHECK see."""
         counters = self.meter.snapshot() if self.meter else None
         last = self.reporter.last_heartbeat if self.reporter else None
-        write_status(self.config.state_dir, {
+        return {
             "state": self.state,
             "healthy": self.healthy,
             "health_reason": self.health_reason,
@@ -193,7 +204,7 @@ class Worker:
             "gpus": gpu.telemetry(),
             "started_at": self.started_at,
             "pid": os.getpid(),
-        })
+        }
 
     def _peer_count(self) -> int | None:
         try:

@@ -1,7 +1,10 @@
 """`farworker run` serves real Petals blocks; a real petals client gets exactly local transformers' tokens,
 and the work is metered on the serving path into the durable outbox."""
 
+import socket
 import time
+
+import requests
 
 import pytest
 
@@ -52,9 +55,28 @@ def test_two_workers_split_the_model_and_match_transformers(start_workers, boots
             (expected_tokens, NEW_TOKENS, status["blocks"])]
 
 
-def test_identity_and_peer_id_survive_a_restart(start_workers):
-    worker = start_workers("solo", "0:4")
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_metrics_endpoint_and_stable_identity_across_restarts(start_workers):
+    port = free_port()
+    worker = start_workers("solo", "0:4", env={"FARLABS_METRICS_PORT": str(port)})
     peer_id = worker.wait_online()["peer_id"]
+    healthy = 'farworker_healthy{model="farworker-tiny-llama"} 1.0'
+    metrics = wait_for(lambda: (text := _scrape(port)) and healthy in text and text, what="healthy metrics")
+    assert 'farworker_blocks_served{model="farworker-tiny-llama"} 4.0' in metrics
+    assert "farworker_outbox_depth 0.0" in metrics
+
     assert worker.proc.stop() == 0
     again = start_workers("solo", "0:4")
     assert again.wait_online()["peer_id"] == peer_id
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except requests.RequestException:
+        return None

@@ -1,0 +1,83 @@
+"""Prometheus `/metrics` on localhost (FARLABS_METRICS_PORT), through prometheus_client.
+
+The same figures as `farworker status`. GPU metrics take the names NVIDIA's DCGM exporter uses where
+they match, so existing dashboards and alerts work; worker metrics are prefixed `farworker_`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+# DCGM exporter name -> (telemetry field, scale, help)
+DCGM_GAUGES = {
+    "DCGM_FI_DEV_GPU_UTIL": ("utilization_pct", 1, "GPU utilization (in %)."),
+    "DCGM_FI_DEV_FB_USED": ("memory_used_bytes", 1 / 2**20, "Framebuffer memory used (in MiB)."),
+    "DCGM_FI_DEV_GPU_TEMP": ("temperature_c", 1, "GPU temperature (in C)."),
+    "DCGM_FI_DEV_POWER_USAGE": ("power_w", 1, "Power draw (in W)."),
+    "DCGM_FI_DEV_SM_CLOCK": ("sm_clock_mhz", 1, "SM clock frequency (in MHz)."),
+    "DCGM_FI_DEV_MEM_CLOCK": ("mem_clock_mhz", 1, "Memory clock frequency (in MHz)."),
+    "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": ("ecc_volatile_uncorrected", 1, "Volatile double-bit ECC errors."),
+}
+
+
+class WorkerCollector:
+    """Reads a snapshot callable at scrape time: nothing is computed between scrapes."""
+
+    def __init__(self, snapshot):
+        self._snapshot = snapshot
+
+    def collect(self):
+        status = self._snapshot()
+        labels = ["model"]
+        model = [status.get("model_name") or ""]
+        up = GaugeMetricFamily("farworker_healthy", "1 while the server passes its health checks.", labels=labels)
+        up.add_metric(model, 1.0 if status.get("healthy") else 0.0)
+        yield up
+        blocks = status.get("blocks") or [0, 0]
+        served = GaugeMetricFamily("farworker_blocks_served", "Model blocks this worker serves.", labels=labels)
+        served.add_metric(model, blocks[1] - blocks[0])
+        yield served
+        counters = status.get("counters") or {}
+        for name, help_text in (("requests", "Requests served."), ("inference_steps", "Inference steps served."),
+                                ("tokens_processed", "Token positions processed."), ("errors", "Failed requests.")):
+            family = CounterMetricFamily(f"farworker_{name}", help_text, labels=labels)
+            family.add_metric(model, counters.get(name, 0))
+            yield family
+        for name, value, help_text in (
+            ("farworker_open_sessions", status.get("open_sessions", 0), "Open inference sessions."),
+            ("farworker_outbox_depth", status.get("outbox_depth", 0), "Usage records waiting for the coordinator."),
+            ("farworker_peers", status.get("peers") or 0, "DHT peers in the routing table."),
+        ):
+            gauge = GaugeMetricFamily(name, help_text)
+            gauge.add_metric([], value)
+            yield gauge
+        beat = status.get("last_heartbeat")
+        if beat:
+            answer = beat.get("answer") or {}
+            for name, key, help_text in (
+                ("farworker_earn_rate_far_per_hour", "earn_rate_far_per_hour", "Coordinator's earn-rate estimate."),
+                ("farworker_reliability", "reliability", "Coordinator's reliability score (0-1)."),
+            ):
+                gauge = GaugeMetricFamily(name, help_text)
+                gauge.add_metric([], float(answer.get(key) or 0))
+                yield gauge
+            last = GaugeMetricFamily("farworker_last_heartbeat_timestamp_seconds", "Unix time of the last heartbeat.")
+            last.add_metric([], float(beat.get("at") or 0))
+            yield last
+        gpu_labels = ["gpu", "UUID", "modelName"]
+        for metric, (field, scale, help_text) in DCGM_GAUGES.items():
+            family = GaugeMetricFamily(metric, help_text, labels=gpu_labels)
+            for gpu in status.get("gpus") or []:
+                if gpu.get(field) is not None:
+                    family.add_metric([str(gpu["index"]), gpu["uuid"], gpu["name"]], gpu[field] * scale)
+            yield family
+
+
+def start_metrics_server(port: int, snapshot) -> None:
+    """Serve /metrics on 127.0.0.1:port in a daemon thread (loopback only: scrape via an agent or tunnel)."""
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(snapshot))
+    start_http_server(port, addr="127.0.0.1", registry=registry)

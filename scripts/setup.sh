@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates .venv with farworker and the exact runtime set (requirements/runtime.lock).
+#   bash scripts/setup.sh          runtime only
+#   bash scripts/setup.sh --dev    plus test and lint tools
+# FARWORKER_TORCH picks the torch build: the default is the CPU build these machines carry;
+# GPU hosts use e.g. FARWORKER_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      python=$candidate; break
+    fi
+  done
+fi
+[ -n "$python" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${pip[@]}" install -U pip
+# shellcheck disable=SC2086  # FARWORKER_TORCH may carry pip options
+"${pip[@]}" install ${FARWORKER_TORCH:-torch==2.13.0}
+# Exact pins, no resolver: petals 2.2.0.post1's own pins cannot install today (see requirements/runtime.lock).
+"${pip[@]}" install --no-deps -r requirements/runtime.lock
+"${pip[@]}" install --no-deps -e .
+if [ "${1:-}" = "--dev" ]; then
+  "${pip[@]}" install -r requirements/dev.txt
+fi
+.venv/bin/farworker --version

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up .venv (with test tools) and runs lint and the Python tests: real petals servers, a real
+# hivemind DHT, the reference coordinator over loopback HTTP, real SQLite. No network beyond loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+.venv/bin/ruff check farworker tests benchmarks
+.venv/bin/python -m pytest "$@"
