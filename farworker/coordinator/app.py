@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from farworker.coordinator.models import (
 )
 from farworker.coordinator.store import Store
 from farworker.identity import HEADER_PEER_ID, SignatureError, verify_request
+from farworker.petals_host import dht_prefix_for
 
 log = logging.getLogger("farworker.coordinator")
 
@@ -79,9 +79,8 @@ class Settings:
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
             self.model_name = self.model_name or self.model_path.name
-            self.dht_prefix = self.dht_prefix or (
-                re.sub(r"[^A-Za-z0-9_-]", "-", Path(self.model_name).name) or "local-model"
-            )
+            # the prefix the workers' petals servers announce under (farworker.petals_host does the same)
+            self.dht_prefix = self.dht_prefix or dht_prefix_for(str(self.model_path), self.model_name)
             config = self.model_path / "config.json"
             if config.is_file() and self.model_name not in self.model_blocks:
                 layers = json.loads(config.read_text()).get("num_hidden_layers")
