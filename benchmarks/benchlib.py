@@ -131,10 +131,17 @@ class Tree:
         return total
 
     def pss(self) -> int:
-        total = 0
+        return self.memory_full().get("pss", 0)
+
+    def memory_full(self) -> dict[str, int]:
+        """Summed PSS and USS (pages only this tree's processes hold, split fairly / private only)."""
+        total = {"pss": 0, "uss": 0, "processes": 0}
         for p in self.processes():
             with contextlib.suppress(Exception):
-                total += p.memory_full_info().pss
+                info = p.memory_full_info()
+                total["pss"] += info.pss
+                total["uss"] += info.uss
+                total["processes"] += 1
         return total
 
     def cpu_seconds(self) -> dict[int, float]:

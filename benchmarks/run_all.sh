@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every CPU benchmark one after the other (never two at once: they share the cores), writing
+# benchmarks/results/*.json. About 20 minutes on 2 cores. Usage: bash benchmarks/run_all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=benchmarks/results
+mkdir -p "$out"
+python benchmarks/serving_speed.py --reps 10 --new-tokens 64 --out "$out/serving_speed.json"
+python benchmarks/mesh_vs_local.py --rounds 3 --reps 5 --new-tokens 64 --out "$out/mesh_vs_local.json"
+python benchmarks/time_to_ready.py --rounds 4 --out "$out/time_to_ready.json"
+python benchmarks/idle_cost.py --windows 3 --window 60 --out "$out/idle_cost.json"
+python benchmarks/handoff_probe.py --out "$out/handoff_probe.json"
+python benchmarks/gpu_run.py --cpu --out "$out/gpu_run_cpu_dry_run.json"
