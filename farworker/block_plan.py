@@ -2,7 +2,8 @@
 
 Auto block count on a GPU (FARLABS_NUM_BLOCKS=auto):
 
-    per_block   = block weights (dtype, quantization) + attention cache (2 * hidden * 4096 tokens / kv groups * dtype bytes)
+    per_block   = block weights (dtype, quantization)
+                  + attention cache (2 * hidden * 4096 tokens / kv groups * dtype bytes)
     reserve     = 1 GiB (CUDA context, allocator slack) + petals' backward estimate (2 GiB * hidden / 14336)
     num_blocks  = min(model blocks, floor((free VRAM - reserve) / per_block))
 

@@ -24,7 +24,7 @@ def _split(raw: str) -> list[str]:
 
 def run_bootstrap_peer(host_maddrs: str, announce_maddrs: str, identity: str | None, state_dir: str | None,
                        initial_peers: str) -> int:
-    from farworker.config import _Invalid, _bootstrap_list, _multiaddr_list
+    from farworker.config import _bootstrap_list, _Invalid, _multiaddr_list
     from farworker.identity import load_or_create
 
     problems = []

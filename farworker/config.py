@@ -209,7 +209,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("location", "FARLABS_LOCATION", _text(64), "up to 64 printable characters", "Unknown",
             help="Geographic location reported to the coordinator."),
     Setting("heartbeat_interval", "FARLABS_HEARTBEAT_INTERVAL", _int_range(1, 3600),
-            "whole seconds from 1 to 3600", "30", help="Seconds between heartbeats (the coordinator may ask for another)."),
+            "whole seconds from 1 to 3600", "30",
+            help="Seconds between heartbeats (the coordinator may ask for another)."),
     Setting("port", "FARLABS_PORT", _int_range(0, 65535), "a port from 0 to 65535 (0 = any free port)", "31330",
             help="P2P listen port (TCP)."),
     Setting("host_maddrs", "FARLABS_HOST_MADDRS", _multiaddr_list, "comma-separated multiaddrs", "",
@@ -340,7 +341,8 @@ def _cross_checks(values: dict[str, object], invalid: set[str], required: bool) 
     if required:
         for name in ("wallet_address", "api_base_url"):
             if values[name] is None and name not in invalid:  # an invalid value was reported already
-                problems.append(f"{SETTINGS_BY_NAME[name].env} is required: expected {SETTINGS_BY_NAME[name].accepted}")
+                setting = SETTINGS_BY_NAME[name]
+                problems.append(f"{setting.env} is required: expected {setting.accepted}")
         if not values["dht_bootstrap"] and values["new_swarm"] is False and "dht_bootstrap" not in invalid:
             problems.append(
                 "FARLABS_DHT_BOOTSTRAP is required unless FARLABS_NEW_SWARM=true: expected "

@@ -66,7 +66,8 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
         mesh_ids = completion["choices"][0]["token_ids"]
         for span in completion["route"]:
             say(f"route      blocks {span['blocks'][0]}:{span['blocks'][1]} served by {span['peer_id']}")
-        say(f"mesh       {len(mesh_ids)} tokens in {seconds:.2f} s ({len(mesh_ids) / seconds:.1f} tokens/s): {mesh_ids}")
+        rate = len(mesh_ids) / seconds
+        say(f"mesh       {len(mesh_ids)} tokens in {seconds:.2f} s ({rate:.1f} tokens/s): {mesh_ids}")
         local_ids = generate_locally(str(model), PROMPT_IDS, max_tokens)
         match = mesh_ids == local_ids
         say(f"local      transformers greedy: {local_ids}")

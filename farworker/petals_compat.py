@@ -1,6 +1,7 @@
 """The one way farworker imports petals.
 
-petals 2.2.0.post1 does ``from hivemind import PeerID, anext, ...`` and uses ``hivemind.TimedStorage``; hivemind 1.1.12 (the first release
+petals 2.2.0.post1 does ``from hivemind import PeerID, anext, ...`` and uses
+``hivemind.TimedStorage``; hivemind 1.1.12 (the first release
 with an installable wheel today) made submodule imports explicit and dropped those top-level names.
 We put them back on the ``hivemind`` module, then import petals. Everything in farworker that needs
 petals goes through :func:`import_petals`.

@@ -69,7 +69,8 @@ def check_vram(config: WorkerConfig) -> Result:
     if not gpus:
         return Result("OK" if config.device == "cpu" else "FAIL", "VRAM", "no GPU")
     best = max(gpus, key=lambda g: g.memory_total_bytes)
-    detail = f"{best.memory_total_bytes / 1e9:.1f} GB total, {best.memory_free_bytes / 1e9:.1f} GB free on GPU {best.index}"
+    detail = (f"{best.memory_total_bytes / 1e9:.1f} GB total, {best.memory_free_bytes / 1e9:.1f} GB free "
+              f"on GPU {best.index}")
     blocks = _blocks_estimate(config)
     if blocks:
         detail += f"; would serve {blocks}"
@@ -108,7 +109,8 @@ def check_disk(config: WorkerConfig) -> Result:
         return Result("FAIL", "disk", f"{detail}; {config.model_name} needs about {need / 1e9:.0f} GB: free space "
                       "or point FARLABS_CACHE_DIR at a larger disk")
     if config.max_disk_space and need and config.max_disk_space < need:
-        return Result("FAIL", "disk", f"FARLABS_MAX_DISK_SPACE is below the {need / 1e9:.0f} GB {config.model_name} needs")
+        return Result("FAIL", "disk",
+                      f"FARLABS_MAX_DISK_SPACE is below the {need / 1e9:.0f} GB {config.model_name} needs")
     return Result("OK", "disk", detail + (f" (model needs about {need / 1e9:.0f} GB)" if need else ""))
 
 

@@ -35,9 +35,13 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
     age = now - float(status.get("updated_at", 0))
     blocks = status.get("blocks")
     counters = status.get("counters") or {}
+    state = str(status.get("state"))
+    if not status.get("healthy"):
+        state += f" (unhealthy: {status.get('health_reason')})"
+    if not is_fresh(status, now):
+        state += f" (status is {age:.0f} s old: worker not running?)"
     lines = [
-        f"state          {status.get('state')}{'' if status.get('healthy') else ' (unhealthy: ' + str(status.get('health_reason')) + ')'}"
-        f"{'' if is_fresh(status, now) else f' (status is {age:.0f} s old: worker not running?)'}",
+        f"state          {state}",
         f"model          {status.get('model_name')}",
         f"blocks         {f'{blocks[0]}:{blocks[1]}' if blocks else 'none'}",
         f"peer id        {status.get('peer_id')}",
@@ -51,8 +55,8 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
     if beat:
         answer = beat.get("answer") or {}
         lines.append(f"last heartbeat {now - beat.get('at', now):.0f} s ago: earn rate "
-                     f"{answer.get('earn_rate_far_per_hour', 0):.4f} $FAR/h, reliability {answer.get('reliability', 0):.2f}, "
-                     f"uptime {answer.get('uptime_pct', 0):.1f}%")
+                     f"{answer.get('earn_rate_far_per_hour', 0):.4f} $FAR/h, "
+                     f"reliability {answer.get('reliability', 0):.2f}, uptime {answer.get('uptime_pct', 0):.1f}%")
     else:
         lines.append("last heartbeat none yet (coordinator unreachable or not registered)")
     gpus = status.get("gpus") or []
@@ -61,5 +65,6 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
     for gpu in gpus:
         used, total = gpu.get("memory_used_bytes") or 0, gpu.get("memory_total_bytes") or 1
         lines.append(f"GPU {gpu['index']}          {gpu['name']}: {gpu.get('utilization_pct')}% util, "
-                     f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB, {gpu.get('temperature_c')} C, {gpu.get('power_w')} W")
+                     f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB, {gpu.get('temperature_c')} C, "
+                     f"{gpu.get('power_w')} W")
     return lines

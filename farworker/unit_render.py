@@ -31,8 +31,8 @@ def example_env() -> dict[str, str]:
 
 
 def render_files(output_dir: str, *, venv_dir: str, user: str) -> list[Path]:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined, trim_blocks=True,  # as Ansible renders them
-                             keep_trailing_newline=True)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, keep_trailing_newline=True)  # as Ansible renders templates
     values = {"farworker_venv_dir": venv_dir, "farworker_user": user, "farworker_group": user,
               "farworker_env": example_env(), "mesh_bootstrap_announce_maddrs": []}
     out = Path(output_dir)

@@ -4,9 +4,8 @@ and the work is metered on the serving path into the durable outbox."""
 import socket
 import time
 
-import requests
-
 import pytest
+import requests
 
 from farworker.coordinator.mesh import MeshClient
 from farworker.local_reference import generate_locally
