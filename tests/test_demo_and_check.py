@@ -1,0 +1,44 @@
+"""The README's main job (`farworker demo`) and the operator's preflight (`farworker check`), run for real."""
+
+import subprocess
+import sys
+
+import pytest
+
+from farworker.local_mesh import base_env
+
+pytestmark = pytest.mark.slow
+
+
+def farworker(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "farworker", *args], env=base_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_demo_generates_matching_tokens_and_shows_the_ledger():
+    result = farworker("demo", "--max-tokens", "6")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "match      YES" in out
+    assert out.count("route      blocks") == 2
+    ledger = out.split("ledger")[1].splitlines()[1:3]
+    assert len(ledger) == 2 and all(int(line.split()[2]) > 0 for line in ledger), out  # tokens per worker
+
+
+def test_check_reports_each_item_and_fails_on_an_unreachable_peer(bootstrap_peer, tmp_path):
+    env = {
+        "FARLABS_WALLET_ADDRESS": "0x" + "ab" * 20, "FARLABS_API_BASE_URL": "http://127.0.0.1:9",
+        "FARLABS_MODEL_NAME": "farworker-tiny-llama", "FARLABS_DEVICE": "cpu", "FARLABS_TORCH_DTYPE": "float32",
+        "FARLABS_CACHE_DIR": str(tmp_path), "FARLABS_DHT_BOOTSTRAP": bootstrap_peer[0],
+    }
+    result = farworker("check", env=env)
+    lines = result.stdout.splitlines()
+    items = [line[5:].split(":")[0] for line in lines]
+    assert items == ["configuration", "GPU", "VRAM", "disk", "/dev/shm", "bootstrap peers", "coordinator API"]
+    assert lines[5].startswith("OK   bootstrap peers: 1 of 1 reachable")
+    assert lines[6].startswith("FAIL coordinator API")  # nothing listens on the discard port
+    assert result.returncode == 1
+
+    closed = bootstrap_peer[0].replace(bootstrap_peer[0].split("/")[4], "9")  # same peer id, port 9
+    result = farworker("check", env={**env, "FARLABS_DHT_BOOTSTRAP": closed})
+    assert "FAIL bootstrap peers: 0 of 1 reachable" in result.stdout
