@@ -95,9 +95,7 @@ class NotifyListener:
             if line.startswith(key + "=")
         ]
 
-    def wait_for(
-        self, key: str, value: str | None, timeout: float, proc: subprocess.Popen, log: Path
-    ) -> float:
+    def wait_for(self, key: str, value: str | None, timeout: float, proc: subprocess.Popen, log: Path) -> float:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for at, got in self.fields(key):
@@ -126,9 +124,14 @@ def notify():
 def spawn(tmp_path):
     """spawn(env) -> (Popen, log): `farworker run` in its own session; the whole group dies at teardown."""
     started: list[subprocess.Popen] = []
+    temp_dirs: list[str] = []
 
     def start(env: dict[str, str], name: str = "worker") -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
+        # hivemind's unix sockets and multiprocessing's pymp-* dirs land here, not in the shared /tmp
+        # (a short path: AF_UNIX names are limited to 108 bytes)
+        temp_dirs.append(tempfile.mkdtemp(prefix="fw-dl-", dir="/tmp"))
+        env = {**env, "TMPDIR": temp_dirs[-1]}
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 farworker_command("run"),
@@ -150,6 +153,8 @@ def spawn(tmp_path):
         with contextlib.suppress(ProcessLookupError):  # its children (DHT, p2pd, ...) share its group
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+    for path in temp_dirs:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def download_env(tmp_path: Path, hub: FakeHub, **extra: str | None) -> dict[str, str]:
@@ -201,9 +206,7 @@ def config_errors(log: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_download_reports_progress_extends_the_start_timeout_then_serves(
-    tmp_path, hub, notify, spawn, tiny_files
-):
+def test_download_reports_progress_extends_the_start_timeout_then_serves(tmp_path, hub, notify, spawn, tiny_files):
     repo = hub.add_repo(HubRepo(REPO, sharded_with_padding(tiny_files, PADDING), gated=True))
     hub.bytes_per_second = repo.total_size / DOWNLOAD_SECONDS
     env = download_env(tmp_path, hub, HF_TOKEN="test", NOTIFY_SOCKET=notify.path)
@@ -237,8 +240,7 @@ def test_download_reports_progress_extends_the_start_timeout_then_serves(
     extends = notify.fields("EXTEND_TIMEOUT_USEC")
     during = [at for at, _ in extends if body_started <= at <= body_finished]
     assert len(during) >= 2, (
-        f"{len(during)} EXTEND_TIMEOUT_USEC during the {body_finished - body_started:.1f} s "
-        f"download; all: {extends}"
+        f"{len(during)} EXTEND_TIMEOUT_USEC during the {body_finished - body_started:.1f} s download; all: {extends}"
     )
     assert all(int(usec) > 0 for _, usec in extends)
     assert all(at < ready_at for at, _ in extends), "EXTEND_TIMEOUT_USEC after READY=1"
@@ -327,3 +329,58 @@ def test_fake_hub_refuses_gated_files_like_the_real_hub(tmp_path, hub, tiny_file
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()
     assert lines[:2] == ["401", "403"] and lines[2].endswith("config.json")
+
+
+DOWNLOAD_SCRIPT = """
+import sys, threading
+from farworker.config import load_config
+from farworker.model_source import DownloadInterrupted, download_hub_model
+
+stop_after = int(sys.argv[1])  # bytes on disk after which a stop is requested (0: never)
+stop = threading.Event()
+
+def on_progress(done, total):
+    if stop_after and done >= stop_after:
+        stop.set()
+
+try:
+    print("snapshot", download_hub_model(load_config(required=False), on_progress, stop=stop))
+except DownloadInterrupted as error:
+    print("interrupted", error)
+"""
+
+
+def run_download(env: dict[str, str], stop_after: int = 0) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", DOWNLOAD_SCRIPT, str(stop_after)], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_download_stops_on_request_resumes_and_is_reused_offline(tmp_path, hub, tiny_files):
+    """A stop mid-file keeps the partial blob, the next start resumes it with a Range request (not from
+    zero), and once complete the snapshot serves with the hub unreachable (HF_HUB_OFFLINE=1)."""
+    repo = hub.add_repo(HubRepo(REPO, sharded_with_padding(tiny_files, PADDING), gated=True))
+    padding = "model-00002-of-00002.safetensors"
+    hub.bytes_per_second = repo.total_size / 4
+    env = download_env(tmp_path, hub, HF_TOKEN="test")
+    blobs = repo_cache_dir(tmp_path / "cache", REPO) / "blobs"
+
+    assert run_download(env, stop_after=20 * 10**6).startswith("interrupted")
+    partial = blobs / f"{repo.lfs[padding]}.incomplete"
+    assert partial.is_file() and 0 < partial.stat().st_size < len(repo.files[padding])
+    assert not (tmp_path / "cache" / COMPLETE_DIR).exists()
+
+    hub.bytes_per_second = None
+    line = run_download(env)
+    snapshot = repo_cache_dir(tmp_path / "cache", REPO) / "snapshots" / repo.commit
+    assert line == f"snapshot {snapshot}"
+    ranged = [r for r in hub.requests if r.status == 206]
+    assert len(ranged) == 1 and ranged[0].path.startswith(f"/cdn/{repo.lfs[padding]}")
+    assert all((snapshot / name).read_bytes() == data for name, data in repo.files.items())
+    assert not [p for p in blobs.iterdir() if p.name.endswith(".incomplete")]
+
+    asked = len(hub.requests)
+    assert run_download({**env, "HF_HUB_OFFLINE": "1"}) == f"snapshot {snapshot}"
+    assert len(hub.requests) == asked, "the offline start asked the hub"
