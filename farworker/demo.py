@@ -53,8 +53,8 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
         _wait_registered(coordinator.url, len(handles))
 
         # The first request loads the coordinator's petals client; time the second.
-        requests.post(f"{coordinator.url}/v1/completions", timeout=120,
-                      json={"prompt": PROMPT_IDS, "max_tokens": 1, "temperature": 0})
+        warm_up = requests.post(f"{coordinator.url}/v1/completions", timeout=120,
+                                json={"prompt": PROMPT_IDS, "max_tokens": 1, "temperature": 0})
         begin = time.perf_counter()
         answer = requests.post(f"{coordinator.url}/v1/completions", timeout=120, json={
             "prompt": PROMPT_IDS, "max_tokens": max_tokens, "temperature": 0})
@@ -73,7 +73,10 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
         say(f"local      transformers greedy: {local_ids}")
         say(f"match      {'YES: the mesh returned exactly the local tokens' if match else 'NO'}")
 
-        _show_ledger(coordinator.url, handles)
+        routed: dict[str, int] = {}
+        for span in warm_up.json().get("route", []) + completion["route"]:
+            routed[span["peer_id"]] = routed.get(span["peer_id"], 0) + span["tokens"]
+        _show_ledger(coordinator.url, routed)
         say(f"done in {time.monotonic() - started:.0f} s")
         return 0 if match else 1
     finally:
@@ -95,13 +98,16 @@ def _wait_registered(url: str, count: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"only some of {count} workers registered with the coordinator in {timeout:.0f} s")
 
 
-def _show_ledger(url: str, handles, timeout: float = 30.0) -> None:
-    """Wait for each worker's usage to be acknowledged, then print the ledger."""
+def _show_ledger(url: str, routed: dict[str, int], timeout: float = 30.0) -> None:
+    """Print the ledger once every worker's usage records cover the tokens the routes say it served.
+
+    A worker writes a session's usage record when the session closes, just after the HTTP answer.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         workers = requests.get(f"{url}/v1/workers", timeout=5).json()["workers"]
-        pending = sum((h.status() or {}).get("outbox_depth", 1) for h in handles)
-        if pending == 0 and all(w.get("tokens_served", 0) > 0 for w in workers):
+        served = {w["peer_id"]: w.get("tokens_served", 0) for w in workers}
+        if all(served.get(peer, 0) >= tokens for peer, tokens in routed.items()):
             break
         time.sleep(0.5)
     say("ledger     worker                                          blocks  tokens  earned $FAR  rate $FAR/h")
