@@ -46,9 +46,7 @@ WANTED = (
 FALLBACK_WEIGHTS = ("*.bin", "pytorch_model.bin.index.json")
 PROGRESS_INTERVAL = 1.0  # seconds between on_progress calls while files download
 FREE_SPACE_RESERVE = 256 * 2**20  # never fill the cache's disk to the last byte
-COMPLETE_DIR = (
-    "farworker-complete"  # <cache>/farworker-complete/<repo folder>.json: fully downloaded snapshots
-)
+COMPLETE_DIR = "farworker-complete"  # <cache>/farworker-complete/<repo folder>.json: fully downloaded snapshots
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -123,8 +121,7 @@ def download_hub_model(
                 ]
             ) from None
         raise RuntimeError(
-            f"cannot reach the Hugging Face hub at {_endpoint()} for {repo} and the cache has no "
-            f"complete copy: {error}"
+            f"cannot reach the Hugging Face hub at {_endpoint()} for {repo} and the cache has no complete copy: {error}"
         ) from None
     check_disk(config, plan)
     return fetch(config, plan, token, on_progress, stop)
@@ -180,9 +177,7 @@ def plan_download(repo: str, token: str | None) -> DownloadPlan:
     for name in chosen:
         sibling = siblings[name]
         lfs = sibling.lfs if isinstance(sibling.lfs, dict) else {}
-        files.append(
-            HubFile(name, sibling.size or lfs.get("size") or 0, lfs.get("sha256") or sibling.blob_id)
-        )
+        files.append(HubFile(name, sibling.size or lfs.get("size") or 0, lfs.get("sha256") or sibling.blob_id))
     # Sizes the model info left out, and the token's access to the files (the info is public for gated
     # repos; the files are not), both from a HEAD that downloads nothing.
     files = [
@@ -296,9 +291,7 @@ def fetch(
             if not worker.is_alive():
                 break
             if stop is not None and stop.is_set():
-                raise DownloadInterrupted(
-                    f"download of {plan.repo} interrupted; it resumes at the next start"
-                )
+                raise DownloadInterrupted(f"download of {plan.repo} interrupted; it resumes at the next start")
     finally:
         _active_plans.pop(plan.repo, None)
     if failures:

@@ -52,8 +52,7 @@ class HubRepo:
             if any(fnmatch.fnmatch(name, p) for p in LFS_PATTERNS)
         }
         self.blob_ids = {
-            name: hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-            for name, data in self.files.items()
+            name: hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() for name, data in self.files.items()
         }
 
     @property
@@ -137,9 +136,7 @@ class FakeHub:
         return [
             r
             for r in self.requests
-            if r.method == "GET"
-            and r.status in (200, 206)
-            and ("/resolve/" in r.path or r.path.startswith("/cdn/"))
+            if r.method == "GET" and r.status in (200, 206) and ("/resolve/" in r.path or r.path.startswith("/cdn/"))
         ]
 
     def __enter__(self):
@@ -181,9 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _record(self, status: int) -> None:
-        self.hub.requests.append(
-            Request(self.command, self.path, status, self._token() is not None, time.monotonic())
-        )
+        self.hub.requests.append(Request(self.command, self.path, status, self._token() is not None, time.monotonic()))
 
     def _token(self) -> str | None:
         header = self.headers.get("Authorization", "")
@@ -199,9 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
-    def _error(
-        self, status: int, code: str, message: str, extra: dict | None = None, head: bool = False
-    ) -> None:
+    def _error(self, status: int, code: str, message: str, extra: dict | None = None, head: bool = False) -> None:
         headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
         headers.update(extra or {})
         self._send(status, headers, json.dumps({"error": message}).encode(), head)
@@ -251,11 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo_id: str, revision: str, filename: str, head: bool) -> None:
         repo = self._repo(repo_id, head)
-        if (
-            repo is None
-            or not self._revision_ok(repo, revision, head)
-            or not self._may_read_files(repo, head)
-        ):
+        if repo is None or not self._revision_ok(repo, revision, head) or not self._may_read_files(repo, head):
             return
         commit = {"X-Repo-Commit": repo.commit}
         if filename not in repo.files:
@@ -348,9 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
 def checkpoint_files(directory: Path) -> dict[str, bytes]:
     """The files of a local checkpoint directory, as a repo's contents."""
     return {
-        p.name: p.read_bytes()
-        for p in sorted(Path(directory).iterdir())
-        if p.is_file() and not p.name.startswith(".")
+        p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file() and not p.name.startswith(".")
     }
 
 
