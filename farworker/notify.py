@@ -43,12 +43,15 @@ class Notifier:
 class StartupKeepalive:
     """While a long step runs (download, loading weights), keep extending systemd's start timeout.
 
-    Each message grants `3 * period` more seconds, so a stalled step still times out, but a 70B
-    download that makes progress never hits TimeoutStartSec.
+    Every `period` seconds: STATUS (e.g. download progress) and EXTEND_TIMEOUT_USEC granting `grant`
+    seconds more (at least 3 periods), so a 70B download never hits TimeoutStartSec, while a process that
+    stops pinging (hung, GIL held for long) still times out `grant` seconds later. A stalled download
+    itself fails on the hub client's read timeout and the service restarts and resumes it.
     """
 
-    def __init__(self, notifier: Notifier, describe, period: float = 10.0):
+    def __init__(self, notifier: Notifier, describe, period: float = 2.0, grant: float = 30.0):
         self._notifier, self._describe, self._period = notifier, describe, period
+        self._grant = max(grant, 3 * period)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="startup-keepalive", daemon=True)
 
@@ -62,7 +65,7 @@ class StartupKeepalive:
 
     def _loop(self) -> None:
         while True:
-            self._notifier.extend_timeout(3 * self._period)
+            self._notifier.extend_timeout(self._grant)
             self._notifier.status(self._describe())
             if self._stop.wait(self._period):
                 return

@@ -29,9 +29,19 @@ class Health:
 
 
 def dht_prefix_for(model_path: str, model_name: str) -> str | None:
-    """Hub models keep petals' own prefix (it is how clients find them); local ones need one."""
+    """The DHT prefix clients look the blocks up by.
+
+    Hub models reach petals as a downloaded directory, so we apply petals' own rule for a repo name
+    (last part, dots to dashes, '-hf' suffix): public clients find them where they expect. Local
+    checkpoints and the tiny model use their sanitized directory name.
+    """
+    from farworker.config import SUPPORTED_MODELS
+
     if model_path == model_name:
         return None
+    if model_name in SUPPORTED_MODELS:
+        prefix = model_name.split("/")[-1].replace(".", "-")
+        return prefix if prefix.endswith("-hf") else prefix + "-hf"
     return re.sub(r"[^A-Za-z0-9_-]", "-", Path(model_name).name) or "local-model"
 
 

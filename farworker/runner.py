@@ -18,6 +18,7 @@ import time
 
 from farworker import __version__, gpu
 from farworker.config import WorkerConfig
+from farworker.model_source import DownloadInterrupted, format_progress
 from farworker.notify import Notifier, StartupKeepalive
 from farworker.status_file import write_status
 
@@ -59,10 +60,15 @@ class Worker:
         self.outbox = Outbox(cfg.state_dir / "outbox.sqlite3")
         log.info("farworker %s, peer id %s, model %s", __version__, self.identity.peer_id, cfg.model_name)
 
-        progress = {"total": 0}
+        progress = {"done": 0, "total": 0}
         with StartupKeepalive(self.notifier, lambda: self._startup_status(progress)):
             self.phase = "downloading weights"
-            model_path = resolve_model(cfg, lambda done, total: progress.update(total=total))
+            try:
+                model_path = resolve_model(cfg, lambda done, total: progress.update(done=done, total=total),
+                                           stop=self.stop_requested)
+            except DownloadInterrupted as stopped:  # SIGTERM mid-download: the partial file resumes next start
+                log.info("%s", stopped)
+                return False
             self.phase = "planning blocks"
             import_petals()
             from petals.utils.auto_config import AutoDistributedConfig
@@ -102,10 +108,7 @@ class Worker:
 
     def _startup_status(self, progress: dict) -> str:
         if self.phase == "downloading weights" and progress["total"]:
-            from farworker.model_source import downloaded_bytes
-
-            done = downloaded_bytes(self.config.cache_dir, self.config.model_name)
-            return f"downloading weights: {done / 1e9:.2f} of {progress['total'] / 1e9:.2f} GB"
+            return format_progress(progress["done"], progress["total"])
         return f"{self.phase}: {self.config.model_name}"
 
     def _start_reporter(self) -> None:
