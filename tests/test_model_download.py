@@ -20,16 +20,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from hub_server import FakeHub, HubRepo, checkpoint_files, sharded_with_padding
+from notify_listener import NotifyListener, tail
 
 from farworker.local_mesh import farworker_command, worker_env
 from farworker.model_source import COMPLETE_DIR, format_size, repo_cache_dir
@@ -60,57 +59,6 @@ def tiny_files(tmp_path_factory) -> dict[str, bytes]:
 def hub():
     with FakeHub() as hub:
         yield hub
-
-
-class NotifyListener:
-    """A real sd_notify socket: every datagram with its arrival time (monotonic)."""
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="fw-notify-", dir="/tmp")  # AF_UNIX paths are short
-        self.path = os.path.join(self.dir, "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), data.decode(errors="replace")))
-
-    def fields(self, key: str) -> list[tuple[float, str]]:
-        """(time, value) of every `KEY=value` line received."""
-        return [
-            (at, line[len(key) + 1 :])
-            for at, message in list(self.messages)
-            for line in message.splitlines()
-            if line.startswith(key + "=")
-        ]
-
-    def wait_for(self, key: str, value: str | None, timeout: float, proc: subprocess.Popen, log: Path) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for at, got in self.fields(key):
-                if value is None or got == value:
-                    return at
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited {proc.returncode} before {key}:\n{tail(log)}")
-            time.sleep(0.1)
-        raise AssertionError(f"no {key}={value} within {timeout:.0f} s:\n{tail(log)}")
-
-    def close(self):
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(2)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -188,13 +136,6 @@ def download_env(tmp_path: Path, hub: FakeHub, **extra: str | None) -> dict[str,
         else:
             env[key] = value
     return env
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def files_under(path: Path) -> list[str]:

@@ -6,54 +6,13 @@ when the server is wedged (its child processes frozen); SIGTERM gives STOPPING=1
 
 import os
 import signal
-import socket
-import threading
 import time
 
 import psutil
 import pytest
+from notify_listener import NotifyListener
 
 pytestmark = pytest.mark.slow
-
-
-class NotifyListener:
-    """Collects (monotonic time, message) from a bound NOTIFY_SOCKET."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.5)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            for line in data.decode().splitlines():
-                self.messages.append((time.monotonic(), line))
-
-    def times(self, message: str) -> list[float]:
-        return [t for t, m in self.messages if m == message]
-
-    def wait(self, message: str, timeout: float) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.times(message)
-            if found:
-                return found[0]
-            time.sleep(0.1)
-        raise AssertionError(f"no {message} within {timeout} s; got {[m for _, m in self.messages][-10:]}")
-
-    def close(self):
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
 
 
 def blocks_online_in_dht(initial_peers, peer_id) -> bool:
@@ -75,23 +34,23 @@ def blocks_online_in_dht(initial_peers, peer_id) -> bool:
         dht.shutdown()
 
 
-def test_ready_watchdog_wedge_and_stop(tmp_path, start_workers, bootstrap_peer):
-    listener = NotifyListener(tmp_path / "notify.sock")
+def test_ready_watchdog_wedge_and_stop(start_workers, bootstrap_peer):
+    listener = NotifyListener()
     try:
         started = time.monotonic()
         worker = start_workers("notified", "0:4", bootstrap_peer, env={
             "NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "2000000",  # ping every 1 s
         })
-        ready_at = listener.wait("READY=1", timeout=180)
+        ready_at = listener.wait_for("READY", "1", timeout=180, proc=worker.proc.process, log=worker.proc.log_path)
         # The instant READY arrives, the mesh must already list our blocks online.
         status = worker.wait_online(timeout=10)
         assert blocks_online_in_dht(bootstrap_peer, status["peer_id"])
-        assert not [t for t in listener.times("WATCHDOG=1") if t < ready_at], "watchdog before READY"
-        assert any(m.startswith("STATUS=") and "blocks 0:4" in m for _, m in listener.messages)
-        assert listener.times("READY=1")[0] > started
+        assert not [t for t in listener.times("WATCHDOG", "1") if t < ready_at], "watchdog before READY"
+        assert any("blocks 0:4" in status for _, status in listener.fields("STATUS"))
+        assert listener.times("READY", "1")[0] > started
 
         time.sleep(4)
-        healthy_pings = [t for t in listener.times("WATCHDOG=1") if t > ready_at]
+        healthy_pings = [t for t in listener.times("WATCHDOG", "1") if t > ready_at]
         assert len(healthy_pings) >= 3, "watchdog pings should arrive about every second while healthy"
 
         # Wedge the server: freeze every child (DHT, p2pd, connection handlers). The main process lives on.
@@ -102,7 +61,7 @@ def test_ready_watchdog_wedge_and_stop(tmp_path, start_workers, bootstrap_peer):
         wedged_at = time.monotonic()
         try:
             time.sleep(25)  # one health probe may still be in flight; its timeout is 10 s
-            late = [t for t in listener.times("WATCHDOG=1") if t > wedged_at + 12]
+            late = [t for t in listener.times("WATCHDOG", "1") if t > wedged_at + 12]
             assert late == [], f"{len(late)} watchdog pings while wedged"
         finally:
             for child in children:
@@ -110,7 +69,7 @@ def test_ready_watchdog_wedge_and_stop(tmp_path, start_workers, bootstrap_peer):
                     child.send_signal(signal.SIGCONT)
 
         os.kill(worker.proc.process.pid, signal.SIGTERM)
-        stopping_at = listener.wait("STOPPING=1", timeout=10)
+        stopping_at = listener.wait_for("STOPPING", "1", timeout=10)
         assert worker.proc.process.wait(timeout=30) == 0
         assert stopping_at > wedged_at
     finally:

@@ -2,6 +2,8 @@
 and the work is metered on the serving path into the durable outbox."""
 
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -69,9 +71,21 @@ def test_metrics_endpoint_and_stable_identity_across_restarts(start_workers):
     assert 'farworker_blocks_served{model="farworker-tiny-llama"} 4.0' in metrics
     assert "farworker_outbox_depth 0.0" in metrics
 
+    shown = subprocess.run([sys.executable, "-m", "farworker", "status", "--state-dir", str(worker.state_dir)],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "state          online" in shown.stdout
+    assert "blocks         0:4" in shown.stdout
+    assert f"peer id        {peer_id}" in shown.stdout
+    assert "last heartbeat none yet" in shown.stdout  # the coordinator is unreachable in this test
+
     assert worker.proc.stop() == 0
     again = start_workers("solo", "0:4")
     assert again.wait_online()["peer_id"] == peer_id
+    assert again.proc.stop() == 0
+    stopped = subprocess.run([sys.executable, "-m", "farworker", "status", "--state-dir", str(again.state_dir)],
+                             capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 1 and "state          stopped" in stopped.stdout
 
 
 def _scrape(port: int) -> str | None:
