@@ -36,6 +36,9 @@ debootstrap --variant=minbase --include="$packages" "$SUITE" "$rootfs" "$mirror"
     || { tail -n 30 "$rootfs.log" >&2; exit 1; }
 rm -f "$rootfs.log"
 
+# mktemp -d made the tree's top 0700, and tar records it as the image's /: every non-root service
+# would then fail to reach anything (systemd: 200/CHDIR, "journal socket: Permission denied").
+chmod 0755 "$rootfs"
 # Containers from one tree would share machine-id and journal (../shared/facts.md).
 : >"$rootfs/etc/machine-id"
 rm -rf "$rootfs/var/log/journal"/* "$rootfs/var/cache/apt/archives"/*.deb "$rootfs/var/lib/apt/lists"/*
