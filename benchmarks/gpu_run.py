@@ -187,7 +187,10 @@ def serve_and_measure(run: Run, quant: str) -> dict:
     from farworker.status_file import read_status
 
     args, work, model = run.args, run.work, run.model_dir
-    env = {"FARLABS_ALLOW_LOCAL_MODEL": "true", "FARLABS_MODEL_NAME": str(model), "FARLABS_QUANT_TYPE": quant,
+    # The trailing "/" works around a farworker bug (petals_host.dht_prefix_for): when FARLABS_MODEL_NAME is
+    # already an absolute, resolved directory, the prefix comes out None and petals' Server dies on
+    # `UID_DELIMITER in None`. With "dir/" the prefix is the directory's name, as intended.
+    env = {"FARLABS_ALLOW_LOCAL_MODEL": "true", "FARLABS_MODEL_NAME": str(model) + "/", "FARLABS_QUANT_TYPE": quant,
            "FARLABS_TORCH_DTYPE": run.dtype, "FARLABS_DEVICE": "cuda" if run.mode == "gpu" else "cpu"}
     before = nvml_used(set())
     server = client = None
@@ -219,6 +222,7 @@ def serve_and_measure(run: Run, quant: str) -> dict:
                 out["vram_tree_gib"] = round(used / 2**30, 2)
                 out["vram_gib_per_block"] = round(used / 2**30 / count, 3)
             out["worker_status_gpus"] = status.get("gpus")  # what heartbeats carry
+            out["predicted_gib_per_block"] = predicted_per_block(model, run.dtype, quant)
             prefix = dht_prefix_for(str(Path(model).resolve()), str(model))
             client = bl.MeshClientProcess(work, f"client-{quant}", server.initial_peer, model, "passive",
                                           dht_prefix=prefix or Path(model).name,
@@ -247,9 +251,27 @@ def serve_and_measure(run: Run, quant: str) -> dict:
             out["stop"] = server.stop(timeout=60)
 
 
+def predicted_per_block(model: Path, dtype: str, quant: str) -> float | str:
+    """What farworker's block plan budgets per block (weights + attention cache), GiB."""
+    try:
+        import torch
+
+        from farworker.block_plan import per_block_bytes
+        from farworker.petals_compat import import_petals
+
+        import_petals()
+        from petals.utils.auto_config import AutoDistributedConfig
+
+        config = AutoDistributedConfig.from_pretrained(str(model))
+        return round(per_block_bytes(config, getattr(torch, dtype), quant) / 2**30, 3)
+    except Exception as error:  # a figure for the report, never a reason to fail the step
+        return f"unavailable: {error}"
+
+
 def local_measure(run: Run) -> dict:
     device = "cuda" if run.mode == "gpu" else "cpu"
-    answer = bl.run_local(run.model_dir, "default", run.args.new_tokens, run.args.reps, device=device,
+    # a lone process on a GPU host: torch's default threads; CPU mode shares 2 cores: one thread (see mesh_vs_local)
+    answer = bl.run_local(run.model_dir, "default" if run.mode == "gpu" else "single", run.args.new_tokens, run.args.reps, device=device,
                           dtype=run.dtype, timeout=max(60, int(run.left())))
     tps = run.args.new_tokens / bl.median(answer["seconds"])
     out = {"tokens_per_s": round(tps, 2), "seconds_per_generation": [round(s, 4) for s in answer["seconds"]],
