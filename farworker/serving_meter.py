@@ -6,13 +6,15 @@ report each finished session or forward pass through a multiprocessing queue. Th
 events into counters (heartbeats, status, metrics) and usage records (the durable outbox).
 
 A step counts once its output was produced and sent: the wrapper is resumed only after the handler
-has yielded the step's response, so a step that failed mid-way is not billed.
+has yielded the step's response, so a step that failed mid-way is not billed. A session reports its
+usage when it closes and every SEGMENT_SECONDS while it lasts, so a crash loses at most one segment.
 """
 
 from __future__ import annotations
 
 import functools
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -21,6 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from farworker.petals_compat import import_petals
+
+# A long session reports its usage at least this often (the variable exists for tests).
+SEGMENT_SECONDS = float(os.environ.get("FARWORKER_USAGE_SEGMENT_SECONDS", "10"))
 
 
 @dataclass
@@ -44,6 +49,11 @@ class Counters:
 def _block_span(uids) -> list[int]:
     indices = [int(uid.rsplit(".", 1)[1]) for uid in uids]
     return [min(indices), max(indices) + 1]
+
+
+def _record(session_id: str | None, blocks: list[int], tokens: int, steps: int, started: float) -> dict:
+    return {"id": str(uuid.uuid4()), "session_id": session_id or "", "blocks": blocks, "tokens": tokens,
+            "steps": steps, "started_at": started, "ended_at": time.time()}
 
 
 def _tokens_of(request) -> int:
@@ -85,7 +95,17 @@ class ServingMeter:
 
         async def metered_steps(handler, first_request, requests, session_id, requested_uids, context):
             sink = type(handler)._farworker_events
-            started, tokens, steps, failed = time.time(), 0, 0, False
+            blocks = _block_span(requested_uids)
+            segment = {"started": time.time(), "tokens": 0, "steps": 0}
+
+            def report_segment():
+                # A long chat session is billed in segments, so a crash loses at most one segment.
+                if segment["steps"]:
+                    sink.put(("usage", _record(session_id, blocks, segment["tokens"], segment["steps"],
+                                               segment["started"])))
+                segment.update(started=time.time(), tokens=0, steps=0)
+
+            failed = False
             sink.put(("open", None))
             try:
                 async for request, metadata in original_steps(
@@ -93,23 +113,18 @@ class ServingMeter:
                 ):
                     pending = _tokens_of(request)
                     yield request, metadata
-                    tokens, steps = tokens + pending, steps + 1  # resumed: the step's output went out
+                    segment["tokens"] += pending  # resumed: the step's output went out
+                    segment["steps"] += 1
+                    if time.time() - segment["started"] >= SEGMENT_SECONDS:
+                        report_segment()
             except GeneratorExit:
                 raise
             except BaseException:
                 failed = True
                 raise
             finally:
-                sink.put(("session", {
-                    "id": str(uuid.uuid4()),
-                    "session_id": session_id or "",
-                    "blocks": _block_span(requested_uids),
-                    "tokens": tokens,
-                    "steps": steps,
-                    "started_at": started,
-                    "ended_at": time.time(),
-                    "failed": failed,
-                }))
+                report_segment()
+                sink.put(("close", failed))
 
         # hivemind registers rpc_* methods by their annotations, so the wrapper carries the original's.
         @functools.wraps(original_forward)
@@ -121,17 +136,7 @@ class ServingMeter:
             except BaseException:
                 sink.put(("error", None))
                 raise
-            uids = request.uid.split(" ")
-            sink.put(("forward", {
-                "id": str(uuid.uuid4()),
-                "session_id": "",
-                "blocks": _block_span(uids),
-                "tokens": _tokens_of(request),
-                "steps": 1,
-                "started_at": started,
-                "ended_at": time.time(),
-                "failed": False,
-            }))
+            sink.put(("forward", _record(None, _block_span(request.uid.split(" ")), _tokens_of(request), 1, started)))
             return response
 
         TransformerConnectionHandler._iterate_inference_steps = metered_steps
@@ -148,21 +153,23 @@ class ServingMeter:
                 return
             self._account(kind, payload)
 
-    def _account(self, kind: str, payload: dict | None) -> None:
+    def _account(self, kind: str, payload) -> None:
         with self._lock:
             c = self.counters
             if kind == "open":
                 c.open_sessions += 1
                 return
+            if kind == "close":
+                c.open_sessions = max(0, c.open_sessions - 1)
+                c.requests += 1
+                c.errors += int(payload)
+                return
             if kind == "error":
                 c.requests += 1
                 c.errors += 1
                 return
-            if kind == "session":
-                c.open_sessions = max(0, c.open_sessions - 1)
-            c.requests += 1
-            c.inference_steps += payload["steps"]
+            c.requests += kind == "forward"  # a session counts once, at close
+            c.inference_steps += payload["steps"] if kind == "usage" else 0
             c.tokens_processed += payload["tokens"]
-            c.errors += int(payload.pop("failed"))
         if payload["tokens"] > 0:
             self._on_record(payload)

@@ -30,7 +30,8 @@ def wait_for(predicate, timeout=30.0, what="condition"):
 
 def test_two_workers_split_the_model_and_match_transformers(start_workers, bootstrap_peer, tiny_model):
     first = start_workers("w1", "0:2", bootstrap_peer)
-    second = start_workers("w2", "2:4", bootstrap_peer)
+    # The second worker bills every step as its own segment, as a long session would every 10 s.
+    second = start_workers("w2", "2:4", bootstrap_peer, env={"FARWORKER_USAGE_SEGMENT_SECONDS": "0"})
     status_1, status_2 = first.wait_online(), second.wait_online()
     assert (status_1["blocks"], status_2["blocks"]) == ([0, 2], [2, 4])
 
@@ -52,8 +53,11 @@ def test_two_workers_split_the_model_and_match_transformers(start_workers, boots
         assert status["counters"]["inference_steps"] == NEW_TOKENS
         # The coordinator is unreachable: the usage record waits on disk, not in memory.
         records = Outbox(worker.state_dir / "outbox.sqlite3").pending()
-        assert [(r["tokens"], r["steps"], r["blocks"]) for r in records] == [
-            (expected_tokens, NEW_TOKENS, status["blocks"])]
+        assert sum(r["tokens"] for r in records) == expected_tokens
+        assert sum(r["steps"] for r in records) == NEW_TOKENS
+        assert {tuple(r["blocks"]) for r in records} == {tuple(status["blocks"])}
+        assert len({r["id"] for r in records}) == len(records)
+    assert len(Outbox(second.state_dir / "outbox.sqlite3").pending()) == NEW_TOKENS  # one record per step
 
 
 def free_port() -> int:
