@@ -28,17 +28,16 @@ class Health:
     reason: str = ""
 
 
-def dht_prefix_for(model_path: str, model_name: str) -> str | None:
+def dht_prefix_for(model_name: str) -> str:
     """The DHT prefix clients look the blocks up by.
 
-    Hub models reach petals as a downloaded directory, so we apply petals' own rule for a repo name
-    (last part, dots to dashes, '-hf' suffix): public clients find them where they expect. Local
-    checkpoints and the tiny model use their sanitized directory name.
+    Every model reaches petals as a directory (the tiny model, a local checkpoint, a downloaded hub
+    snapshot), for which petals has no prefix of its own. Hub models get petals' rule for a repo name
+    (last part, dots to dashes, '-hf' suffix), so clients find them where they expect; local checkpoints
+    and the tiny model their sanitized directory name.
     """
     from farworker.config import SUPPORTED_MODELS
 
-    if model_path == model_name:
-        return None
     if model_name in SUPPORTED_MODELS:
         prefix = model_name.split("/")[-1].replace(".", "-")
         return prefix if prefix.endswith("-hf") else prefix + "-hf"
@@ -67,7 +66,7 @@ class PetalsHost:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.server = Server(
             initial_peers=cfg.initial_peers,
-            dht_prefix=dht_prefix_for(self.model_path, cfg.model_name),
+            dht_prefix=dht_prefix_for(cfg.model_name),
             converted_model_name_or_path=self.model_path,
             public_name=cfg.public_name or None,
             throughput=1.0,  # replaced below with our locally measured figure; avoids petals' speedtest

@@ -80,7 +80,7 @@ class Settings:
             self.model_path = Path(self.model_path)
             self.model_name = self.model_name or self.model_path.name
             # the prefix the workers' petals servers announce under (farworker.petals_host does the same)
-            self.dht_prefix = self.dht_prefix or dht_prefix_for(str(self.model_path), self.model_name)
+            self.dht_prefix = self.dht_prefix or dht_prefix_for(self.model_name)
             config = self.model_path / "config.json"
             if config.is_file() and self.model_name not in self.model_blocks:
                 layers = json.loads(config.read_text()).get("num_hidden_layers")
