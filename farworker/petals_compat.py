@@ -58,4 +58,38 @@ def import_petals() -> ModuleType:
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*_register_pytree_node.*")
         import petals
 
+    _make_session_finalizer_safe()
     return petals
+
+
+def _make_session_finalizer_safe() -> None:
+    """petals' client sessions close themselves in __del__ by waiting on hivemind's client event loop.
+
+    When the garbage collector runs that __del__ on the event-loop thread itself (it can: any allocation
+    there may trigger a collection), the loop waits for itself and every client request in the process
+    hangs forever. Seen with the coordinator's client during a mesh re-route. On the loop thread we
+    schedule the close instead of waiting for it.
+    """
+    import asyncio
+    import threading
+
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from petals.client.inference_session import _ServerInferenceSession
+
+    if getattr(_ServerInferenceSession, "_farworker_safe_del", False):
+        return
+
+    def __del__(self):
+        if self._outputs_stream is None:
+            return
+        if threading.current_thread() is RemoteExpertWorker._event_thread:
+            def mark_closed(_task, session=self):
+                session._outputs_stream = session._inputs_queue = None
+                session.closed = True
+
+            asyncio.get_event_loop().create_task(self._aclose_stream()).add_done_callback(mark_closed)
+        else:
+            self.close()
+
+    _ServerInferenceSession.__del__ = __del__
+    _ServerInferenceSession._farworker_safe_del = True

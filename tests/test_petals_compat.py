@@ -48,3 +48,29 @@ def test_petals_imports_and_serves_llama():
     petals = import_petals()
     assert petals.__version__ == "2.2.0.post1"
     from petals.server.server import Server  # noqa: F401  (the server module imports most of hivemind)
+
+
+def test_a_session_collected_on_the_client_loop_thread_does_not_hang_the_loop():
+    import asyncio
+
+    import_petals()
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from petals.client.inference_session import _ServerInferenceSession
+
+    closed = []
+
+    async def outputs():
+        closed.append("stream ended")
+        yield None
+
+    async def collect_on_the_loop_thread():
+        session = _ServerInferenceSession.__new__(_ServerInferenceSession)
+        session._inputs_queue, session._outputs_stream = asyncio.Queue(), outputs()
+        session.stepped, session.closed = True, False
+        session.__del__()  # what the garbage collector does when it runs on this thread
+        await asyncio.sleep(0.1)  # let the scheduled close run
+        return session.closed
+
+    future = RemoteExpertWorker.run_coroutine(collect_on_the_loop_thread(), return_future=True)
+    assert future.result(timeout=10) is True  # unpatched petals waits on its own loop here forever
+    assert closed == ["stream ended"]
