@@ -1,0 +1,85 @@
+# farworker container image: `farworker run` as a non-root user, the same pinned set as the venv install.
+#
+#   scripts/build-wheelhouse.sh wheelhouse          # wheels of requirements/runtime.lock + torch + farworker
+#   docker build -t farworker .                     # GPU: CUDA runtime base (needs the base's apt mirror)
+#   docker build --build-arg BASE_IMAGE=farworker/debian-python:bookworm -t farworker:cpu .   # CPU, offline
+#
+# Build args:
+#   BASE_IMAGE  any Debian/Ubuntu image. Python 3.11 (+venv) and tini are used when present (the CPU base
+#               from scripts/containers/build-python-image.sh has both: no network needed); otherwise they
+#               are installed with apt (Ubuntu 22.04 ships python3.11 in universe).
+#   WHEELHOUSE  the wheelhouse directory inside the build context (default: wheelhouse). Nothing is
+#               downloaded: every Python package comes from it (pip --no-index).
+#   TORCH_SPEC  the torch requirement to install from the wheelhouse (default torch==2.13.0).
+# See docs/docker.md.
+ARG BASE_IMAGE=nvidia/cuda:12.4.1-runtime-ubuntu22.04
+
+FROM ${BASE_IMAGE} AS base
+# One layer: python3.11 (+venv) and tini from apt only when the base lacks them (the CPU base from
+# scripts/containers/build-python-image.sh has both: no network needed). / must be world-readable
+# (a rootfs imported from a 0700 temporary directory is not) or the non-root user cannot run anything.
+RUN set -eu; \
+    chmod 0755 /; \
+    if command -v python3.11 >/dev/null && python3.11 -c 'import ensurepip, venv' 2>/dev/null \
+        && command -v tini >/dev/null; then exit 0; fi; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends python3.11 python3.11-venv tini ca-certificates; \
+    rm -rf /var/lib/apt/lists/*
+
+# The dependencies, without farworker's own wheel, so this stage stays cached while only farworker changes.
+# The patterns copy every wheel but farworker-*.whl ("fa" is only fastapi and farworker today; a new
+# dependency starting with "fa" fails the install below loudly: add a pattern for it).
+FROM base AS deps
+ARG WHEELHOUSE=wheelhouse
+ARG TORCH_SPEC=torch==2.13.0
+COPY ${WHEELHOUSE}/runtime.lock ${WHEELHOUSE}/[^f]*.whl ${WHEELHOUSE}/f[^a]*.whl ${WHEELHOUSE}/fastapi-*.whl /wheels/
+# The install recipe of scripts/build-wheelhouse.sh: torch (with its dependencies, from the wheelhouse),
+# then the exact lock with --no-deps (petals' own pins cannot install).
+RUN set -eu; \
+    python3.11 -m venv /opt/farworker; \
+    pip="/opt/farworker/bin/pip --disable-pip-version-check --no-cache-dir --quiet"; \
+    $pip install --no-index --find-links /wheels --no-deps "$(grep -E '^setuptools==' /wheels/runtime.lock)"; \
+    $pip install --no-index --find-links /wheels "${TORCH_SPEC}"; \
+    $pip install --no-index --find-links /wheels --no-deps -r /wheels/runtime.lock
+
+FROM deps AS app
+ARG WHEELHOUSE=wheelhouse
+COPY ${WHEELHOUSE}/farworker-*.whl /wheels/
+RUN set -eu; \
+    /opt/farworker/bin/pip --disable-pip-version-check --no-cache-dir --quiet install --no-index --no-deps \
+        /wheels/farworker-*.whl; \
+    /opt/farworker/bin/python -m pip uninstall --quiet --yes pip; \
+    /opt/farworker/bin/python -c 'from farworker.petals_compat import import_petals; import_petals()'
+
+FROM base
+# Metadata first and the big venv copy last: with the vfs storage driver every step copies the whole
+# file system, so every step after the 1.4 GB copy would cost a full copy of it.
+ARG FARWORKER_UID=10001
+ENV PATH=/opt/farworker/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin} \
+    FARLABS_STATE_DIR=/var/lib/farworker \
+    FARLABS_CACHE_DIR=/var/cache/farworker \
+    HOME=/var/lib/farworker \
+    HF_HOME=/var/cache/farworker/huggingface \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN set -eu; \
+    groupadd --gid ${FARWORKER_UID} farworker; \
+    useradd --uid ${FARWORKER_UID} --gid farworker --home-dir /var/lib/farworker --no-create-home \
+        --shell /usr/sbin/nologin farworker; \
+    install -d -o farworker -g farworker -m 0750 /var/lib/farworker /var/cache/farworker
+# State: identity key (peer id), usage outbox, status file. Cache: model weights.
+VOLUME ["/var/lib/farworker", "/var/cache/farworker"]
+EXPOSE 31330/tcp
+STOPSIGNAL SIGTERM
+# Fresh status file + state online + healthy, as `farworker status` (and the systemd watchdog) decide.
+# start-period covers loading weights; a big model on a slow disk may need `docker run --health-start-period`.
+HEALTHCHECK --interval=10s --timeout=10s --start-period=300s --retries=3 \
+    CMD ["/opt/farworker/bin/python", "/usr/local/lib/farworker/healthcheck.py"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/farworker-entrypoint"]
+CMD ["run"]
+USER farworker
+COPY docker/entrypoint.sh /usr/local/bin/farworker-entrypoint
+COPY docker/healthcheck.py /usr/local/lib/farworker/healthcheck.py
+COPY --from=app /opt/farworker /opt/farworker

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The container image's CI: build the image from a local base and the wheelhouse, then test it against
+# the local docker daemon (tests/test_docker_image.py). Works on a fresh Debian 12 machine as root with
+# no docker running and no registry reachable:
+#   1. apt: docker.io, debootstrap       2. dockerd (vfs)                 3. base image (debootstrap, cached by tag)
+#   4. wheelhouse (cached; shared with scripts/ci-molecule.sh at $FARWORKER_CI_CACHE/wheelhouse)
+#   5. docker build --build-arg BASE_IMAGE=...  6. host venv for the client side (.venv, reused)   7. pytest
+# Usage: scripts/ci-docker.sh [pytest args...]
+# Env: FARWORKER_CI_CACHE (default .cache), FARWORKER_DOCKER_IMAGE (default farworker:ci),
+#      FARWORKER_DOCKER_BASE (default farworker/debian-python:bookworm, built here if missing).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+cache=${FARWORKER_CI_CACHE:-$root/.cache}
+image=${FARWORKER_DOCKER_IMAGE:-farworker:ci}
+base=${FARWORKER_DOCKER_BASE:-farworker/debian-python:bookworm}
+venv=$root/.venv
+
+step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
+timings=()
+timed() { local start=$SECONDS; "$@"; timings+=("$((SECONDS - start)) s  $*"); }
+
+step "apt packages"
+missing=()
+for pkg in docker.io debootstrap; do
+    dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+step "dockerd"
+bash scripts/containers/dockerd-up.sh
+
+step "base image $base"
+if [[ "$base" == farworker/debian-python:* ]]; then
+    timed bash scripts/containers/build-python-image.sh "$base"
+else
+    docker image inspect "$base" >/dev/null || { echo "base image $base not found locally" >&2; exit 1; }
+fi
+
+step "wheelhouse $cache/wheelhouse"
+timed bash scripts/build-wheelhouse.sh "$cache/wheelhouse"
+# The build context is the repository (.dockerignore sends only docker/ and the wheelhouse).
+case "$cache/wheelhouse" in
+    "$root"/*) wheelhouse=${cache#"$root"/}/wheelhouse ;;
+    *)  # outside the tree: hard links (or a copy across file systems) into ./wheelhouse
+        rm -rf wheelhouse
+        cp -al "$cache/wheelhouse" wheelhouse 2>/dev/null || cp -a "$cache/wheelhouse" wheelhouse
+        wheelhouse=wheelhouse ;;
+esac
+
+step "docker build $image (BASE_IMAGE=$base, WHEELHOUSE=$wheelhouse)"
+DOCKER_BUILDKIT=0 timed docker build --build-arg BASE_IMAGE="$base" --build-arg WHEELHOUSE="$wheelhouse" -t "$image" .
+docker image inspect -f '{{.Size}}' "$image" | awk -v i="$image" '{printf "image %s: %.2f GB\n", i, $1/1e9}'
+
+step "host venv $venv (the test's petals client)"
+if ! "$venv/bin/python" -c 'import farworker, petals, pytest, pytest_timeout' 2>/dev/null; then
+    python3 -m venv "$venv"
+    pip=("$venv/bin/pip" --disable-pip-version-check --quiet)
+    "${pip[@]}" install --no-index --find-links "$cache/wheelhouse" "$(grep -E '^setuptools==' requirements/runtime.lock)"
+    "${pip[@]}" install --no-index --find-links "$cache/wheelhouse" -c requirements/torch.txt torch
+    "${pip[@]}" install --no-index --find-links "$cache/wheelhouse" --no-deps -r requirements/runtime.lock
+    "${pip[@]}" install --no-deps -e .
+    "${pip[@]}" install -r requirements/dev.txt
+fi
+
+step "pytest tests/test_docker_image.py"
+export FARWORKER_DOCKER_TESTS=1 FARWORKER_DOCKER_IMAGE=$image
+timed "$venv/bin/python" -m pytest -v -p no:cacheprovider tests/test_docker_image.py "$@"
+
+step "done"
+printf '%s\n' "${timings[@]}"
