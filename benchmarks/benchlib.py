@@ -135,13 +135,19 @@ class Tree:
 
     def memory_full(self) -> dict[str, int]:
         """Summed PSS and USS (pages only this tree's processes hold, split fairly / private only)."""
-        total = {"pss": 0, "uss": 0, "processes": 0}
+        total = {"pss": 0, "uss": 0, "processes": 0, "main": {}, "children": {"rss": 0, "pss": 0, "uss": 0}}
         for p in self.processes():
             with contextlib.suppress(Exception):
                 info = p.memory_full_info()
                 total["pss"] += info.pss
                 total["uss"] += info.uss
                 total["processes"] += 1
+                part = {"rss": info.rss, "pss": info.pss, "uss": info.uss}
+                if p.pid == self.proc.pid:
+                    total["main"] = part
+                else:
+                    for key, value in part.items():
+                        total["children"][key] += value
         return total
 
     def cpu_seconds(self) -> dict[int, float]:

@@ -97,6 +97,9 @@ def main() -> None:
         "pss_sum_mib_at_end": {k: round(v / mib, 1) for k, v in pss.items()},
         "uss_sum_mib_at_end": {k: round(v["uss"] / mib, 1) for k, v in full.items()},
         "processes_at_end": {k: v["processes"] for k, v in full.items()},
+        "main_process_mib_at_end": {k: {m: round(x / mib, 1) for m, x in v["main"].items()} for k, v in full.items()},
+        "children_sum_mib_at_end": {k: {m: round(x / mib, 1) for m, x in v["children"].items()}
+                                    for k, v in full.items()},
         "farworker_extra_peak_rss_mib": round((peak["farworker"] - peak["petals"]) / mib, 1),
         "farworker_extra_pss_mib": round((pss["farworker"] - pss["petals"]) / mib, 1),
         "stops": stops,

@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="timed generations per server (bounded)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--farworker-client-policy", default="passive", choices=("passive", "single", "default"))
+    parser.add_argument("--rep-timeout", type=float, default=120.0, help="seconds one generation may take")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     parser.add_argument("--work-dir", default=None, help="keep logs here (default: a temporary dir, removed)")
     args = parser.parse_args()
@@ -56,10 +57,21 @@ def main() -> None:
                 order = [("farworker", a), ("petals", b)]
                 if rep % 2:
                     order.reverse()
-                for name, client in order:
-                    answer = client.generate(bl.PROMPT_IDS, args.new_tokens)
-                    times[name].append(answer["seconds"])
-                    tokens[name] = answer["tokens"]
+                try:
+                    for name, client in order:
+                        answer = client.generate(bl.PROMPT_IDS, args.new_tokens, timeout=args.rep_timeout)
+                        times[name].append(answer["seconds"])
+                        tokens[name] = answer["tokens"]
+                except RuntimeError as error:  # a generation that never finished: record it, keep what we have
+                    server = fw if name == "farworker" else raw
+                    result["hung"] = {"server": name, "rep": rep, "timeout_s": args.rep_timeout,
+                                      "error": str(error)[:300],
+                                      "server_log_tail": server.log_text().splitlines()[-8:],
+                                      "work_dir_kept": str(work)}
+                    args.work_dir = args.work_dir or str(work)  # keep the logs
+                    bl.log(f"rep {rep}: {name} did not answer in {args.rep_timeout:.0f} s; stopping the loop")
+                    times = {k: v[:min(map(len, times.values()))] for k, v in times.items()}  # whole pairs only
+                    break
                 bl.log(f"rep {rep}: farworker {times['farworker'][-1]:.3f} s, petals {times['petals'][-1]:.3f} s")
             rss = {s.kind: s.tree.peak_rss for s in servers}
     finally:
