@@ -17,9 +17,10 @@ import threading
 import time
 
 from farworker import __version__, gpu
-from farworker.config import WorkerConfig
+from farworker.config import ConfigError, WorkerConfig
 from farworker.model_source import DownloadInterrupted, format_progress
 from farworker.notify import Notifier, StartupKeepalive
+from farworker.shm_guard import check_shm
 from farworker.status_file import write_status
 
 log = logging.getLogger("farworker")
@@ -42,6 +43,7 @@ class Worker:
         self.healthy = False
         self.health_reason = ""
         self._last_status: dict = {}
+        self.identity = None
 
     # -- start -------------------------------------------------------------------------------------
     def start(self) -> bool:
@@ -55,8 +57,12 @@ class Worker:
         from farworker.serving_meter import ServingMeter
 
         cfg = self.config
+        problem = check_shm()
+        if problem:  # petals would fail the first large request instead
+            raise ConfigError([problem])
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity = load_or_create(cfg.identity_path)
+        self._write_status()  # replaces a previous run's file: nobody may read it as this run's health
         self.outbox = Outbox(cfg.state_dir / "outbox.sqlite3")
         log.info("farworker %s, peer id %s, model %s", __version__, self.identity.peer_id, cfg.model_name)
 
@@ -145,7 +151,8 @@ class Worker:
         if self.host is not None:
             self.host.stop(timeout=10.0)
         self.state = "stopped"
-        self._write_status()
+        if self.identity is not None:  # the state dir exists: start got past its checks
+            self._write_status()
         log.info("Stopped cleanly")
 
     # -- reports -----------------------------------------------------------------------------------
@@ -197,7 +204,7 @@ class Worker:
             "health_reason": self.health_reason,
             "model_name": self.config.model_name,
             "blocks": list(self.host.blocks) if self.host and self.host.blocks else None,
-            "peer_id": self.identity.peer_id,
+            "peer_id": self.identity.peer_id if self.identity else None,
             "maddrs": self.host.visible_maddrs if self.host else [],
             "peers": self._peer_count(),
             "open_sessions": counters.open_sessions if counters else 0,
