@@ -1,18 +1,21 @@
 """Benchmark 1: client tokens/s through `farworker run` against petals' own `run_server` CLI.
 
-Both servers hold all 4 blocks of the embedded tiny Llama (float32, CPU), each in its own new swarm on
-loopback, and both stay up for the whole run. Each has its own client process, using the same thread
-policy as its server side: farworker's client applies farworker's policy ("passive"), the raw petals
-client keeps torch's defaults, as the raw server does. Repetitions alternate A/B, B/A, ... so drift on
-a shared machine falls on both; the figure is the ratio of the medians (and the median of the per-pair
-ratios as a check).
+Every server holds all 4 blocks of the embedded tiny Llama (float32, CPU), each in its own new swarm on
+loopback, and all stay up for the whole run. Each has its own client process using the same thread
+policy as its server side: a farworker variant `farworker:<policy>` runs `farworker run` with
+FARLABS_THREAD_POLICY=<policy> (default policy: passive) and its client applies the same policy; the
+raw petals server and its client keep torch's defaults. Repetitions are interleaved and the order
+rotates every repetition, so drift on a shared machine falls on all; the figure per farworker variant is
+the ratio of its median tokens/s to raw petals' (and the median of the per-repetition ratios as a check).
 
     python benchmarks/serving_speed.py --reps 10 --new-tokens 64 --out benchmarks/results/serving_speed.json
+    python benchmarks/serving_speed.py --variants farworker:passive,farworker:single,petals --reps 12 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,77 +27,96 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10, help="timed generations per server (bounded)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--farworker-client-policy", default="passive", choices=("passive", "single", "default"))
+    parser.add_argument("--variants", default="farworker:passive,petals",
+                        help="comma list of farworker:<passive|single|spin> and petals")
     parser.add_argument("--rep-timeout", type=float, default=120.0, help="seconds one generation may take")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     parser.add_argument("--work-dir", default=None, help="keep logs here (default: a temporary dir, removed)")
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "petals" not in variants:
+        parser.error("--variants must include petals (the baseline)")
 
     info = bl.machine_info()
     model = bl.tiny_model_dir()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fw-bench-speed-"))
     work.mkdir(parents=True, exist_ok=True)
-    servers, clients = [], []
-    result = {"benchmark": "serving_speed", "machine": info, "new_tokens": args.new_tokens, "reps": args.reps}
+    servers: dict[str, bl.Server] = {}
+    clients: dict[str, bl.MeshClientProcess] = {}
+    result = {"benchmark": "serving_speed", "machine": info, "new_tokens": args.new_tokens, "reps": args.reps,
+              "variants": variants}
+    times = {v: [] for v in variants}
+    tokens = {}
+    rss, stops = {}, {}
     try:
         with bl.coordinator(work) as coord:
-            fw = bl.start_farworker(work, "farworker", coord.url)
-            servers.append(fw)
-            raw = bl.start_raw_petals(work, "petals", model)
-            servers.append(raw)
-            for server in servers:
+            for v in variants:
+                if v == "petals":
+                    servers[v] = bl.start_raw_petals(work, "petals", model)
+                else:
+                    policy = v.split(":", 1)[1]
+                    name = v.replace(":", "-")
+                    servers[v] = bl.start_farworker(work, name, coord.url,
+                                                    extra_env={"FARLABS_THREAD_POLICY": policy})
+            for v, server in servers.items():
                 server.wait_ready()
-                bl.log(f"{server.kind} ready")
-            a = bl.MeshClientProcess(work, "client-farworker", fw.initial_peer, model, args.farworker_client_policy)
-            clients.append(a)
-            b = bl.MeshClientProcess(work, "client-petals", raw.initial_peer, model, "default")
-            clients.append(b)
-            for client in clients:  # warm-up: route discovery, first-call costs
+                bl.log(f"{v} ready")
+            for v, server in servers.items():
+                policy = "default" if v == "petals" else {"spin": "default"}.get(v.split(":")[1], v.split(":")[1])
+                clients[v] = bl.MeshClientProcess(work, "client-" + v.replace(":", "-"), server.initial_peer, model,
+                                                  policy)
+            for client in clients.values():  # warm-up: route discovery, first-call costs
                 client.generate(bl.PROMPT_IDS, args.new_tokens)
-            times = {"farworker": [], "petals": []}
-            tokens = {}
             for rep in range(args.reps):
-                order = [("farworker", a), ("petals", b)]
-                if rep % 2:
+                shift = rep % len(variants)
+                order = variants[shift:] + variants[:shift]
+                if (rep // len(variants)) % 2:
                     order.reverse()
                 try:
-                    for name, client in order:
-                        answer = client.generate(bl.PROMPT_IDS, args.new_tokens, timeout=args.rep_timeout)
-                        times[name].append(answer["seconds"])
-                        tokens[name] = answer["tokens"]
+                    for v in order:
+                        answer = clients[v].generate(bl.PROMPT_IDS, args.new_tokens, timeout=args.rep_timeout)
+                        times[v].append(answer["seconds"])
+                        tokens[v] = answer["tokens"]
                 except RuntimeError as error:  # a generation that never finished: record it, keep what we have
-                    server = fw if name == "farworker" else raw
-                    result["hung"] = {"server": name, "rep": rep, "timeout_s": args.rep_timeout,
+                    result["hung"] = {"server": v, "rep": rep, "timeout_s": args.rep_timeout,
                                       "error": str(error)[:300],
-                                      "server_log_tail": server.log_text().splitlines()[-8:],
+                                      "server_log_tail": servers[v].log_text().splitlines()[-8:],
                                       "work_dir_kept": str(work)}
                     args.work_dir = args.work_dir or str(work)  # keep the logs
-                    bl.log(f"rep {rep}: {name} did not answer in {args.rep_timeout:.0f} s; stopping the loop")
-                    times = {k: v[:min(map(len, times.values()))] for k, v in times.items()}  # whole pairs only
+                    bl.log(f"rep {rep}: {v} did not answer in {args.rep_timeout:.0f} s; stopping the loop")
+                    done = min(map(len, times.values()))
+                    times = {k: t[:done] for k, t in times.items()}  # whole rounds only
                     break
-                bl.log(f"rep {rep}: farworker {times['farworker'][-1]:.3f} s, petals {times['petals'][-1]:.3f} s")
-            rss = {s.kind: s.tree.peak_rss for s in servers}
+                bl.log(f"rep {rep}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in variants))
+            rss = {v: s.tree.peak_rss for v, s in servers.items()}
     finally:
-        for client in clients:
+        for client in clients.values():
             client.close()
-        stops = {s.kind: s.stop() for s in servers}
+        stops = {v: s.stop() for v, s in servers.items()}
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    tps = {k: [args.new_tokens / s for s in v] for k, v in times.items()}
-    med = {k: bl.median(v) for k, v in tps.items()}
-    pair_ratios = [f / p for f, p in zip(tps["farworker"], tps["petals"])]
+    tps = {k: [args.new_tokens / s for s in t] for k, t in times.items()}
+    med = {k: bl.median(t) for k, t in tps.items()}
+    ratios, pair_medians, pair_mins = {}, {}, {}
+    for v in variants:
+        if v == "petals" or not med.get(v):
+            continue
+        pairs = [f / p for f, p in zip(tps[v], tps["petals"])]
+        ratios[v] = round(med[v] / med["petals"], 3)
+        pair_medians[v] = round(bl.median(pairs), 3)
+        pair_mins[v] = round(min(pairs), 3)
     result.update({
-        "tokens_per_s": {k: [round(x, 2) for x in v] for k, v in tps.items()},
-        "median_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
-        "median_ms_per_token": {k: round(1000 / v, 3) for k, v in med.items()},
-        "ratio_farworker_over_petals": round(med["farworker"] / med["petals"], 3),
-        "median_of_pair_ratios": round(bl.median(pair_ratios), 3),
-        "min_pair_ratio": round(min(pair_ratios), 3),
-        "same_tokens": tokens.get("farworker") == tokens.get("petals"),
-        "peak_rss_mib_while_serving": {k: round(v / 2**20, 1) for k, v in rss.items()},
+        "tokens_per_s": {k: [round(x, 2) for x in t] for k, t in tps.items()},
+        "median_tokens_per_s": {k: round(x, 2) for k, x in med.items() if x},
+        "median_ms_per_token": {k: round(1000 / x, 3) for k, x in med.items() if x},
+        "ratio_over_petals": ratios,
+        "median_of_pair_ratios": pair_medians,
+        "min_pair_ratio": pair_mins,
+        "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+        "peak_rss_mib_while_serving": {k: round(x / 2**20, 1) for k, x in rss.items()},
         "stops": stops,
-        "loadavg_at_end": [round(x, 2) for x in __import__("os").getloadavg()],
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     })
     bl.write_json(args.out, result)
 
