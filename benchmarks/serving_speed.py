@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--variants", default="farworker:passive,petals",
                         help="comma list of farworker:<passive|single|spin> and petals")
+    parser.add_argument("--one-at-a-time", type=int, default=0, metavar="ROUNDS",
+                        help="instead: ROUNDS rounds in which each variant runs alone (its server and client only, "
+                             "--reps generations), order alternating; the others are stopped meanwhile")
     parser.add_argument("--rep-timeout", type=float, default=120.0, help="seconds one generation may take")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     parser.add_argument("--work-dir", default=None, help="keep logs here (default: a temporary dir, removed)")
@@ -41,6 +44,8 @@ def main() -> None:
     model = bl.tiny_model_dir()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fw-bench-speed-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.one_at_a_time:
+        return one_at_a_time(args, variants, info, model, work)
     servers: dict[str, bl.Server] = {}
     clients: dict[str, bl.MeshClientProcess] = {}
     result = {"benchmark": "serving_speed", "machine": info, "new_tokens": args.new_tokens, "reps": args.reps,
@@ -119,6 +124,56 @@ def main() -> None:
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     })
     bl.write_json(args.out, result)
+
+
+def start(variant: str, work: Path, name: str, api_url: str, model: Path) -> tuple[bl.Server, str]:
+    """The server for a variant and its client's policy."""
+    if variant == "petals":
+        return bl.start_raw_petals(work, name, model), "default"
+    policy = variant.split(":", 1)[1]
+    server = bl.start_farworker(work, name, api_url, extra_env={"FARLABS_THREAD_POLICY": policy})
+    return server, {"spin": "default"}.get(policy, policy)
+
+
+def one_at_a_time(args, variants: list[str], info: dict, model: Path, work: Path) -> None:
+    """Each round runs every variant alone, in alternating order: nothing else of ours is alive meanwhile."""
+    times = {v: [] for v in variants}
+    tokens = {}
+    try:
+        with bl.coordinator(work) as coord:
+            for rnd in range(args.one_at_a_time):
+                order = variants if rnd % 2 == 0 else list(reversed(variants))
+                for v in order:
+                    server, policy = start(v, work, f"{v.replace(':', '-')}-{rnd}", coord.url, model)
+                    client = None
+                    try:
+                        server.wait_ready()
+                        client = bl.MeshClientProcess(work, f"client-{v.replace(':', '-')}-{rnd}", server.initial_peer,
+                                                      model, policy)
+                        client.generate(bl.PROMPT_IDS, args.new_tokens)  # warm-up
+                        for _ in range(args.reps):
+                            answer = client.generate(bl.PROMPT_IDS, args.new_tokens, timeout=args.rep_timeout)
+                            times[v].append(answer["seconds"])
+                            tokens[v] = answer["tokens"]
+                    finally:
+                        if client is not None:
+                            client.close()
+                        server.stop()
+                    bl.log(f"round {rnd} {v}: median {bl.median(times[v][-args.reps:]):.3f} s")
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    med = {k: bl.median([args.new_tokens / s for s in t]) for k, t in times.items()}
+    bl.write_json(args.out, {
+        "benchmark": "serving_speed", "mode": "one_at_a_time", "machine": info, "variants": variants,
+        "rounds": args.one_at_a_time, "reps_per_round": args.reps, "new_tokens": args.new_tokens,
+        "seconds_per_generation": {k: [round(x, 4) for x in t] for k, t in times.items()},
+        "median_tokens_per_s": {k: round(x, 2) for k, x in med.items()},
+        "median_ms_per_token": {k: round(1000 / x, 3) for k, x in med.items()},
+        "ratio_over_petals": {k: round(x / med["petals"], 3) for k, x in med.items() if k != "petals"},
+        "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+    })
 
 
 if __name__ == "__main__":
