@@ -5,7 +5,7 @@
 #   3. the collections community.docker and ansible.posix, taken from PyPI's `ansible` wheel
 #   4. dockerd (vfs)   5. the debootstrap systemd image (cached by tag)   6. the wheelhouse (cached)
 #   7. ansible-lint (production) + yamllint   8. molecule test for each scenario
-# Usage: scripts/ci-molecule.sh [SCENARIO...]   (default: nvidia_driver cuda default)
+# Usage: scripts/ci-molecule.sh [SCENARIO...]   (default: nvidia_driver cuda default; fleet runs only when named)
 # SKIP_LINT=1 skips step 7.
 set -euo pipefail
 
@@ -74,10 +74,26 @@ bash scripts/containers/dockerd-up.sh
 step "systemd image $image"
 bash scripts/containers/build-systemd-image.sh "$image"
 
-if printf '%s\n' "${scenarios[@]}" | grep -qx default; then
+if printf '%s\n' "${scenarios[@]}" | grep -qxE 'default|fleet'; then
     step "wheelhouse"
     bash scripts/build-wheelhouse.sh "$cache/wheelhouse"
     export FARWORKER_WHEELHOUSE=$cache/wheelhouse
+fi
+
+if printf '%s\n' "${scenarios[@]}" | grep -qx fleet; then
+    # The fleet's rolling upgrade installs a newer farworker: the same tree as VERSION.post1.
+    step "fleet wheelhouse (+ a newer farworker wheel)"
+    version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
+    export FLEET_UPGRADE_VERSION=$version.post1 FARWORKER_FLEET_WHEELHOUSE=$cache/fleet-wheelhouse
+    rm -rf "$FARWORKER_FLEET_WHEELHOUSE" "$cache/fleet-src"
+    cp -al "$cache/wheelhouse" "$FARWORKER_FLEET_WHEELHOUSE"
+    mkdir -p "$cache/fleet-src"
+    cp -r pyproject.toml farworker templates "$cache/fleet-src/"
+    for f in README.md LICENSE; do [[ -e $f ]] && cp "$f" "$cache/fleet-src/"; done
+    sed -i "s/^version = \"$version\"$/version = \"$FLEET_UPGRADE_VERSION\"/" "$cache/fleet-src/pyproject.toml"
+    sed -i "s/^__version__ = \"$version\"$/__version__ = \"$FLEET_UPGRADE_VERSION\"/" "$cache/fleet-src/farworker/__init__.py"
+    python3 -m pip wheel --quiet --no-deps -w "$FARWORKER_FLEET_WHEELHOUSE" "$cache/fleet-src"
+    ls "$FARWORKER_FLEET_WHEELHOUSE"/farworker-*.whl
 fi
 
 for scenario in "${scenarios[@]}"; do
