@@ -80,19 +80,25 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
         say(f"done in {time.monotonic() - started:.0f} s")
         return 0 if match else 1
     finally:
+        if coordinator is not None:  # first: its petals client must not outlive the peers it talks to
+            coordinator.stop()
         for stop in reversed(processes):
             stop()
-        if coordinator is not None:
-            coordinator.stop()
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _wait_registered(url: str, count: int, timeout: float = 60.0) -> None:
+    """Wait until every worker registered and sent a heartbeat, then show what the coordinator knows."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         workers = requests.get(f"{url}/v1/workers", timeout=5).json()["workers"]
-        if sum(w.get("state") == "online" for w in workers) >= count:
+        beating = [w for w in workers if w.get("state") == "online" and w.get("heartbeat_count", 0) > 0]
+        if len(beating) >= count:
+            for w in beating:
+                say(f"registered {w['worker_id']} blocks {w['blocks'][0]}:{w['blocks'][1]}, heartbeat: earn rate "
+                    f"{w['earn_rate_far_per_hour']:.4f} $FAR/h, reliability {w['reliability']:.2f}, "
+                    f"uptime {w['uptime_pct']:.0f}%")
             return
         time.sleep(0.5)
     raise RuntimeError(f"only some of {count} workers registered with the coordinator in {timeout:.0f} s")

@@ -28,6 +28,9 @@ CLIENT_OPTIONS = {
 }
 
 
+CLOSE_TIMEOUT = 15.0  # seconds the client's shutdown may take before the process moves on
+
+
 class MeshError(Exception):
     def __init__(
         self, message: str, status: int = 503, code: str = "mesh_unavailable", field: str | None = None
@@ -182,10 +185,30 @@ class MeshClient:
             model, self._model = self._model, None
         if model is not None:
             manager = model.transformer.h.sequence_manager
-            with contextlib.suppress(Exception):  # best effort: stop the route updates, then the DHT and p2pd
-                manager.shutdown()
-            with contextlib.suppress(Exception):
-                manager.dht.shutdown()
+
+            def shut_down():
+                with contextlib.suppress(Exception):  # best effort: stop the route updates, then the DHT and p2pd
+                    manager.shutdown()
+                with contextlib.suppress(Exception):
+                    manager.dht.shutdown()
+
+            # petals joins its route-update thread without a timeout; that thread may be inside a DHT query
+            # to peers that are already gone. A shutdown must not hang the coordinator's exit.
+            closer = threading.Thread(target=shut_down, name="mesh-client-close", daemon=True)
+            closer.start()
+            closer.join(CLOSE_TIMEOUT)
+            _give_this_thread_an_event_loop()
+
+
+def _give_this_thread_an_event_loop() -> None:
+    """hivemind's p2pd client objects, collected later in this thread, look up its event loop in __del__;
+    under uvloop's policy a thread without one raises there and prints a traceback at exit."""
+    import asyncio
+
+    try:
+        asyncio.get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
 
 
 def _keep(seen: list, server_sessions) -> None:
