@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs every CPU benchmark one after the other (never two at once: they share the cores), writing
-# benchmarks/results/*.json. About 20 minutes on 2 cores. Usage: bash benchmarks/run_all.sh
+# benchmarks/results/*.json. About 35 minutes on 2 cores. Usage: bash benchmarks/run_all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 python benchmarks/serving_speed.py --reps 10 --new-tokens 64 --out "$out/serving_speed.json"
+python benchmarks/serving_speed.py --variants farworker:passive,farworker:single,petals --reps 12 --new-tokens 64 \
+  --out "$out/serving_speed_3way.json"
+python benchmarks/serving_speed.py --one-at-a-time 4 --reps 6 --variants farworker:passive,farworker:single,petals \
+  --new-tokens 64 --out "$out/serving_speed_alone.json"
 python benchmarks/mesh_vs_local.py --rounds 3 --reps 5 --new-tokens 64 --out "$out/mesh_vs_local.json"
 python benchmarks/time_to_ready.py --rounds 4 --out "$out/time_to_ready.json"
 python benchmarks/idle_cost.py --windows 3 --window 60 --out "$out/idle_cost.json"
