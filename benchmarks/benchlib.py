@@ -32,8 +32,9 @@ if str(ROOT) not in sys.path:
 WALLET = "0x" + "be" * 20
 PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
-PETALS_CLI = "from farworker.petals_compat import import_petals; import_petals(); " \
-             "from petals.cli.run_server import main; main()"
+PETALS_CLI = (
+    "from farworker.petals_compat import import_petals; import_petals(); from petals.cli.run_server import main; main()"
+)
 
 
 # -- facts about the run ----------------------------------------------------------------------------
@@ -52,10 +53,11 @@ def machine_info() -> dict:
             from importlib.metadata import version
 
             versions[name] = version(name)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "cpu_model": cpu,
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -92,10 +94,19 @@ def free_port() -> int:
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The harness's environment without thread settings (the coordinator sets OMP_WAIT_POLICY in this
     process) or farworker/systemd variables, so each child gets exactly the policy we give it."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in THREAD_VARS and not k.startswith("FARLABS_") and k != "NOTIFY_SOCKET"}
-    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in THREAD_VARS and not k.startswith("FARLABS_") and k != "NOTIFY_SOCKET"
+    }
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -220,8 +231,9 @@ class Server:
         for line in self.log_text().splitlines():
             if needle in line:
                 try:
-                    stamp = datetime.datetime.strptime(f"{datetime.date.today().year} {line[:19]}",
-                                                       "%Y %b %d %H:%M:%S.%f")
+                    stamp = datetime.datetime.strptime(
+                        f"{datetime.date.today().year} {line[:19]}", "%Y %b %d %H:%M:%S.%f"
+                    )
                 except ValueError:
                     return None
                 return stamp.timestamp()
@@ -254,9 +266,8 @@ class Server:
         for pid in self.tree.seen - {self.proc.pid}:
             with contextlib.suppress(psutil.Error):
                 p = psutil.Process(pid)
-                if p.ppid() == 1 or p.ppid() in self.tree.seen:
-                    if os.getsid(pid) == self.proc.pid:
-                        leftovers.append(p)
+                if (p.ppid() == 1 or p.ppid() in self.tree.seen) and os.getsid(pid) == self.proc.pid:
+                    leftovers.append(p)
         for p in leftovers:
             with contextlib.suppress(psutil.Error):
                 p.terminate()
@@ -301,7 +312,7 @@ class NotifySocket:
         while not self._closed:
             try:
                 data = self.sock.recv(65536)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             now = time.monotonic()
             text = data.decode(errors="replace")
@@ -330,8 +341,9 @@ def _identity_peer(state_dir: Path, key_name: str, port: int) -> str:
     return f"/ip4/127.0.0.1/tcp/{port}/p2p/{identity.peer_id}"
 
 
-def start_farworker(work: Path, name: str, api_url: str, *, model: str = "farworker-tiny-llama",
-                    extra_env: dict[str, str] | None = None) -> Server:
+def start_farworker(
+    work: Path, name: str, api_url: str, *, model: str = "farworker-tiny-llama", extra_env: dict[str, str] | None = None
+) -> Server:
     """`farworker run` holding every block of `model` in a new swarm, READY reported to our socket."""
     from farworker.tiny_model import default_cache_root
 
@@ -340,60 +352,119 @@ def start_farworker(work: Path, name: str, api_url: str, *, model: str = "farwor
     port = free_port()
     peer = _identity_peer(state, "identity.key", port)
     notify = NotifySocket(work)
-    env = clean_env({
-        "FARLABS_WALLET_ADDRESS": WALLET,
-        "FARLABS_API_BASE_URL": api_url,
-        "FARLABS_MODEL_NAME": model,
-        "FARLABS_TORCH_DTYPE": "float32",
-        "FARLABS_DEVICE": "cpu",
-        "FARLABS_HOST_MADDRS": f"/ip4/127.0.0.1/tcp/{port}",
-        "FARLABS_STATE_DIR": str(state),
-        "FARLABS_CACHE_DIR": str(default_cache_root()),
-        "FARLABS_NEW_SWARM": "true",
-        "FARLABS_PUBLIC_NAME": name,
-        "NOTIFY_SOCKET": str(notify.path),
-        **(extra_env or {}),
-    })
+    env = clean_env(
+        {
+            "FARLABS_WALLET_ADDRESS": WALLET,
+            "FARLABS_API_BASE_URL": api_url,
+            "FARLABS_MODEL_NAME": model,
+            "FARLABS_TORCH_DTYPE": "float32",
+            "FARLABS_DEVICE": "cpu",
+            "FARLABS_HOST_MADDRS": f"/ip4/127.0.0.1/tcp/{port}",
+            "FARLABS_STATE_DIR": str(state),
+            "FARLABS_CACHE_DIR": str(default_cache_root()),
+            "FARLABS_NEW_SWARM": "true",
+            "FARLABS_PUBLIC_NAME": name,
+            "NOTIFY_SOCKET": str(notify.path),
+            **(extra_env or {}),
+        }
+    )
     log_path = work / f"{name}.log"
     with open(log_path, "ab") as out:
         started, wall = time.monotonic(), time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "farworker", "run"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=str(work), start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "farworker", "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=str(work),
+            start_new_session=True,
+        )
     return Server("farworker", proc, log_path, peer, started, notify, wall)
 
 
-def start_raw_petals(work: Path, name: str, model_dir: Path, num_blocks: int = 4,
-                     extra_args: list[str] | None = None) -> Server:
+def start_raw_petals(
+    work: Path, name: str, model_dir: Path, num_blocks: int = 4, extra_args: list[str] | None = None
+) -> Server:
     """petals' own CLI with its defaults (threads, handlers, ...): only what a private local mesh needs."""
     state = work / name
     state.mkdir(parents=True, exist_ok=True)
     port = free_port()
     peer = _identity_peer(state, "identity.key", port)
-    args = [sys.executable, "-c", PETALS_CLI, str(model_dir), "--new_swarm", "--num_blocks", str(num_blocks),
-            "--torch_dtype", "float32", "--device", "cpu", "--throughput", "1",
-            "--dht_prefix", "farworker-tiny-llama", "--skip_reachability_check",
-            "--host_maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--identity_path", str(state / "identity.key"),
-            *(extra_args or [])]
+    args = [
+        sys.executable,
+        "-c",
+        PETALS_CLI,
+        str(model_dir),
+        "--new_swarm",
+        "--num_blocks",
+        str(num_blocks),
+        "--torch_dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--throughput",
+        "1",
+        "--dht_prefix",
+        "farworker-tiny-llama",
+        "--skip_reachability_check",
+        "--host_maddrs",
+        f"/ip4/127.0.0.1/tcp/{port}",
+        "--identity_path",
+        str(state / "identity.key"),
+        *(extra_args or []),
+    ]
     log_path = work / f"{name}.log"
     with open(log_path, "ab") as out:
         started, wall = time.monotonic(), time.time()
-        proc = subprocess.Popen(args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, cwd=str(work),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, cwd=str(work), start_new_session=True
+        )
     return Server("petals", proc, log_path, peer, started, None, wall)
 
 
 class MeshClientProcess:
     """benchmarks/mesh_client.py in its own process, driven over stdin/stdout one generation at a time."""
 
-    def __init__(self, work: Path, name: str, initial_peer: str, model_dir: Path, policy: str,
-                 dht_prefix: str = "farworker-tiny-llama", device: str = "cpu", dtype: str = "float32"):
-        args = [sys.executable, str(BENCH_DIR / "mesh_client.py"), "--peer", initial_peer, "--model", str(model_dir),
-                "--policy", policy, "--dht-prefix", dht_prefix, "--device", device, "--dtype", dtype]
+    def __init__(
+        self,
+        work: Path,
+        name: str,
+        initial_peer: str,
+        model_dir: Path,
+        policy: str,
+        dht_prefix: str = "farworker-tiny-llama",
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
+        args = [
+            sys.executable,
+            str(BENCH_DIR / "mesh_client.py"),
+            "--peer",
+            initial_peer,
+            "--model",
+            str(model_dir),
+            "--policy",
+            policy,
+            "--dht-prefix",
+            dht_prefix,
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+        ]
         self.name = name
         self.log_path = work / f"{name}.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, text=True, cwd=str(work), start_new_session=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the client process
+        self.proc = subprocess.Popen(
+            args,
+            env=clean_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            cwd=str(work),
+            start_new_session=True,
+        )
         self.tree = Tree(self.proc)
         hello = self._read(timeout=180)
         if hello.get("ready") is not True:
@@ -432,12 +503,33 @@ class MeshClientProcess:
         remove_shm_files(self.tree.seen)
 
 
-def run_local(model_dir: Path, policy: str, new_tokens: int, reps: int, device: str = "cpu",
-              dtype: str = "float32", timeout: float = 600) -> dict:
+def run_local(
+    model_dir: Path,
+    policy: str,
+    new_tokens: int,
+    reps: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    timeout: float = 600,
+) -> dict:
     """Local transformers greedy generation in a fresh process (nothing else of ours running)."""
-    args = [sys.executable, str(BENCH_DIR / "mesh_client.py"), "--local", "--model", str(model_dir),
-            "--policy", policy, "--device", device, "--dtype", dtype, "--reps", str(reps),
-            "--new-tokens", str(new_tokens)]
+    args = [
+        sys.executable,
+        str(BENCH_DIR / "mesh_client.py"),
+        "--local",
+        "--model",
+        str(model_dir),
+        "--policy",
+        policy,
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--reps",
+        str(reps),
+        "--new-tokens",
+        str(new_tokens),
+    ]
     out = subprocess.run(args, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"local run failed:\n{out.stderr[-3000:]}")

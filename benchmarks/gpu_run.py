@@ -34,10 +34,24 @@ from pathlib import Path
 import benchlib as bl
 
 SHAPES = {
-    "gpu": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008, "num_attention_heads": 32,
-            "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096},
-    "cpu": {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688, "num_attention_heads": 4,
-            "num_key_value_heads": 4, "vocab_size": 1024, "max_position_embeddings": 512},
+    "gpu": {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+    },
+    "cpu": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "intermediate_size": 688,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 1024,
+        "max_position_embeddings": 512,
+    },
 }
 # seconds a step needs at least on the GPU (weights load, NF4 quantization); a step is skipped below that
 STEP_MINIMUM = {"serve_fp16": 150, "local": 90, "serve_nf4": 150}
@@ -61,8 +75,11 @@ class Run:
             try:
                 self.result["steps"][name] = {"ok": True, **func(*a)}
             except Exception as error:
-                self.result["steps"][name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:4000],
-                                              "traceback": traceback.format_exc()[-3000:]}
+                self.result["steps"][name] = {
+                    "ok": False,
+                    "error": f"{type(error).__name__}: {error}"[:4000],
+                    "traceback": traceback.format_exc()[-3000:],
+                }
             self.result["steps"][name]["step_seconds"] = round(time.monotonic() - begin, 1)
         bl.log(f"{name}: {json.dumps(self.result['steps'][name], default=str)[:600]}")
         self.save()
@@ -104,20 +121,33 @@ def build_checkpoint(directory: Path, shape: dict, dtype_name: str, device: str)
             weight_map[key] = name
             total += tensor.numel() * tensor.element_size()
 
-    write({"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h, dtype=dtype),
-           "lm_head.weight": rand(v, h)}, 1)
+    write(
+        {
+            "model.embed_tokens.weight": rand(v, h),
+            "model.norm.weight": torch.ones(h, dtype=dtype),
+            "lm_head.weight": rand(v, h),
+        },
+        1,
+    )
     for layer in range(n):
         p = f"model.layers.{layer}."
-        write({
-            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h, std=out_std),
-            p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
-            p + "mlp.down_proj.weight": rand(h, i, std=out_std),
-            p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype),
-        }, layer + 2)
+        write(
+            {
+                p + "self_attn.q_proj.weight": rand(h, h),
+                p + "self_attn.k_proj.weight": rand(kv, h),
+                p + "self_attn.v_proj.weight": rand(kv, h),
+                p + "self_attn.o_proj.weight": rand(h, h, std=out_std),
+                p + "mlp.gate_proj.weight": rand(i, h),
+                p + "mlp.up_proj.weight": rand(i, h),
+                p + "mlp.down_proj.weight": rand(h, i, std=out_std),
+                p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype),
+            },
+            layer + 2,
+        )
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     return {"bytes": total, "gib": round(total / 2**30, 2), "shards": shards, "path": str(directory)}
 
 
@@ -144,9 +174,11 @@ def telemetry_checks(readings: list[dict]) -> list[str]:
     """Problems with NVML readings; [] means sane."""
     problems = []
     for r in readings:
-        def bad(name, ok):
+
+        def bad(name, ok, r=r):
             if r.get(name) is not None and not ok(r[name]):
                 problems.append(f"gpu {r.get('index')}: {name}={r[name]!r}")
+
         bad("utilization_pct", lambda x: 0 <= x <= 100)
         bad("temperature_c", lambda x: 5 <= x <= 110)
         bad("power_w", lambda x: 0 < x < 2000)
@@ -187,14 +219,16 @@ def serve_and_measure(run: Run, quant: str) -> dict:
     from farworker.status_file import read_status
 
     args, work, model = run.args, run.work, run.model_dir
-    # The trailing "/" works around a farworker bug (petals_host.dht_prefix_for): when FARLABS_MODEL_NAME is
-    # already an absolute, resolved directory, the prefix comes out None and petals' Server dies on
-    # `UID_DELIMITER in None`. With "dir/" the prefix is the directory's name, as intended.
-    env = {"FARLABS_ALLOW_LOCAL_MODEL": "true", "FARLABS_MODEL_NAME": str(model) + "/", "FARLABS_QUANT_TYPE": quant,
-           "FARLABS_TORCH_DTYPE": run.dtype, "FARLABS_DEVICE": "cuda" if run.mode == "gpu" else "cpu",
-           # our own throughput cache: the first start measures (counted in its READY time), the NF4 start reuses
-           # nothing (another key); the shared cache in ~/.cache/farworker is left alone
-           "FARLABS_CACHE_DIR": str(work / "cache")}
+    env = {
+        "FARLABS_ALLOW_LOCAL_MODEL": "true",
+        "FARLABS_MODEL_NAME": str(model),
+        "FARLABS_QUANT_TYPE": quant,
+        "FARLABS_TORCH_DTYPE": run.dtype,
+        "FARLABS_DEVICE": "cuda" if run.mode == "gpu" else "cpu",
+        # our own throughput cache: the first start measures (counted in its READY time), the NF4 start reuses
+        # nothing (another key); the shared cache in ~/.cache/farworker is left alone
+        "FARLABS_CACHE_DIR": str(work / "cache"),
+    }
     before = nvml_used(set())
     server = client = None
     out: dict = {"quant_type": quant}
@@ -204,8 +238,12 @@ def serve_and_measure(run: Run, quant: str) -> dict:
             if quant == "nf4" and run.mode == "cpu":  # farworker must refuse: nf4 needs CUDA (exit 78)
                 code = server.proc.wait(120)
                 refused = [line for line in server.log_text().splitlines() if "config error" in line]
-                return {"expected": "exit 78 (nf4 needs CUDA)", "exit_code": code, "message": refused[:2],
-                        "passed": code == 78 and bool(refused)}
+                return {
+                    "expected": "exit 78 (nf4 needs CUDA)",
+                    "exit_code": code,
+                    "message": refused[:2],
+                    "passed": code == 78 and bool(refused),
+                }
             out["ready_s"] = round(server.wait_ready(timeout=max(60.0, run.left() - 60)), 2)
             state_dir = server.log_path.parent / f"worker-{quant}" / "state"
             deadline, status = time.monotonic() + 15, {}
@@ -218,7 +256,8 @@ def serve_and_measure(run: Run, quant: str) -> dict:
             out["vram_after_ready"] = nvml_used(server.tree.seen | {p.pid for p in server.tree.processes()})
             if before.get("device_used_bytes") is not None:
                 out["vram_device_delta_gib"] = round(
-                    (out["vram_after_ready"]["device_used_bytes"] - before["device_used_bytes"]) / 2**30, 2)
+                    (out["vram_after_ready"]["device_used_bytes"] - before["device_used_bytes"]) / 2**30, 2
+                )
             if out["vram_after_ready"].get("tree_used_bytes") and out["blocks"]:
                 used = out["vram_after_ready"]["tree_used_bytes"]
                 count = out["blocks"][1] - out["blocks"][0]
@@ -226,10 +265,17 @@ def serve_and_measure(run: Run, quant: str) -> dict:
                 out["vram_gib_per_block"] = round(used / 2**30 / count, 3)
             out["worker_status_gpus"] = status.get("gpus")  # what heartbeats carry
             out["predicted_gib_per_block"] = predicted_per_block(model, run.dtype, quant)
-            prefix = dht_prefix_for(str(Path(model).resolve()), str(model))
-            client = bl.MeshClientProcess(work, f"client-{quant}", server.initial_peer, model, "passive",
-                                          dht_prefix=prefix or Path(model).name,
-                                          device="cuda" if run.mode == "gpu" else "cpu", dtype=run.dtype)
+            prefix = dht_prefix_for(str(model))  # what the worker announces under
+            client = bl.MeshClientProcess(
+                work,
+                f"client-{quant}",
+                server.initial_peer,
+                model,
+                "passive",
+                dht_prefix=prefix or Path(model).name,
+                device="cuda" if run.mode == "gpu" else "cpu",
+                dtype=run.dtype,
+            )
             client.generate(bl.PROMPT_IDS, args.new_tokens, timeout=300)  # warm-up
             seconds, tokens = [], None
             with UtilSampler() as util:
@@ -274,11 +320,21 @@ def predicted_per_block(model: Path, dtype: str, quant: str) -> float | str:
 def local_measure(run: Run) -> dict:
     device = "cuda" if run.mode == "gpu" else "cpu"
     # a lone process on a GPU host: torch's default threads; CPU mode shares 2 cores: one thread (see mesh_vs_local)
-    answer = bl.run_local(run.model_dir, "default" if run.mode == "gpu" else "single", run.args.new_tokens, run.args.reps, device=device,
-                          dtype=run.dtype, timeout=max(60, int(run.left())))
+    answer = bl.run_local(
+        run.model_dir,
+        "default" if run.mode == "gpu" else "single",
+        run.args.new_tokens,
+        run.args.reps,
+        device=device,
+        dtype=run.dtype,
+        timeout=max(60, int(run.left())),
+    )
     tps = run.args.new_tokens / bl.median(answer["seconds"])
-    out = {"tokens_per_s": round(tps, 2), "seconds_per_generation": [round(s, 4) for s in answer["seconds"]],
-           "tokens": answer["tokens"]}
+    out = {
+        "tokens_per_s": round(tps, 2),
+        "seconds_per_generation": [round(s, 4) for s in answer["seconds"]],
+        "tokens": answer["tokens"],
+    }
     mesh = run.result["steps"].get("serve_fp16", {})
     if mesh.get("tokens_per_s"):
         out["mesh_over_local"] = round(mesh["tokens_per_s"] / tps, 4)
@@ -309,15 +365,26 @@ def main() -> None:
     from farworker import gpu
 
     driver = gpu.driver_info()
-    run.result.update({"mode": run.mode, "shape": shape, "dtype": run.dtype,
-                       "gpus": [g.__dict__ for g in gpu.list_gpus()], "driver": driver.__dict__ if driver else None,
-                       "torch_cuda": torch.version.cuda, "new_tokens": args.new_tokens, "reps": args.reps})
+    run.result.update(
+        {
+            "mode": run.mode,
+            "shape": shape,
+            "dtype": run.dtype,
+            "gpus": [g.__dict__ for g in gpu.list_gpus()],
+            "driver": driver.__dict__ if driver else None,
+            "torch_cuda": torch.version.cuda,
+            "new_tokens": args.new_tokens,
+            "reps": args.reps,
+        }
+    )
     run.work = Path(args.work_dir or tempfile.mkdtemp(prefix="fw-gpu-run-"))
     run.work.mkdir(parents=True, exist_ok=True)
     run.model_dir = run.work / "llama-7b-shape-random"
     try:
-        run.step("checkpoint", lambda: build_checkpoint(run.model_dir, shape, run.dtype,
-                                                        "cuda" if run.mode == "gpu" else "cpu"))
+        run.step(
+            "checkpoint",
+            lambda: build_checkpoint(run.model_dir, shape, run.dtype, "cuda" if run.mode == "gpu" else "cpu"),
+        )
         if run.result["steps"]["checkpoint"].get("ok"):
             run.step("serve_fp16", serve_and_measure, run, "none")
             run.step("local", local_measure, run)

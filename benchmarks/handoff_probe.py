@@ -124,8 +124,11 @@ def measure(kind: str, n: int, hidden: int) -> dict:
         if child.is_alive():
             child.terminate()
     seconds.sort()
-    return {"median_ms": round(bl.median(seconds) * 1000, 4),
-            "p90_ms": round(seconds[int(len(seconds) * 0.9)] * 1000, 4), "n": n}
+    return {
+        "median_ms": round(bl.median(seconds) * 1000, 4),
+        "p90_ms": round(seconds[int(len(seconds) * 0.9)] * 1000, 4),
+        "n": n,
+    }
 
 
 def main() -> None:
@@ -140,19 +143,25 @@ def main() -> None:
     shm_before = bl.shm_torch_files()
     rounds = {k: [] for k in kinds}
     for r in range(args.rounds):
-        for kind in (kinds if r % 2 == 0 else list(reversed(kinds))):
+        for kind in kinds if r % 2 == 0 else list(reversed(kinds)):
             rounds[kind].append(measure(kind, args.n, args.hidden))
             bl.log(f"round {r} {kind}: {rounds[kind][-1]}")
     med = {k: round(bl.median([x["median_ms"] for x in v]), 4) for k, v in rounds.items()}
     # our own leftovers only: files named after this process
     mine = {name for name in bl.shm_torch_files() - shm_before if name.startswith(f"torch_{os.getpid()}_")}
     bl.remove_shm_files({os.getpid()})
-    bl.write_json(args.out, {
-        "benchmark": "handoff_probe", "machine": info, "rounds": rounds, "median_ms": med,
-        "saved_by_caching_the_pipe_ms": round(med["mpfuture_task"] - med["mpfuture_cached_pipe"], 4),
-        "saved_by_caching_pipe_and_bytes_ms": round(med["mpfuture_task"] - med["mpfuture_bytes"], 4),
-        "shm_files_left_by_this_process": len(mine),
-    })
+    bl.write_json(
+        args.out,
+        {
+            "benchmark": "handoff_probe",
+            "machine": info,
+            "rounds": rounds,
+            "median_ms": med,
+            "saved_by_caching_the_pipe_ms": round(med["mpfuture_task"] - med["mpfuture_cached_pipe"], 4),
+            "saved_by_caching_pipe_and_bytes_ms": round(med["mpfuture_task"] - med["mpfuture_bytes"], 4),
+            "shm_files_left_by_this_process": len(mine),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -64,10 +64,14 @@ def main() -> None:
                 after = {k: s.tree.cpu_seconds() for k, s in servers.items()}
                 cpu = {k: bl.cpu_delta(before[k], after[k]) for k in servers}
                 main_cpu = {k: after[k].get(s.proc.pid, 0.0) - main_before[k] for k, s in servers.items()}
-                windows.append({"seconds": round(seconds, 2),
-                                "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
-                                "main_process_cpu_s": {k: round(v, 3) for k, v in main_cpu.items()},
-                                "processes": {k: len(after[k]) for k in servers}})
+                windows.append(
+                    {
+                        "seconds": round(seconds, 2),
+                        "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+                        "main_process_cpu_s": {k: round(v, 3) for k, v in main_cpu.items()},
+                        "processes": {k: len(after[k]) for k in servers},
+                    }
+                )
                 bl.log(f"window {w}: {windows[-1]}")
             full = {k: s.tree.memory_full() for k, s in servers.items()}
             pss = {k: v["pss"] for k, v in full.items()}
@@ -82,29 +86,41 @@ def main() -> None:
         return [w[key][kind] / w["seconds"] * 3600 for w in windows]
 
     diff = [(w["cpu_s"]["farworker"] - w["cpu_s"]["petals"]) / w["seconds"] * 3600 for w in windows]
-    main_diff = [(w["main_process_cpu_s"]["farworker"] - w["main_process_cpu_s"]["petals"]) / w["seconds"] * 3600
-                 for w in windows]
+    main_diff = [
+        (w["main_process_cpu_s"]["farworker"] - w["main_process_cpu_s"]["petals"]) / w["seconds"] * 3600
+        for w in windows
+    ]
     mib = 2**20
-    bl.write_json(args.out, {
-        "benchmark": "idle_cost", "machine": info, "windows": windows,
-        "idle_cpu_s_per_hour_median": {k: round(bl.median(per_hour("cpu_s", k)), 1) for k in ("farworker", "petals")},
-        "farworker_extra_cpu_s_per_hour_median": round(bl.median(diff), 1),
-        "farworker_extra_pct_of_one_core_median": round(bl.median(diff) / 36, 3),
-        "main_process_extra_cpu_s_per_hour_median": round(bl.median(main_diff), 1),
-        "main_process_extra_pct_of_one_core_median": round(bl.median(main_diff) / 36, 3),
-        "peak_rss_sum_mib": {k: round(v / mib, 1) for k, v in peak.items()},
-        "rss_sum_mib_at_end": {k: round(v / mib, 1) for k, v in rss_end.items()},
-        "pss_sum_mib_at_end": {k: round(v / mib, 1) for k, v in pss.items()},
-        "uss_sum_mib_at_end": {k: round(v["uss"] / mib, 1) for k, v in full.items()},
-        "processes_at_end": {k: v["processes"] for k, v in full.items()},
-        "main_process_mib_at_end": {k: {m: round(x / mib, 1) for m, x in v["main"].items()} for k, v in full.items()},
-        "children_sum_mib_at_end": {k: {m: round(x / mib, 1) for m, x in v["children"].items()}
-                                    for k, v in full.items()},
-        "farworker_extra_peak_rss_mib": round((peak["farworker"] - peak["petals"]) / mib, 1),
-        "farworker_extra_pss_mib": round((pss["farworker"] - pss["petals"]) / mib, 1),
-        "stops": stops,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-    })
+    bl.write_json(
+        args.out,
+        {
+            "benchmark": "idle_cost",
+            "machine": info,
+            "windows": windows,
+            "idle_cpu_s_per_hour_median": {
+                k: round(bl.median(per_hour("cpu_s", k)), 1) for k in ("farworker", "petals")
+            },
+            "farworker_extra_cpu_s_per_hour_median": round(bl.median(diff), 1),
+            "farworker_extra_pct_of_one_core_median": round(bl.median(diff) / 36, 3),
+            "main_process_extra_cpu_s_per_hour_median": round(bl.median(main_diff), 1),
+            "main_process_extra_pct_of_one_core_median": round(bl.median(main_diff) / 36, 3),
+            "peak_rss_sum_mib": {k: round(v / mib, 1) for k, v in peak.items()},
+            "rss_sum_mib_at_end": {k: round(v / mib, 1) for k, v in rss_end.items()},
+            "pss_sum_mib_at_end": {k: round(v / mib, 1) for k, v in pss.items()},
+            "uss_sum_mib_at_end": {k: round(v["uss"] / mib, 1) for k, v in full.items()},
+            "processes_at_end": {k: v["processes"] for k, v in full.items()},
+            "main_process_mib_at_end": {
+                k: {m: round(x / mib, 1) for m, x in v["main"].items()} for k, v in full.items()
+            },
+            "children_sum_mib_at_end": {
+                k: {m: round(x / mib, 1) for m, x in v["children"].items()} for k, v in full.items()
+            },
+            "farworker_extra_peak_rss_mib": round((peak["farworker"] - peak["petals"]) / mib, 1),
+            "farworker_extra_pss_mib": round((pss["farworker"] - pss["petals"]) / mib, 1),
+            "stops": stops,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+    )
 
 
 if __name__ == "__main__":

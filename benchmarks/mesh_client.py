@@ -54,9 +54,8 @@ def _sync(device: str) -> None:
 
 def local(args) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from benchlib import PROMPT_IDS
+    from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).eval().to(args.device)
@@ -70,9 +69,18 @@ def local(args) -> None:
             _sync(args.device)
             if rep:
                 seconds.append(time.perf_counter() - begin)
-            tokens = out[0, len(PROMPT_IDS):].tolist()
-    print(json.dumps({"seconds": seconds, "tokens": tokens, "omp": os.environ.get("OMP_WAIT_POLICY"),
-                      "torch_threads": torch.get_num_threads()}), flush=True)
+            tokens = out[0, len(PROMPT_IDS) :].tolist()
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "tokens": tokens,
+                "omp": os.environ.get("OMP_WAIT_POLICY"),
+                "torch_threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def mesh(args) -> None:
@@ -83,7 +91,8 @@ def mesh(args) -> None:
 
     dtype = getattr(torch, args.dtype)
     model = petals.AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=[args.peer], dht_prefix=args.dht_prefix, torch_dtype=dtype)
+        args.model, initial_peers=[args.peer], dht_prefix=args.dht_prefix, torch_dtype=dtype
+    )
     if args.device != "cpu":
         model = model.to(args.device)
     print(json.dumps({"ready": True, "torch_threads": torch.get_num_threads()}), flush=True)
@@ -98,7 +107,7 @@ def mesh(args) -> None:
             out = model.generate(prompt, max_new_tokens=request["new_tokens"], do_sample=False)
         _sync(args.device)
         seconds = time.perf_counter() - begin
-        print(json.dumps({"seconds": seconds, "tokens": out[0, prompt.shape[1]:].tolist()}), flush=True)
+        print(json.dumps({"seconds": seconds, "tokens": out[0, prompt.shape[1] :].tolist()}), flush=True)
     model.transformer.h.sequence_manager.shutdown()
 
 

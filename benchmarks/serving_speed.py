@@ -27,11 +27,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10, help="timed generations per server (bounded)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--variants", default="farworker:passive,petals",
-                        help="comma list of farworker:<passive|single|spin> and petals")
-    parser.add_argument("--one-at-a-time", type=int, default=0, metavar="ROUNDS",
-                        help="instead: ROUNDS rounds in which each variant runs alone (its server and client only, "
-                             "--reps generations), order alternating; the others are stopped meanwhile")
+    parser.add_argument(
+        "--variants",
+        default="farworker:passive,petals",
+        help="comma list of farworker:<passive|single|spin> and petals",
+    )
+    parser.add_argument(
+        "--one-at-a-time",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: ROUNDS rounds in which each variant runs alone (its server and client only, "
+        "--reps generations), order alternating; the others are stopped meanwhile",
+    )
     parser.add_argument("--rep-timeout", type=float, default=120.0, help="seconds one generation may take")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     parser.add_argument("--work-dir", default=None, help="keep logs here (default: a temporary dir, removed)")
@@ -48,8 +56,13 @@ def main() -> None:
         return one_at_a_time(args, variants, info, model, work)
     servers: dict[str, bl.Server] = {}
     clients: dict[str, bl.MeshClientProcess] = {}
-    result = {"benchmark": "serving_speed", "machine": info, "new_tokens": args.new_tokens, "reps": args.reps,
-              "variants": variants}
+    result = {
+        "benchmark": "serving_speed",
+        "machine": info,
+        "new_tokens": args.new_tokens,
+        "reps": args.reps,
+        "variants": variants,
+    }
     times = {v: [] for v in variants}
     tokens = {}
     rss, stops = {}, {}
@@ -61,15 +74,15 @@ def main() -> None:
                 else:
                     policy = v.split(":", 1)[1]
                     name = v.replace(":", "-")
-                    servers[v] = bl.start_farworker(work, name, coord.url,
-                                                    extra_env={"FARLABS_THREAD_POLICY": policy})
+                    servers[v] = bl.start_farworker(work, name, coord.url, extra_env={"FARLABS_THREAD_POLICY": policy})
             for v, server in servers.items():
                 server.wait_ready()
                 bl.log(f"{v} ready")
             for v, server in servers.items():
                 policy = "default" if v == "petals" else {"spin": "default"}.get(v.split(":")[1], v.split(":")[1])
-                clients[v] = bl.MeshClientProcess(work, "client-" + v.replace(":", "-"), server.initial_peer, model,
-                                                  policy)
+                clients[v] = bl.MeshClientProcess(
+                    work, "client-" + v.replace(":", "-"), server.initial_peer, model, policy
+                )
             for client in clients.values():  # warm-up: route discovery, first-call costs
                 client.generate(bl.PROMPT_IDS, args.new_tokens)
             for rep in range(args.reps):
@@ -83,10 +96,14 @@ def main() -> None:
                         times[v].append(answer["seconds"])
                         tokens[v] = answer["tokens"]
                 except RuntimeError as error:  # a generation that never finished: record it, keep what we have
-                    result["hung"] = {"server": v, "rep": rep, "timeout_s": args.rep_timeout,
-                                      "error": str(error)[:300],
-                                      "server_log_tail": servers[v].log_text().splitlines()[-8:],
-                                      "work_dir_kept": str(work)}
+                    result["hung"] = {
+                        "server": v,
+                        "rep": rep,
+                        "timeout_s": args.rep_timeout,
+                        "error": str(error)[:300],
+                        "server_log_tail": servers[v].log_text().splitlines()[-8:],
+                        "work_dir_kept": str(work),
+                    }
                     args.work_dir = args.work_dir or str(work)  # keep the logs
                     bl.log(f"rep {rep}: {v} did not answer in {args.rep_timeout:.0f} s; stopping the loop")
                     done = min(map(len, times.values()))
@@ -107,22 +124,24 @@ def main() -> None:
     for v in variants:
         if v == "petals" or not med.get(v):
             continue
-        pairs = [f / p for f, p in zip(tps[v], tps["petals"])]
+        pairs = [f / p for f, p in zip(tps[v], tps["petals"], strict=False)]
         ratios[v] = round(med[v] / med["petals"], 3)
         pair_medians[v] = round(bl.median(pairs), 3)
         pair_mins[v] = round(min(pairs), 3)
-    result.update({
-        "tokens_per_s": {k: [round(x, 2) for x in t] for k, t in tps.items()},
-        "median_tokens_per_s": {k: round(x, 2) for k, x in med.items() if x},
-        "median_ms_per_token": {k: round(1000 / x, 3) for k, x in med.items() if x},
-        "ratio_over_petals": ratios,
-        "median_of_pair_ratios": pair_medians,
-        "min_pair_ratio": pair_mins,
-        "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
-        "peak_rss_mib_while_serving": {k: round(x / 2**20, 1) for k, x in rss.items()},
-        "stops": stops,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-    })
+    result.update(
+        {
+            "tokens_per_s": {k: [round(x, 2) for x in t] for k, t in tps.items()},
+            "median_tokens_per_s": {k: round(x, 2) for k, x in med.items() if x},
+            "median_ms_per_token": {k: round(1000 / x, 3) for k, x in med.items() if x},
+            "ratio_over_petals": ratios,
+            "median_of_pair_ratios": pair_medians,
+            "min_pair_ratio": pair_mins,
+            "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+            "peak_rss_mib_while_serving": {k: round(x / 2**20, 1) for k, x in rss.items()},
+            "stops": stops,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        }
+    )
     bl.write_json(args.out, result)
 
 
@@ -148,8 +167,9 @@ def one_at_a_time(args, variants: list[str], info: dict, model: Path, work: Path
                     client = None
                     try:
                         server.wait_ready()
-                        client = bl.MeshClientProcess(work, f"client-{v.replace(':', '-')}-{rnd}", server.initial_peer,
-                                                      model, policy)
+                        client = bl.MeshClientProcess(
+                            work, f"client-{v.replace(':', '-')}-{rnd}", server.initial_peer, model, policy
+                        )
                         client.generate(bl.PROMPT_IDS, args.new_tokens)  # warm-up
                         for _ in range(args.reps):
                             answer = client.generate(bl.PROMPT_IDS, args.new_tokens, timeout=args.rep_timeout)
@@ -159,21 +179,29 @@ def one_at_a_time(args, variants: list[str], info: dict, model: Path, work: Path
                         if client is not None:
                             client.close()
                         server.stop()
-                    bl.log(f"round {rnd} {v}: median {bl.median(times[v][-args.reps:]):.3f} s")
+                    bl.log(f"round {rnd} {v}: median {bl.median(times[v][-args.reps :]):.3f} s")
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     med = {k: bl.median([args.new_tokens / s for s in t]) for k, t in times.items()}
-    bl.write_json(args.out, {
-        "benchmark": "serving_speed", "mode": "one_at_a_time", "machine": info, "variants": variants,
-        "rounds": args.one_at_a_time, "reps_per_round": args.reps, "new_tokens": args.new_tokens,
-        "seconds_per_generation": {k: [round(x, 4) for x in t] for k, t in times.items()},
-        "median_tokens_per_s": {k: round(x, 2) for k, x in med.items()},
-        "median_ms_per_token": {k: round(1000 / x, 3) for k, x in med.items()},
-        "ratio_over_petals": {k: round(x / med["petals"], 3) for k, x in med.items() if k != "petals"},
-        "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-    })
+    bl.write_json(
+        args.out,
+        {
+            "benchmark": "serving_speed",
+            "mode": "one_at_a_time",
+            "machine": info,
+            "variants": variants,
+            "rounds": args.one_at_a_time,
+            "reps_per_round": args.reps,
+            "new_tokens": args.new_tokens,
+            "seconds_per_generation": {k: [round(x, 4) for x in t] for k, t in times.items()},
+            "median_tokens_per_s": {k: round(x, 2) for k, x in med.items()},
+            "median_ms_per_token": {k: round(1000 / x, 3) for k, x in med.items()},
+            "ratio_over_petals": {k: round(x / med["petals"], 3) for k, x in med.items() if k != "petals"},
+            "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ import benchlib as bl
 
 
 def one_start(kind: str, work: Path, api_url: str, model: Path, index: int) -> dict:
-    server = (bl.start_farworker(work, f"farworker-{index}", api_url) if kind == "farworker"
-              else bl.start_raw_petals(work, f"petals-{index}", model))
+    server = (
+        bl.start_farworker(work, f"farworker-{index}", api_url)
+        if kind == "farworker"
+        else bl.start_raw_petals(work, f"petals-{index}", model)
+    )
     try:
         ready = server.wait_ready(timeout=300)
         started = server.log_started_at()
@@ -32,10 +35,12 @@ def one_start(kind: str, work: Path, api_url: str, model: Path, index: int) -> d
         before = server.log_line_wall_time("Connected to DHT as" if kind == "farworker" else "Attention cache for")
         joining = server.log_line_wall_time("are joining")
         gap = joining - before if before is not None and joining is not None else None
-        return {"ready_s": round(ready, 3),
-                "runtime_started_s": round(started - server.started_at, 3) if started is not None else None,
-                "block_selection_gap_s": round(gap, 3) if gap is not None else None,
-                "ready_minus_selection_gap_s": round(ready - gap, 3) if gap is not None else None}
+        return {
+            "ready_s": round(ready, 3),
+            "runtime_started_s": round(started - server.started_at, 3) if started is not None else None,
+            "block_selection_gap_s": round(gap, 3) if gap is not None else None,
+            "ready_minus_selection_gap_s": round(ready - gap, 3) if gap is not None else None,
+        }
     finally:
         server.stop()
 
@@ -64,22 +69,35 @@ def main() -> None:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     med = {k: bl.median([r["ready_s"] for r in v]) for k, v in runs.items()}
-    no_gap = {k: bl.median([r["ready_minus_selection_gap_s"] for r in v if r["ready_minus_selection_gap_s"]])
-              for k, v in runs.items()}
+    no_gap = {
+        k: bl.median([r["ready_minus_selection_gap_s"] for r in v if r["ready_minus_selection_gap_s"]])
+        for k, v in runs.items()
+    }
     fw_started = bl.median([r["runtime_started_s"] for r in runs["farworker"] if r["runtime_started_s"]])
-    bl.write_json(args.out, {
-        "benchmark": "time_to_ready", "machine": info, "runs": runs,
-        "median_s": {"farworker_READY=1": med["farworker"], "farworker_runtime_Started": fw_started,
-                     "petals_runtime_Started": med["petals"]},
-        "ratio_farworker_ready_over_petals_started": round(med["farworker"] / med["petals"], 3),
-        "ratio_farworker_started_over_petals_started": round(fw_started / med["petals"], 3) if fw_started else None,
-        "median_block_selection_gap_s": {k: bl.median([r["block_selection_gap_s"] for r in v
-                                                       if r["block_selection_gap_s"] is not None]) for k, v in runs.items()},
-        "median_ready_minus_selection_gap_s": no_gap,
-        "ratio_without_selection_gap": round(no_gap["farworker"] / no_gap["petals"], 3)
-        if no_gap["farworker"] and no_gap["petals"] else None,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-    })
+    bl.write_json(
+        args.out,
+        {
+            "benchmark": "time_to_ready",
+            "machine": info,
+            "runs": runs,
+            "median_s": {
+                "farworker_READY=1": med["farworker"],
+                "farworker_runtime_Started": fw_started,
+                "petals_runtime_Started": med["petals"],
+            },
+            "ratio_farworker_ready_over_petals_started": round(med["farworker"] / med["petals"], 3),
+            "ratio_farworker_started_over_petals_started": round(fw_started / med["petals"], 3) if fw_started else None,
+            "median_block_selection_gap_s": {
+                k: bl.median([r["block_selection_gap_s"] for r in v if r["block_selection_gap_s"] is not None])
+                for k, v in runs.items()
+            },
+            "median_ready_minus_selection_gap_s": no_gap,
+            "ratio_without_selection_gap": round(no_gap["farworker"] / no_gap["petals"], 3)
+            if no_gap["farworker"] and no_gap["petals"]
+            else None,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+    )
 
 
 if __name__ == "__main__":
