@@ -95,10 +95,10 @@ def plan_blocks(config: WorkerConfig, block_config) -> BlockPlan:
         start, end = config.block_indices
         return BlockPlan(device, quant, end - start, start, end, per_block)
     if config.num_blocks is not None:
-        return BlockPlan(device, quant, min(config.num_blocks, model_blocks), per_block_bytes=per_block)
+        return _count(device, quant, config.num_blocks, model_blocks, per_block)
     if device == "cpu":
         if per_block * model_blocks <= CPU_WHOLE_MODEL_LIMIT:
-            return BlockPlan(device, quant, model_blocks, per_block_bytes=per_block)
+            return _count(device, quant, model_blocks, model_blocks, per_block)
         raise ConfigError(["FARLABS_NUM_BLOCKS=auto needs a GPU: expected a number of blocks (or "
                            "FARLABS_BLOCK_INDICES) when serving on CPU"])
     index = torch.device(device).index or 0
@@ -108,4 +108,12 @@ def plan_blocks(config: WorkerConfig, block_config) -> BlockPlan:
     if count < 1:
         raise ConfigError([f"FARLABS_NUM_BLOCKS=auto found {free / GIB:.1f} GiB free VRAM on {device}: one block "
                            f"needs {per_block / GIB:.2f} GiB plus reserve; expected a GPU with more free memory"])
+    return _count(device, quant, count, model_blocks, per_block, free)
+
+
+def _count(device: str, quant: str, count: int, model_blocks: int, per_block: int, free: int | None = None):
+    """A count of blocks; all of them is the fixed span 0:N. (Choosing a span makes petals first sleep
+    a random 0-10 s so that servers started together pick different blocks: pointless for all blocks.)"""
+    if count >= model_blocks:
+        return BlockPlan(device, quant, model_blocks, 0, model_blocks, per_block, free)
     return BlockPlan(device, quant, count, per_block_bytes=per_block, free_vram_bytes=free)

@@ -14,7 +14,8 @@ from collections import Counter
 import pytest
 import requests
 
-from farworker.coordinator import RunningCoordinator, Settings
+from farworker.coordinator.app import Settings
+from farworker.coordinator.service import RunningCoordinator
 from farworker.local_mesh import split_blocks, start_bootstrap_peer, start_worker
 from farworker.threading_policy import apply_thread_policy
 from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, ensure_tiny_checkpoint

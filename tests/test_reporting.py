@@ -16,7 +16,8 @@ import pytest
 from coordinator_fixtures import heartbeat, registration
 
 from farworker.api_client import CoordinatorClient
-from farworker.coordinator import RunningCoordinator, Settings
+from farworker.coordinator.app import Settings
+from farworker.coordinator.service import RunningCoordinator
 from farworker.identity import load_or_create
 from farworker.outbox import Outbox, make_record
 from farworker.reporting import Backoff, Reporter, heartbeat_line

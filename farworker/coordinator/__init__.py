@@ -1,6 +1,7 @@
-"""The reference Far Labs coordinator: for private meshes, ``farworker demo`` and the tests."""
+"""The reference Far Labs coordinator: for private meshes, ``farworker demo`` and the tests.
 
-from farworker.coordinator.app import Settings, create_app
-from farworker.coordinator.service import RunningCoordinator, serve
-
-__all__ = ["RunningCoordinator", "Settings", "create_app", "serve"]
+Nothing is imported here on purpose: `farworker run` registers the `coordinator` command, and every
+petals process it forks would otherwise carry FastAPI and pydantic (about 14 MiB each). Import from the
+modules: ``farworker.coordinator.app`` (Settings, create_app), ``farworker.coordinator.service``
+(RunningCoordinator, serve).
+"""

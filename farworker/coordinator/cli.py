@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-EX_CONFIG = 78
+from farworker.config import EX_CONFIG
 
 
 @click.command("coordinator")
