@@ -55,7 +55,6 @@ RUN set -eu; \
 FROM base
 # Metadata first and the big venv copy last: with the vfs storage driver every step copies the whole
 # file system, so every step after the 1.4 GB copy would cost a full copy of it.
-ARG FARWORKER_UID=10001
 ENV PATH=/opt/farworker/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin} \
     FARLABS_STATE_DIR=/var/lib/farworker \
     FARLABS_CACHE_DIR=/var/cache/farworker \
@@ -65,8 +64,8 @@ ENV PATH=/opt/farworker/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/us
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN set -eu; \
-    groupadd --gid ${FARWORKER_UID} farworker; \
-    useradd --uid ${FARWORKER_UID} --gid farworker --home-dir /var/lib/farworker --no-create-home \
+    groupadd --gid 10001 farworker; \
+    useradd --uid 10001 --gid farworker --home-dir /var/lib/farworker --no-create-home \
         --shell /usr/sbin/nologin farworker; \
     install -d -o farworker -g farworker -m 0750 /var/lib/farworker /var/cache/farworker
 # State: identity key (peer id), usage outbox, status file. Cache: model weights.
@@ -77,9 +76,8 @@ STOPSIGNAL SIGTERM
 # start-period covers loading weights; a big model on a slow disk may need `docker run --health-start-period`.
 HEALTHCHECK --interval=10s --timeout=10s --start-period=300s --retries=3 \
     CMD ["/opt/farworker/bin/python", "/usr/local/lib/farworker/healthcheck.py"]
-ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/farworker-entrypoint"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/lib/farworker/entrypoint.sh"]
 CMD ["run"]
 USER farworker
-COPY docker/entrypoint.sh /usr/local/bin/farworker-entrypoint
-COPY docker/healthcheck.py /usr/local/lib/farworker/healthcheck.py
+COPY docker/entrypoint.sh docker/healthcheck.py /usr/local/lib/farworker/
 COPY --from=app /opt/farworker /opt/farworker

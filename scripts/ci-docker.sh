@@ -4,7 +4,8 @@
 # no docker running and no registry reachable:
 #   1. apt: docker.io, debootstrap       2. dockerd (vfs)                 3. base image (debootstrap, cached by tag)
 #   4. wheelhouse (cached; shared with scripts/ci-molecule.sh at $FARWORKER_CI_CACHE/wheelhouse)
-#   5. docker build --build-arg BASE_IMAGE=...  6. host venv for the client side (.venv, reused)   7. pytest
+#   5. docker build --build-arg BASE_IMAGE=...  6. host venv for the test's petals client (.venv; scripts/setup.sh)
+#   7. pytest tests/test_docker_image.py
 # Usage: scripts/ci-docker.sh [pytest args...]
 # Env: FARWORKER_CI_CACHE (default .cache), FARWORKER_DOCKER_IMAGE (default farworker:ci),
 #      FARWORKER_DOCKER_BASE (default farworker/debian-python:bookworm, built here if missing).
@@ -53,18 +54,15 @@ case "$cache/wheelhouse" in
 esac
 
 step "docker build $image (BASE_IMAGE=$base, WHEELHOUSE=$wheelhouse)"
-DOCKER_BUILDKIT=0 timed docker build --build-arg BASE_IMAGE="$base" --build-arg WHEELHOUSE="$wheelhouse" -t "$image" .
+DOCKER_BUILDKIT=0 timed docker build --build-arg BASE_IMAGE="$base" --build-arg WHEELHOUSE="$wheelhouse" \
+    --label farworker.image=worker -t "$image" .
+# vfs stores every layer as a full copy: drop this script's superseded images (untagged), not others'.
+docker image prune -f --filter label=farworker.image=worker >/dev/null
 docker image inspect -f '{{.Size}}' "$image" | awk -v i="$image" '{printf "image %s: %.2f GB\n", i, $1/1e9}'
 
 step "host venv $venv (the test's petals client)"
-if ! "$venv/bin/python" -c 'import farworker, petals, pytest, pytest_timeout' 2>/dev/null; then
-    python3 -m venv "$venv"
-    pip=("$venv/bin/pip" --disable-pip-version-check --quiet)
-    "${pip[@]}" install --no-index --find-links "$cache/wheelhouse" "$(grep -E '^setuptools==' requirements/runtime.lock)"
-    "${pip[@]}" install --no-index --find-links "$cache/wheelhouse" -c requirements/torch.txt torch
-    "${pip[@]}" install --no-index --find-links "$cache/wheelhouse" --no-deps -r requirements/runtime.lock
-    "${pip[@]}" install --no-deps -e .
-    "${pip[@]}" install -r requirements/dev.txt
+if ! "$venv/bin/python" -c 'import farworker, hivemind, pytest, pytest_timeout' 2>/dev/null; then
+    timed bash scripts/setup.sh --dev   # what .ci/run's scripts/test.sh has usually done already
 fi
 
 step "pytest tests/test_docker_image.py"

@@ -102,7 +102,35 @@ def network(names):
 
 
 @pytest.fixture(scope="module")
-def worker(names, network):
+def refused(names):
+    """The two containers that must refuse to start, run concurrently with the worker's start (with vfs,
+    creating a container copies the whole image: tens of seconds each on 2 cores). name -> Popen."""
+    runs = {
+        "bad-variable": ["--shm-size", "1g", *worker_env(FARLABS_WALLET_ADDRESS="0x12")],
+        "default-shm": worker_env(),  # docker's default 64 MB /dev/shm
+    }
+    procs = {
+        what: subprocess.Popen(
+            ["docker", "run", "--rm", "--name", names("containers", what), *args, IMAGE],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for what, args in runs.items()
+    }
+    yield procs
+    for proc in procs.values():
+        proc.kill()
+        proc.communicate()
+
+
+def refused_result(procs, what: str) -> tuple[int, str]:
+    _, stderr = procs[what].communicate(timeout=300)
+    return procs[what].returncode, stderr
+
+
+@pytest.fixture(scope="module")
+def worker(names, network, refused):
     """One worker container on the tiny model, private swarm; yields (name, state volume) once healthy."""
     name, state = names("containers", "worker"), names("volumes", "state")
     cache = names("volumes", "cache")
@@ -131,15 +159,39 @@ def worker(names, network):
         if health == "healthy":
             break
         if inspect(name, "{{.State.Running}}") != "true":
-            pytest.fail(
-                f"worker container exited ({inspect(name, '{{.State.ExitCode}}')}):\n{logs(name)[-4000:]}"
-            )
+            pytest.fail(f"worker container exited ({inspect(name, '{{.State.ExitCode}}')}):\n{logs(name)[-4000:]}")
         time.sleep(2)
     else:
-        pytest.fail(
-            f"worker container not healthy after {HEALTHY_TIMEOUT} s ({health}):\n{logs(name)[-4000:]}"
-        )
+        pytest.fail(f"worker container not healthy after {HEALTHY_TIMEOUT} s ({health}):\n{logs(name)[-4000:]}")
     return name, state
+
+
+@pytest.fixture(scope="module")
+def identity_probe(worker):
+    """A new container on the worker's state volume that prints the peer id of the key it finds there.
+    Started while the worker serves (the key exists once it is healthy), so its creation overlaps."""
+    _, state = worker
+    proc = subprocess.Popen(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "-v",
+            f"{state}:/var/lib/farworker",
+            "--entrypoint",
+            "/opt/farworker/bin/python",
+            IMAGE,
+            "-c",
+            "from farworker.identity import load_or_create; "
+            "print(load_or_create('/var/lib/farworker/identity.key').peer_id)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    yield proc
+    proc.kill()
+    proc.communicate()
 
 
 def test_image_config():
@@ -154,34 +206,22 @@ def test_image_config():
     assert config["Healthcheck"]["Test"][0] == "CMD"
     assert config["Entrypoint"][:2] == ["/usr/bin/tini", "--"]
     assert config["Cmd"] == ["run"]
-    # The same pinned set as the venv install.
-    frozen = (
-        docker(
-            "run",
-            "--rm",
-            "--entrypoint",
-            "/opt/farworker/bin/python",
-            IMAGE,
-            "-c",
-            "import importlib.metadata as m; print('\\n'.join(sorted(f'{d.name}=={d.version}' "
-            "for d in m.distributions())))",
-        )
-        .stdout.lower()
-        .split()
-    )
-    lock = (Path(__file__).parent.parent / "requirements" / "runtime.lock").read_text().lower()
-    pins = [line.strip() for line in lock.splitlines() if line.strip() and not line.startswith("#")]
-    normalized = {p.replace("_", "-") for p in frozen}
-    missing = [p for p in pins if p.replace("_", "-") not in normalized]
-    assert not missing, f"pins not installed in the image: {missing}"
-    assert any(p.startswith("torch==") for p in frozen)
 
 
-def test_worker_healthy_and_serves_equal_tokens(worker, tiny_model):
+def test_worker_healthy_and_serves_equal_tokens(worker, identity_probe, tiny_model):
     """Healthy per the HEALTHCHECK, status says online, and a host client generates through it."""
     name, _ = worker
     assert inspect(name, "{{.Config.User}}") == "farworker"
     assert docker("exec", name, "id", "-u").stdout.strip() != "0"
+    # The same pinned set as the venv install: every pin of runtime.lock, and torch.
+    script = "import importlib.metadata as m; print(*(f'{d.name}=={d.version}' for d in m.distributions()))"
+    installed = {p.lower().replace("_", "-") for p in docker("exec", name, "python", "-c", script).stdout.split()}
+    lock = (Path(__file__).parent.parent / "requirements" / "runtime.lock").read_text()
+    pins = [line.strip().lower() for line in lock.splitlines() if line.strip() and not line.startswith("#")]
+    missing = [p for p in pins if p.replace("_", "-") not in installed]
+    assert not missing, f"pins of runtime.lock missing in the image: {missing}"
+    assert any(p.startswith("torch==") for p in installed)
+
     status = json.loads(docker("exec", name, "farworker", "status", "--json").stdout)
     assert status["state"] == "online" and status["healthy"] and status["blocks"] == [0, 4]
     peer_id = status["peer_id"]
@@ -190,9 +230,7 @@ def test_worker_healthy_and_serves_equal_tokens(worker, tiny_model):
     from farworker.local_reference import generate_locally
 
     prompt, n = [1, 15, 42, 7, 99], 8
-    client = MeshClient(
-        tiny_model, initial_peers=[f"/ip4/{WORKER_IP}/tcp/{PORT}/p2p/{peer_id}"], dht_prefix=TINY
-    )
+    client = MeshClient(tiny_model, initial_peers=[f"/ip4/{WORKER_IP}/tcp/{PORT}/p2p/{peer_id}"], dht_prefix=TINY)
     try:
         generation = client.generate(prompt, n, 0)
     finally:
@@ -201,43 +239,33 @@ def test_worker_healthy_and_serves_equal_tokens(worker, tiny_model):
     assert {hop["peer_id"] for hop in generation.route} == {peer_id}
 
 
-def test_docker_stop_drains_cleanly(worker):
+def test_docker_stop_drains_cleanly(worker, identity_probe):
     """SIGTERM from `docker stop` (default 10 s timeout): drained, exit 0, before docker's SIGKILL."""
     name, state = worker
     peer_id = json.loads(docker("exec", name, "farworker", "status", "--json").stdout)["peer_id"]
     started = time.monotonic()
     docker("stop", name, timeout=60)
     took = time.monotonic() - started
+    print(f"docker stop took {took:.1f} s")
     output = logs(name)
     assert inspect(name, "{{.State.ExitCode}}") == "0", output[-4000:]
     assert "Received SIGTERM" in output and "Stopped cleanly" in output, output[-4000:]
     assert took < 10, f"docker stop took {took:.1f} s (SIGKILL at 10 s)"
-    # The state volume keeps the identity: a new container on it has the same peer id.
-    again = docker(
-        "run",
-        "--rm",
-        "-v",
-        f"{state}:/var/lib/farworker",
-        "--entrypoint",
-        "/opt/farworker/bin/python",
-        IMAGE,
-        "-c",
-        "from farworker.identity import load_or_create; "
-        "print(load_or_create('/var/lib/farworker/identity.key').peer_id)",
-    ).stdout.strip()
-    assert again == peer_id
+    # The state volume keeps the identity key: a new container on it has the same peer id.
+    out, err = identity_probe.communicate(timeout=300)
+    assert identity_probe.returncode == 0, err
+    assert out.strip() == peer_id
 
 
-def test_bad_variable_exits_78_with_clear_message():
-    result = docker(
-        "run", "--rm", "--shm-size", "1g", *worker_env(FARLABS_WALLET_ADDRESS="0x12"), IMAGE, check=False
-    )
-    assert result.returncode == 78, result.stdout + result.stderr
-    assert "FARLABS_WALLET_ADDRESS" in result.stderr and "40 hex digits" in result.stderr, result.stderr
+def test_bad_variable_exits_78_with_clear_message(refused):
+    code, stderr = refused_result(refused, "bad-variable")
+    assert code == 78, stderr
+    assert "config error: FARLABS_WALLET_ADDRESS='0x12' is invalid: expected 0x followed by 40 hex digits" in stderr
 
 
-def test_default_shm_refused_with_clear_message():
+def test_default_shm_refused_with_clear_message(refused):
     """Docker's default 64 MB /dev/shm: the worker refuses to start, says why and how to fix it."""
-    result = docker("run", "--rm", *worker_env(), IMAGE, check=False)
-    assert result.returncode == 78, result.stdout + result.stderr
-    assert "/dev/shm is 64 MiB" in result.stderr and "--shm-size" in result.stderr, result.stderr
+    code, stderr = refused_result(refused, "default-shm")
+    assert code == 78, stderr
+    assert "config error: /dev/shm is 64 MiB, the worker needs at least 1.00 GiB" in stderr, stderr
+    assert "--shm-size" in stderr, stderr
