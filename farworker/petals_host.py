@@ -19,7 +19,10 @@ from farworker.config import WorkerConfig
 from farworker.petals_compat import import_petals
 
 log = logging.getLogger(__name__)
-HEALTH_TIMEOUT = 10.0  # seconds a DHT or handler probe may take before the server counts as wedged
+HEALTH_TIMEOUT = 10.0  # seconds a DHT probe may take before the server counts as wedged
+# A task the runtime has not finished after this long means it is stuck (a step takes milliseconds to
+# seconds, a 2048-token forward of a 70B block well under a minute on any GPU petals supports).
+RUNTIME_STALL_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,9 @@ class PetalsHost:
             return Health(False, "a handler process or the runtime has died")
         if not self.server.dht.is_alive():
             return Health(False, "the DHT process has died")
+        waiting = self._oldest_task_age(container)
+        if waiting > RUNTIME_STALL_SECONDS:
+            return Health(False, f"the runtime has left a task unfinished for {waiting:.0f} s")
         try:
             # A DHT query answered from our own node proves the DHT process and p2pd respond; the
             # records being unexpired proves the announcer still runs. (Calling our own handlers over
@@ -172,6 +178,16 @@ class PetalsHost:
         except Exception as error:  # timeouts included: a wedged process answers nothing
             return Health(False, f"probe failed: {error!r}")
         return Health(True)
+
+    @staticmethod
+    def _oldest_task_age(container) -> float:
+        """Seconds the oldest task queued or running in the runtime has waited (0 when idle)."""
+        submitted = []
+        for pool in container.runtime.pools:
+            queued = list(pool._ordered_tasks.queue[:1])  # a heap: the first is the next to run
+            submitted += [task.time_submitted for task in queued + list(pool._dispatched_tasks.values())]
+        # handlers stamp tasks with time.monotonic(), which is one clock for every process on the host
+        return time.monotonic() - min(submitted) if submitted else 0.0
 
     def _announced_online(self) -> bool:
         from petals.data_structures import ServerState
