@@ -78,7 +78,7 @@ def test_unit_properties(name):
     assert p["LimitNOFILE"] == "65536"
     assert p["User"] == "farworker"
     assert (p["ProtectSystem"], p["PrivateTmp"], p["NoNewPrivileges"]) == ("strict", "yes", "yes")
-    assert p["TemporaryFileSystem"].startswith("/dev/shm:size=512M")
+    assert p["TemporaryFileSystem"].startswith("/dev/shm:size=1G")
     assert p["DevicePolicy"] == "closed"
     assert (p["StateDirectory"], p["CacheDirectory"]) == ("farworker", "farworker")
     assert "network-online.target" in p["After"] and "nvidia-persistenced.service" in p["After"]
