@@ -76,7 +76,13 @@ def run(**kwargs):
     _setup_logging()
     from farworker.runner import run_worker
 
-    sys.exit(run_worker(config))
+    code = run_worker(config)
+    # Everything is stopped and flushed (usage outbox committed, status written). Leave now rather than
+    # wait in the interpreter's exit for threads and queues petals and hivemind never close.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @main.command()

@@ -17,7 +17,6 @@ import click
 from farworker.config import EX_CONFIG, ConfigError, WorkerConfig, load_config
 
 MIN_VRAM = 8 * 10**9  # the seed's minimum
-MIN_SHM = 1 * 2**30  # large requests pass tens of MB of activations through /dev/shm; leaks pile up
 MODEL_DISK = {"meta-llama/Llama-2-7b-chat-hf": 14e9, "meta-llama/Llama-2-13b-chat-hf": 27e9,
               "meta-llama/Llama-2-70b-chat-hf": 140e9}
 CONNECT_TIMEOUT = 3.0
@@ -115,12 +114,12 @@ def check_disk(config: WorkerConfig) -> Result:
 
 
 def check_shm(config: WorkerConfig) -> Result:
+    from farworker.shm_guard import check_shm as shm_problem
+
     usage = shutil.disk_usage("/dev/shm")
+    problem = shm_problem()
     detail = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB"
-    if usage.free < MIN_SHM:
-        return Result("FAIL", "/dev/shm", f"{detail}; petals passes tensors through it and needs at least 1 GiB: "
-                      "use the systemd unit (private /dev/shm) or docker run --shm-size 2g")
-    return Result("OK", "/dev/shm", detail)
+    return Result("FAIL", "/dev/shm", problem) if problem else Result("OK", "/dev/shm", detail)
 
 
 def check_bootstrap(config: WorkerConfig) -> Result:

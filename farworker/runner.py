@@ -10,6 +10,7 @@ wedged server (no probe answers) stops the watchdog pings so systemd restarts it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -245,4 +246,23 @@ def run_worker(config: WorkerConfig) -> int:
             code = 0 if worker.stop_requested.is_set() else 1
     finally:
         worker.stop()
+        _end_children()
     return code
+
+
+def _end_children(timeout: float = 5.0) -> None:
+    """Stop any process petals or hivemind left behind, so the worker's exit is bounded.
+
+    Seen once in docker: "Stopped cleanly", then the interpreter's exit waited on a leftover child until
+    docker's SIGKILL. systemd would kill the cgroup anyway; docker and a shell would not.
+    """
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
