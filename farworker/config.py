@@ -226,7 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("state_dir", "FARLABS_STATE_DIR", Path, "a directory path", None,
             help="Identity key, usage outbox and status file (default: ~/.local/state/farworker)."),
     Setting("thread_policy", "FARLABS_THREAD_POLICY", _choice(THREAD_POLICIES), ", ".join(THREAD_POLICIES),
-            "passive", help="OpenMP threads: passive (no spin-wait), single (1 thread) or spin (torch default)."),
+            "single", help="OpenMP threads: single (1 per process), passive (no spin-wait) or spin (torch default)."),
     Setting("network_mbps", "FARLABS_NETWORK_MBPS", _positive_float, "a positive number of megabits per second",
             "100", help="Upload bandwidth used for the throughput announced to clients (no speedtest is run)."),
     Setting("metrics_port", "FARLABS_METRICS_PORT", _int_range(0, 65535), "a port from 0 to 65535 (0 = off)", "0",

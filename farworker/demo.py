@@ -22,7 +22,7 @@ PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
 
 
 def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
-    apply_thread_policy("passive")  # the demo's client shares 2 cores with the servers
+    apply_thread_policy()  # the demo's client shares the cores with the servers
     from farworker.coordinator.app import Settings
     from farworker.coordinator.service import RunningCoordinator
     from farworker.local_reference import generate_locally

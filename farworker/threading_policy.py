@@ -18,7 +18,13 @@ POLICY_ENV = {
 }
 
 
-def apply_thread_policy(policy: str) -> None:
+# Measured side by side on 2 cores (benchmarks/RESULTS.md): `single` 1.14x raw petals, `passive` 0.99x.
+# torchrun sets one OpenMP thread per process by default for the same reason; on GPU hosts the blocks run
+# on the GPU and the host threads only feed it.
+DEFAULT_POLICY = "single"
+
+
+def apply_thread_policy(policy: str = DEFAULT_POLICY) -> None:
     """Set the OpenMP environment for `policy`; values the operator set explicitly are kept."""
     if policy not in POLICY_ENV:
         raise ValueError(f"thread policy must be one of {', '.join(POLICY_ENV)}, got {policy!r}")

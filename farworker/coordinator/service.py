@@ -14,16 +14,11 @@ log = logging.getLogger("farworker.coordinator")
 
 
 def _apply_thread_policy() -> None:
-    # The completions route runs the petals client beside the mesh's servers: idle OpenMP threads must
-    # sleep, not spin (../shared/facts.md). Set before torch is imported.
-    try:
-        from farworker.threading_policy import apply_thread_policy
-    except ImportError:
-        import os
+    # The completions route runs the petals client beside the mesh's servers: OpenMP threads must not
+    # spin on cores the servers need (../shared/facts.md). Set before torch is imported.
+    from farworker.threading_policy import apply_thread_policy
 
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    else:
-        apply_thread_policy("passive")
+    apply_thread_policy()
 
 
 def _uvicorn_config(app, host: str, port: int, log_level: str):
