@@ -28,15 +28,6 @@ def _overrides(kwargs: dict) -> dict:
     return {s.name: kwargs.pop(s.name, None) for s in SETTINGS}
 
 
-def _config_or_exit(overrides: dict, required: bool = True):
-    try:
-        return load_config(overrides=overrides, required=required)
-    except ConfigError as error:
-        for problem in error.problems:
-            click.echo(f"config error: {problem}", err=True)
-        sys.exit(EX_CONFIG)
-
-
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
 
@@ -68,7 +59,7 @@ def run(**kwargs):
 
     Exit status 78 on bad configuration (systemd's unit does not retry it).
     """
-    config = _config_or_exit(_overrides(kwargs))
+    config = load_config(overrides=_overrides(kwargs))  # ConfigError: one line per problem, exit 78
     from farworker.threading_policy import apply_thread_policy
 
     apply_thread_policy(config.thread_policy)  # before torch loads: libgomp reads it once

@@ -359,7 +359,3 @@ def _cross_checks(values: dict[str, object], invalid: set[str], required: bool) 
     if values["num_blocks"] is not None and values["block_indices"] is not None:
         problems.append("FARLABS_NUM_BLOCKS and FARLABS_BLOCK_INDICES conflict: expected only one of them")
     return problems
-
-
-def problems_as_lines(error: ConfigError) -> list[str]:
-    return [f"config error: {problem}" for problem in error.problems]
