@@ -23,14 +23,9 @@ timings=()
 timed() { local start=$SECONDS; "$@"; timings+=("$((SECONDS - start)) s  $*"); }
 
 step "apt packages"
-missing=()
-for pkg in docker.io debootstrap; do
-    dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/containers/lib.sh
+source scripts/containers/lib.sh
+ensure_apt_packages docker.io debootstrap
 
 step "dockerd"
 bash scripts/containers/dockerd-up.sh

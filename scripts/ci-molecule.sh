@@ -21,14 +21,9 @@ scenarios=("$@")
 step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
 
 step "apt packages"
-missing=()
-for pkg in docker.io debootstrap; do
-    dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/containers/lib.sh
+source scripts/containers/lib.sh
+ensure_apt_packages docker.io debootstrap
 
 step "ansible tools in $venv"
 want=$(sha256sum requirements/ansible.txt | cut -d' ' -f1)

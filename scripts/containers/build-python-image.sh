@@ -3,27 +3,23 @@
 # reachable here): the CPU base for the farworker container image (Dockerfile's BASE_IMAGE).
 # Usage: build-python-image.sh [TAG]   (default farworker/debian-python:bookworm)
 # Cached by tag and recipe: an image built by this same script is reused. FORCE=1 rebuilds.
-# Same mirror lookup as build-systemd-image.sh; no systemd in it (the worker is PID 1's child under tini).
+# Mirror lookup and cache check: lib.sh. no systemd in it (the worker is PID 1's child under tini).
 set -euo pipefail
 
 TAG=${1:-farworker/debian-python:bookworm}
 SUITE=${SUITE:-bookworm}
 
-recipe=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)
-if [[ "${FORCE:-0}" != 1 ]] \
-    && [[ "$(docker image inspect -f '{{ index .Config.Labels "farworker.recipe" }}' "$TAG" 2>/dev/null)" == "$recipe" ]]; then
+# shellcheck source=scripts/containers/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+recipe=$(image_recipe "${BASH_SOURCE[0]}")
+if image_is_cached "$TAG" "$recipe"; then
     echo "image $TAG: cached"
     exit 0
 fi
 
 command -v debootstrap >/dev/null || { echo "debootstrap not found: apt-get install debootstrap" >&2; exit 1; }
 
-mirror=${DEBIAN_MIRROR:-}
-if [[ -z "$mirror" ]]; then
-    mirror=$(apt-get indextargets --format '$(REPO_URI)' 'Created-By: Packages' 2>/dev/null \
-        | grep -v -- '-security' | grep -E '/debian/?$' | head -n1 || true)
-fi
-[[ -n "$mirror" ]] || { echo "no Debian mirror found in apt's configuration; set DEBIAN_MIRROR" >&2; exit 1; }
+mirror=$(debian_mirror)
 
 # python3 is 3.11 on bookworm; python3-venv brings ensurepip; tini reaps orphans and forwards signals.
 packages=python3,python3-venv,tini,ca-certificates

@@ -8,22 +8,17 @@ set -euo pipefail
 TAG=${1:-farworker/debian-systemd:bookworm}
 SUITE=${SUITE:-bookworm}
 
-recipe=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)
-if [[ "${FORCE:-0}" != 1 ]] \
-    && [[ "$(docker image inspect -f '{{ index .Config.Labels "farworker.recipe" }}' "$TAG" 2>/dev/null)" == "$recipe" ]]; then
+# shellcheck source=scripts/containers/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+recipe=$(image_recipe "${BASH_SOURCE[0]}")
+if image_is_cached "$TAG" "$recipe"; then
     echo "image $TAG: cached"
     exit 0
 fi
 
 command -v debootstrap >/dev/null || { echo "debootstrap not found: apt-get install debootstrap" >&2; exit 1; }
 
-# The mirror is the one this host's apt already uses, so no address is written down here.
-mirror=${DEBIAN_MIRROR:-}
-if [[ -z "$mirror" ]]; then
-    mirror=$(apt-get indextargets --format '$(REPO_URI)' 'Created-By: Packages' 2>/dev/null \
-        | grep -v -- '-security' | grep -E '/debian/?$' | head -n1 || true)
-fi
-[[ -n "$mirror" ]] || { echo "no Debian mirror found in apt's configuration; set DEBIAN_MIRROR" >&2; exit 1; }
+mirror=$(debian_mirror)
 
 # What ansible, molecule and the roles need on a target: python3 (+venv, apt bindings,
 # python3-debian for deb822_repository; the containers cannot reach a mirror), systemd as PID 1, dbus for systemctl, procps/iproute2 for the fault checks, CA certificates.
