@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 import requests
+from polling import wait_for
 
 from farworker.coordinator.app import Settings
 from farworker.coordinator.service import RunningCoordinator
@@ -27,14 +28,6 @@ INTERVAL = 1.0
 PROMPTS = [[1, 37, 101, 250], [5, 6, 7, 8, 9, 10], [300, 2, 44]]
 
 
-def wait_for(predicate, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Mesh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from coordinator_fixtures import heartbeat, registration
+from polling import wait_for
 
 from farworker.api_client import CoordinatorClient
 from farworker.coordinator.app import Settings
@@ -22,16 +24,11 @@ from farworker.identity import load_or_create
 from farworker.outbox import Outbox, make_record
 from farworker.reporting import Backoff, Reporter, heartbeat_line
 
+wait_for_fast = functools.partial(wait_for, step=0.02)  # the reporter runs at sub-second intervals here
+
 INTERVAL = 0.3
 
 
-def wait_for(predicate, timeout: float, what: str, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def settings(tmp_path: Path, db="coordinator.sqlite") -> Settings:
@@ -86,11 +83,11 @@ def test_registers_after_the_coordinator_comes_up(tmp_path, identity, caplog):
         assert reporter.worker_id is None and reporter.state == "unregistered"
         outbox.add(record(5))  # usage made while unregistered waits in the outbox
         coordinator.start()
-        wait_for(
+        wait_for_fast(
             lambda: reporter.last_heartbeat is not None and outbox.depth() == 0, 15, "registration + flush"
         )
         assert reporter.interval_s == INTERVAL  # the coordinator's interval wins over the local 5 s
-        wait_for(lambda: reporter.stats["heartbeats"] >= 3, 15, "heartbeats at the coordinator's interval")
+        wait_for_fast(lambda: reporter.stats["heartbeats"] >= 3, 15, "heartbeats at the coordinator's interval")
         beats = coordinator.store.heartbeats(reporter.worker_id)
         gaps = [b["received_at"] - a["received_at"] for a, b in zip(beats, beats[1:], strict=False)]
         # never faster than the interval; late only as far as a loaded 2-core CI machine makes it
@@ -124,7 +121,7 @@ def test_outage_with_records_arriving_each_arrives_once(tmp_path, identity):
 
     producer = threading.Thread(target=produce)
     try:
-        wait_for(lambda: reporter.last_heartbeat is not None, 15, "registration")
+        wait_for_fast(lambda: reporter.last_heartbeat is not None, 15, "registration")
         producer.start()
         time.sleep(0.4)
         coordinator.stop()  # down for several heartbeat intervals
@@ -136,12 +133,12 @@ def test_outage_with_records_arriving_each_arrives_once(tmp_path, identity):
         time.sleep(0.5)
         stop.set()
         producer.join(10)
-        wait_for(lambda: outbox.depth() == 0, 30, "outbox drained after the outage")
+        wait_for_fast(lambda: outbox.depth() == 0, 30, "outbox drained after the outage")
         on_ledger = coordinator.store.usage_records()
         assert sorted(r["id"] for r in on_ledger) == sorted(r["id"] for r in added)
         assert sum(r["tokens"] for r in on_ledger) == sum(r["tokens"] for r in added)
         # heartbeats resumed with the same worker id
-        wait_for(
+        wait_for_fast(
             lambda: len(coordinator.store.heartbeats(reporter.worker_id)) >= 1, 15, "heartbeats after outage"
         )
     finally:
@@ -155,12 +152,12 @@ def test_registers_again_when_the_coordinator_forgets(tmp_path, identity):
     outbox = Outbox(tmp_path / "outbox.sqlite")
     reporter = make_reporter(coordinator.url, identity, outbox).start()
     try:
-        wait_for(lambda: reporter.worker_id is not None, 15, "registration")
+        wait_for_fast(lambda: reporter.worker_id is not None, 15, "registration")
         port, first = coordinator.port, reporter.worker_id
         coordinator.stop()
         coordinator = RunningCoordinator(settings(tmp_path, db="fresh.sqlite"), port=port).start()
         outbox.add(record(3))
-        wait_for(
+        wait_for_fast(
             lambda: outbox.depth() == 0 and reporter.worker_id not in (None, first), 15, "re-registration"
         )
         assert [r["tokens"] for r in coordinator.store.usage_records()] == [3]
@@ -173,7 +170,7 @@ def test_drain_flushes_and_deregisters(tmp_path, identity):
     with RunningCoordinator(settings(tmp_path)) as coordinator:
         outbox = Outbox(tmp_path / "outbox.sqlite")
         reporter = make_reporter(coordinator.url, identity, outbox, interval=60).start()
-        wait_for(lambda: reporter.last_heartbeat is not None, 15, "registration")
+        wait_for_fast(lambda: reporter.last_heartbeat is not None, 15, "registration")
         reporter._api_retry_at = time.monotonic() + 60  # hold flushes back: drain must do it
         for i in range(60):
             outbox.add(record(i + 1))
@@ -189,7 +186,7 @@ def test_drain_with_the_coordinator_down_is_bounded(tmp_path, identity):
     coordinator = RunningCoordinator(settings(tmp_path)).start()
     outbox = Outbox(tmp_path / "outbox.sqlite")
     reporter = make_reporter(coordinator.url, identity, outbox).start()
-    wait_for(lambda: reporter.worker_id is not None, 15, "registration")
+    wait_for_fast(lambda: reporter.worker_id is not None, 15, "registration")
     coordinator.stop()
     outbox.add(record(4))
     started = time.monotonic()
@@ -210,7 +207,7 @@ def test_poison_record_is_set_aside(tmp_path, identity):
         outbox.add(good[2])
         reporter = make_reporter(coordinator.url, identity, outbox).start()
         try:
-            wait_for(lambda: outbox.depth() == 0, 15, "good records through")
+            wait_for_fast(lambda: outbox.depth() == 0, 15, "good records through")
             assert sorted(r["id"] for r in coordinator.store.usage_records()) == sorted(r["id"] for r in good)
             assert [r["id"] for r in outbox.rejected()] == [poison["id"]]
         finally:
@@ -255,7 +252,7 @@ def test_sigkill_mid_flush_then_restart_loses_and_doubles_nothing(tmp_path):
         args = [sys.executable, "-c", _WORKER, coordinator.url, str(state), "run", tests_dir]
         first = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
         try:
-            wait_for(lambda: len(coordinator.store.usage_records()) >= 200, 90, "flush under way")
+            wait_for_fast(lambda: len(coordinator.store.usage_records()) >= 200, 90, "flush under way")
             os.kill(first.pid, signal.SIGKILL)
         finally:
             first.kill()

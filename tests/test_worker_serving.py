@@ -4,10 +4,10 @@ and the work is metered on the serving path into the durable outbox."""
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
+from polling import wait_for
 
 from farworker.coordinator.mesh import MeshClient
 from farworker.local_reference import generate_locally
@@ -18,14 +18,6 @@ PROMPT = [1, 17, 230, 45, 99, 3]
 NEW_TOKENS = 12
 
 
-def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_two_workers_split_the_model_and_match_transformers(start_workers, bootstrap_peer, tiny_model):
