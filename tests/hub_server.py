@@ -185,14 +185,17 @@ class _Handler(BaseHTTPRequestHandler):
         return header[len("Bearer ") :] if header.startswith("Bearer ") else None
 
     def _send(self, status: int, headers: dict[str, str], body: bytes, head: bool) -> None:
+        self._start_response(status, headers, len(body))
+        if not head:
+            self.wfile.write(body)
+
+    def _start_response(self, status: int, headers: dict[str, str], length: int) -> None:
         self._record(status)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(length))
         self.end_headers()
-        if not head:
-            self.wfile.write(body)
 
     def _error(self, status: int, code: str, message: str, extra: dict | None = None, head: bool = False) -> None:
         headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
@@ -308,12 +311,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = memoryview(data)[start:]
-        self._record(status)
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        self._start_response(status, headers, len(body))
         if not head:
             self._stream(body)
 
