@@ -136,6 +136,39 @@ def test_round_trip_heartbeats_and_ledger(mesh):
     assert all(w["earnings_far"] > 0 and w["earn_rate_far_per_hour"] > 0 for w in view)
 
 
+def test_a_broken_session_is_run_again_and_both_attempts_are_billed(mesh):
+    """A session that breaks after the workers served it (petals' "Broken input cache" when a draining
+    worker's session is re-routed) is run once more in a fresh session; the route keeps both attempts,
+    because both were served and both are in the workers' usage."""
+    from farworker.coordinator.mesh import MeshClient
+
+    client = MeshClient(mesh.model, mesh.peers, TINY_MODEL_NAME)
+    real_generate_once = client._generate_once
+    attempts = []
+
+    def break_the_first_session(*args):
+        attempts.append(real_generate_once(*args))
+        if len(attempts) == 1:
+            raise RuntimeError("Broken input cache (injected after the workers served the session)")
+        return attempts[-1]
+
+    client._generate_once = break_the_first_session
+    prompt, max_tokens = [7, 70, 170], 6
+    try:
+        result = client.generate(prompt, max_tokens=max_tokens, temperature=0)
+    finally:
+        client.close()
+    assert len(attempts) == 2
+    assert attempts[0].tolist() == attempts[1].tolist()  # greedy: the retry answers the same
+    per_attempt = len(prompt) + len(result.completion_ids) - 1
+    by_span = Counter()
+    for span in result.route:
+        by_span[tuple(span["blocks"])] += span["tokens"]
+        mesh.served[span["peer_id"]] += span["tokens"]
+    assert by_span == {(0, 2): 2 * per_attempt, (2, 4): 2 * per_attempt}, result.route
+    mesh.wait_ledger_matches()
+
+
 def test_outage_while_clients_generate(mesh):
     from farworker.coordinator.mesh import MeshClient
 

@@ -28,6 +28,9 @@ CLIENT_OPTIONS = {
 }
 
 
+# A generation whose session broke is run once more from the start in a fresh session.
+GENERATION_ATTEMPTS = 2
+
 CLOSE_TIMEOUT = 15.0  # seconds the client's shutdown may take before the process moves on
 
 
@@ -116,7 +119,6 @@ class MeshClient:
         return ids
 
     def generate(self, prompt: str | list[int], max_tokens: int, temperature: float) -> Generation:
-        import torch
 
         with self._lock:
             model = self._load()
@@ -132,24 +134,19 @@ class MeshClient:
             sampling = (
                 {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             )
-            seen: list = []
-            try:
-                with model.inference_session(max_length=len(ids) + max_tokens) as session:
-                    self._track(session, seen)
-                    with torch.inference_mode():
-                        output = model.generate(
-                            torch.tensor([ids]),
-                            max_new_tokens=max_tokens,
-                            session=session,
-                            pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
-                            **sampling,
-                        )
-                    _keep(seen, session._server_sessions)
-            except MeshError:
-                raise
-            except Exception as err:
-                log.warning("completion failed in the mesh: %s", err)
-                raise MeshError(f"the mesh could not serve the request: {err}") from None
+            seen: list = []  # every server session of every attempt: each one's tokens were served and billed
+            for attempt in range(1, GENERATION_ATTEMPTS + 1):
+                try:
+                    output = self._generate_once(model, ids, max_tokens, sampling, seen)
+                    break
+                except Exception as err:
+                    if attempt < GENERATION_ATTEMPTS:
+                        # petals re-routes a step itself, but a replacement server that cannot rebuild the
+                        # cache ("Broken input cache", a worker draining mid-session) ends the session.
+                        log.warning("completion failed in the mesh, retrying in a fresh session: %s", err)
+                        continue
+                    log.warning("completion failed in the mesh: %s", err)
+                    raise MeshError(f"the mesh could not serve the request: {err}") from None
         completion = output[0, len(ids) :].tolist()
         eos = getattr(self._config, "eos_token_id", None)
         finish = (
@@ -168,6 +165,23 @@ class MeshClient:
             if s._position > 0
         ]
         return Generation(ids, completion, text, finish, route)
+
+    def _generate_once(self, model, ids: list[int], max_tokens: int, sampling: dict, seen: list):
+        import torch
+
+        with model.inference_session(max_length=len(ids) + max_tokens) as session:
+            self._track(session, seen)
+            try:
+                with torch.inference_mode():
+                    return model.generate(
+                        torch.tensor([ids]),
+                        max_new_tokens=max_tokens,
+                        session=session,
+                        pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
+                        **sampling,
+                    )
+            finally:
+                _keep(seen, session._server_sessions)
 
     @staticmethod
     def _track(session, seen: list) -> None:

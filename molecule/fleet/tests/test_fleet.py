@@ -180,11 +180,11 @@ def test_rolling_upgrade_without_a_failed_request(fleet):
                   120, f"all workers online at {new}")
     assert len(ws) == 3
     for name in WORKERS:
-        # Each worker drained (usage flushed, deregistered) before its blocks went offline. The whole
-        # journal, not -u farworker: in one run fl-w3's drain lines were missing from the unit's view
-        # (cause not found yet; the ledger still matched to the token).
+        # Each worker drained (usage flushed, deregistered) before its blocks went offline. (Before the
+        # unit had KillMode=mixed, systemd's SIGTERM also reached p2pd and one worker aborted mid-drain.)
         h = host(name)
-        drained = h.run("journalctl --no-pager -o cat | grep -c -e 'Stopping: draining usage' -e 'Stopped cleanly'")
+        drained = h.run("journalctl -u farworker --no-pager -o cat"
+                        " | grep -c -e 'Stopping: draining usage' -e 'Stopped cleanly'")
         print(f"FLEET {name}: {drained.stdout.strip()} drain log lines")
         assert int(drained.stdout.strip() or 0) >= 2, h.check_output("journalctl -u farworker --no-pager -n 60")
 
@@ -228,7 +228,7 @@ def test_ledger_equals_the_tokens_the_client_received(fleet):
     expected = Counter()
     in_flight_at_kill = Counter()
     for r in fleet.records:
-        for span in r["route"]:
+        for span in r.get("route", []):  # a failed request has none (and an earlier test failed on it)
             expected[span["peer_id"]] += span["tokens"]
             if r["start"] <= fleet.kill_time <= r["end"]:
                 in_flight_at_kill[span["peer_id"]] += span["tokens"]
