@@ -10,6 +10,9 @@ the ratio of its median tokens/s to raw petals' (and the median of the per-repet
 
     python benchmarks/serving_speed.py --reps 10 --new-tokens 64 --out benchmarks/results/serving_speed.json
     python benchmarks/serving_speed.py --variants farworker:passive,farworker:single,petals --reps 12 ...
+
+A third part picks the tensor hand-off: `farworker:single:shm` keeps torch's shared-memory files for every
+tensor (farworker/tensor_handoff.py; the default sends small tensors as bytes).
 """
 
 from __future__ import annotations
@@ -68,18 +71,14 @@ def main() -> None:
     rss, stops = {}, {}
     try:
         with bl.coordinator(work) as coord:
+            client_policy = {}
             for v in variants:
-                if v == "petals":
-                    servers[v] = bl.start_raw_petals(work, "petals", model)
-                else:
-                    policy = v.split(":", 1)[1]
-                    name = v.replace(":", "-")
-                    servers[v] = bl.start_farworker(work, name, coord.url, extra_env={"FARLABS_THREAD_POLICY": policy})
+                servers[v], client_policy[v] = start(v, work, v.replace(":", "-"), coord.url, model)
             for v, server in servers.items():
                 server.wait_ready()
                 bl.log(f"{v} ready")
             for v, server in servers.items():
-                policy = "default" if v == "petals" else {"spin": "default"}.get(v.split(":")[1], v.split(":")[1])
+                policy = client_policy[v]
                 clients[v] = bl.MeshClientProcess(
                     work, "client-" + v.replace(":", "-"), server.initial_peer, model, policy
                 )
@@ -149,8 +148,11 @@ def start(variant: str, work: Path, name: str, api_url: str, model: Path) -> tup
     """The server for a variant and its client's policy."""
     if variant == "petals":
         return bl.start_raw_petals(work, name, model), "default"
-    policy = variant.split(":", 1)[1]
-    server = bl.start_farworker(work, name, api_url, extra_env={"FARLABS_THREAD_POLICY": policy})
+    _, policy, *handoff = variant.split(":")
+    env = {"FARLABS_THREAD_POLICY": policy}
+    if handoff:  # farworker:single:shm -> torch's shared-memory reducer for every tensor (farworker/tensor_handoff.py)
+        env["FARWORKER_TENSOR_HANDOFF"] = handoff[0]
+    server = bl.start_farworker(work, name, api_url, extra_env=env)
     return server, {"spin": "default"}.get(policy, policy)
 
 

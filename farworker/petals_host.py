@@ -63,8 +63,10 @@ class PetalsHost:
         from petals.server.server import Server
         from petals.utils.convert_block import QuantType
 
+        from farworker import tensor_handoff
         from farworker.throughput import announced_throughput, measured_rps
 
+        tensor_handoff.install()  # before the handler processes fork: they inherit the reducer
         cfg, plan = self.config, self.plan
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.server = Server(
