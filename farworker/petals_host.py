@@ -67,6 +67,7 @@ class PetalsHost:
         from farworker.throughput import announced_throughput, measured_rps
 
         tensor_handoff.install()  # before the handler processes fork: they inherit the reducer
+        tensor_handoff.keep_small_outputs_private()
         cfg, plan = self.config, self.plan
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.server = Server(

@@ -34,15 +34,7 @@ def install() -> bool:
     from torch.multiprocessing.reductions import reduce_tensor
 
     def reduce_small_tensor(tensor: torch.Tensor):
-        if (
-            tensor.device.type != "cpu"
-            or tensor.requires_grad
-            or tensor.is_shared()
-            or tensor.layout != torch.strided
-            or tensor.is_quantized
-            or type(tensor) is not torch.Tensor
-            or tensor.numel() * tensor.element_size() > BYTES_LIMIT
-        ):
+        if tensor.device.type != "cpu" or tensor.is_shared() or tensor.is_quantized or not _sent_as_bytes(tensor):
             return reduce_tensor(tensor)
         flat = tensor.detach().contiguous().reshape(-1)
         data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
@@ -51,6 +43,42 @@ def install() -> bool:
     ForkingPickler.register(torch.Tensor, reduce_small_tensor)
     _installed = True
     return True
+
+
+def keep_small_outputs_private() -> bool:
+    """petals' runtime calls ``share_memory_()`` on every output before ``set_result`` sends it back to the
+    handler, which creates the shared-memory file that ``install()`` avoids. Skip that for the tensors the
+    reducer sends as bytes; large ones are still shared. Call after ``import_petals()``."""
+    if not _installed:
+        return False
+    from petals.server import task_pool
+
+    original = task_pool._move_to_device_if_tensor
+    if getattr(original, "_farworker_wrapped", False):
+        return True
+
+    def move_to_device_if_tensor(arg, device, share_memory: bool = False):
+        if share_memory and str(device) == "cpu" and _sent_as_bytes(arg):
+            # A blocking copy, as petals makes before sharing: the bytes are read right after (pickling), and a
+            # non-blocking copy from a GPU may not have landed by then.
+            return arg.detach().to(device, non_blocking=False)
+        return original(arg, device, share_memory=share_memory)
+
+    move_to_device_if_tensor._farworker_wrapped = True
+    task_pool._move_to_device_if_tensor = move_to_device_if_tensor
+    return True
+
+
+def _sent_as_bytes(arg) -> bool:
+    import torch
+
+    # The result's size is the same on any device; its device after the move is cpu.
+    return (
+        type(arg) is torch.Tensor
+        and not arg.requires_grad
+        and arg.layout == torch.strided
+        and arg.numel() * arg.element_size() <= BYTES_LIMIT
+    )
 
 
 def rebuild_tensor(data: bytes, dtype, shape: tuple[int, ...]):

@@ -73,3 +73,21 @@ def test_switch_keeps_torchs_reducer(monkeypatch):
     monkeypatch.setenv(tensor_handoff.ENV_SWITCH, "shm")
     assert tensor_handoff.install() is False
     assert os.environ[tensor_handoff.ENV_SWITCH] == "shm"
+
+
+def test_petals_runtime_outputs_skip_share_memory_when_small(installed):
+    from farworker.petals_compat import import_petals
+
+    import_petals()
+    from petals.server import task_pool
+
+    original = task_pool._move_to_device_if_tensor
+    try:
+        assert tensor_handoff.keep_small_outputs_private()
+        move = task_pool._move_to_device_if_tensor
+        small = move(torch.ones(2, 1, 64), device="cpu", share_memory=True)
+        big = move(torch.ones(tensor_handoff.BYTES_LIMIT // 4 + 1), device="cpu", share_memory=True)
+        assert not small.is_shared() and torch.equal(small, torch.ones(2, 1, 64))
+        assert big.is_shared()  # petals' own path
+    finally:
+        task_pool._move_to_device_if_tensor = original
