@@ -211,6 +211,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat_interval", "FARLABS_HEARTBEAT_INTERVAL", _int_range(1, 3600),
             "whole seconds from 1 to 3600", "30",
             help="Seconds between heartbeats (the coordinator may ask for another)."),
+    Setting("drain_timeout", "FARLABS_DRAIN_TIMEOUT", _int_range(0, 3600), "whole seconds from 0 to 3600", "20",
+            help="On SIGTERM, seconds open inference sessions get to finish after the blocks are announced offline "
+            "(keep it below the unit's TimeoutStopSec)."),
     Setting("port", "FARLABS_PORT", _int_range(0, 65535), "a port from 0 to 65535 (0 = any free port)", "31330",
             help="P2P listen port (TCP)."),
     Setting("host_maddrs", "FARLABS_HOST_MADDRS", _multiaddr_list, "comma-separated multiaddrs", "",
@@ -252,6 +255,7 @@ class WorkerConfig:
     device: str
     location: str
     heartbeat_interval: int
+    drain_timeout: int
     port: int
     host_maddrs: tuple[str, ...]
     announce_maddrs: tuple[str, ...]

@@ -110,6 +110,17 @@ class PetalsHost:
             self._failure = error
             log.exception("Petals server stopped with an error")
 
+    def announce_offline(self) -> bool:
+        """Declare our blocks OFFLINE in the DHT, so clients route new sessions elsewhere, while the handlers
+        keep serving the sessions already open (a drain). The announcer thread ends after this."""
+        container = self.server.module_container if self.server else None
+        if container is None:
+            return False
+        from petals.data_structures import ServerState
+
+        container.dht_announcer.announce(ServerState.OFFLINE)
+        return True
+
     def stop(self, timeout: float = 20.0) -> None:
         if self.server is None:
             return

@@ -147,14 +147,38 @@ class Worker:
         self.state = "draining"
         self.notifier.stopping(f"draining: {self.config.model_name}")
         log.info("Stopping: draining usage, announcing blocks offline")
+        if self.host is not None and self.meter is not None:
+            self._drain_sessions()
         if self.reporter is not None:
             self.reporter.drain_and_stop(timeout=10.0)
         if self.host is not None:
             self.host.stop(timeout=10.0)
+        if self.meter is not None:
+            self.meter.wait_settled()  # a session cut by the shutdown still reports what it served
         self.state = "stopped"
         if self.identity is not None:  # the state dir exists: start got past its checks
             self._write_status()
         log.info("Stopped cleanly")
+
+    def _drain_sessions(self) -> None:
+        """Blocks offline first, then give the open sessions FARLABS_DRAIN_TIMEOUT to finish: a session cut
+        by the shutdown breaks the client's request (petals must replay it elsewhere) and its last segment of
+        usage never leaves the handler process."""
+        try:
+            self.host.announce_offline()
+        except Exception as err:  # the DHT may already be unreachable; the sessions still deserve their time
+            log.warning("Could not announce the blocks offline: %s", err)
+        deadline = time.monotonic() + self.config.drain_timeout
+        open_sessions = self.meter.snapshot().open_sessions
+        if open_sessions:
+            log.info("Waiting up to %d s for %d open sessions", self.config.drain_timeout, open_sessions)
+        while open_sessions and time.monotonic() < deadline:
+            self.notifier.status(f"draining: {open_sessions} open sessions")
+            time.sleep(0.2)
+            open_sessions = self.meter.snapshot().open_sessions
+        if open_sessions:
+            log.warning("%d sessions still open after %d s; stopping anyway", open_sessions, self.config.drain_timeout)
+        self.meter.wait_settled()
 
     # -- reports -----------------------------------------------------------------------------------
     def summary(self) -> str:

@@ -72,10 +72,20 @@ class ServingMeter:
         self._events: mp.Queue = mp.Queue()
         self._on_record = on_record
         self.counters = Counters()
+        self._last_event = time.monotonic()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._drain, name="serving-meter", daemon=True)
         self._install()
         self._thread.start()
+
+    def wait_settled(self, quiet: float = 0.3, timeout: float = 3.0) -> None:
+        """Return once the events the handlers sent have been accounted (nothing new for ``quiet`` seconds),
+        so a stopping worker writes every closed session's usage to the outbox before it exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._events.empty() and time.monotonic() - self._last_event >= quiet:
+                return
+            time.sleep(0.05)
 
     def snapshot(self) -> Counters:
         with self._lock:
@@ -154,6 +164,7 @@ class ServingMeter:
             self._account(kind, payload)
 
     def _account(self, kind: str, payload) -> None:
+        self._last_event = time.monotonic()
         with self._lock:
             c = self.counters
             if kind == "open":

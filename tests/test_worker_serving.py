@@ -89,3 +89,34 @@ def _scrape(port: int) -> str | None:
         return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     except requests.RequestException:
         return None
+
+
+def test_sigterm_lets_an_open_session_finish_and_bills_all_of_it(start_workers, bootstrap_peer, tiny_model):
+    """A drain announces the blocks offline, then waits for the open session: the client's steps after the
+    SIGTERM still succeed, and every token of the session lands in the outbox before the worker exits."""
+    import signal
+
+    import torch
+
+    worker = start_workers("drainer", "0:4", bootstrap_peer)
+    worker.wait_online()
+    client = MeshClient(tiny_model, bootstrap_peer, "farworker-tiny-llama")
+    later_tokens = [5, 6, 7]
+    try:
+        client.warm()
+        model = client._model
+        embed = model.get_input_embeddings()
+        with torch.inference_mode(), model.inference_session(max_length=len(PROMPT) + len(later_tokens)) as session:
+            session.step(embed(torch.tensor([PROMPT])))
+            worker.proc.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: "Waiting up to" in worker.proc.log_tail(60), 30, "the drain to wait for the session")
+            for token in later_tokens:  # the session keeps working while the worker drains
+                outputs = session.step(embed(torch.tensor([[token]])))
+                assert outputs.shape[:2] == (1, 1)
+    finally:
+        client.close()
+    assert worker.proc.process.wait(60) == 0, worker.proc.log_tail()
+    log = worker.proc.log_tail(80)
+    assert "Stopped cleanly" in log and "still open" not in log, log
+    records = Outbox(worker.state_dir / "outbox.sqlite3").pending()
+    assert sum(r["tokens"] for r in records) == len(PROMPT) + len(later_tokens), records
