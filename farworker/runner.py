@@ -26,6 +26,7 @@ from farworker.status_file import write_status
 
 log = logging.getLogger("farworker")
 ONLINE_TIMEOUT = 3600.0  # loading 70B weights from a slow disk can take long; the keepalive extends systemd's
+DRAIN_QUIET_SECONDS = 2.0  # a drain ends once the handlers saw no session activity for this long
 HEALTH_PERIOD = 5.0  # seconds between health checks when systemd gives no watchdog interval
 
 
@@ -172,7 +173,10 @@ class Worker:
         open_sessions = self.meter.snapshot().open_sessions
         if open_sessions:
             log.info("Waiting up to %d s for %d open sessions", self.config.drain_timeout, open_sessions)
-        while open_sessions and time.monotonic() < deadline:
+        # Until no session is open and none opened or closed for DRAIN_QUIET_SECONDS: clients learn that the
+        # blocks are offline at their next route update, and until then back-to-back requests leave only
+        # instants with no session open.
+        while time.monotonic() < deadline and (open_sessions or self.meter.seconds_since_event() < DRAIN_QUIET_SECONDS):
             self.notifier.status(f"draining: {open_sessions} open sessions")
             time.sleep(0.2)
             open_sessions = self.meter.snapshot().open_sessions

@@ -87,6 +87,9 @@ class ServingMeter:
                 return
             time.sleep(0.05)
 
+    def seconds_since_event(self) -> float:
+        return time.monotonic() - self._last_event
+
     def snapshot(self) -> Counters:
         with self._lock:
             return Counters(**vars(self.counters))
