@@ -16,6 +16,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -32,6 +33,8 @@ BOOT = inventory.get_hosts("mesh_bootstrap")[0]
 VICTIM = "fl-w2"  # serves 2:4; fl-w3 (0:4) still covers every block
 USAGE_TRANSIT_S = 2.0  # a closed session's usage is in the outbox well within this (handler -> main -> SQLite)
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(PROJECT / "tests"))  # the project's own test helpers (tests/polling.py)
+import polling  # noqa: E402
 MAX_REQUESTS, MAX_SECONDS = 30000, 1800  # the client loop stops by itself (~8 requests/s here)
 
 
@@ -40,13 +43,8 @@ def host(name):
 
 
 def wait_for(predicate, timeout, what, step=1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    # tests/polling.py's bounded wait; each poll here is a container command, so once a second by default.
+    return polling.wait_for(predicate, timeout, what, step)
 
 
 def upgrade_version() -> str:
