@@ -9,15 +9,28 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-# DCGM exporter name -> (telemetry field, scale, help)
+
+def _field(name: str, scale: float = 1):
+    return lambda gpu: None if gpu.get(name) is None else gpu[name] * scale
+
+
+def _fb_free_mib(gpu: dict) -> float | None:
+    total, used = gpu.get("memory_total_bytes"), gpu.get("memory_used_bytes")
+    return None if total is None or used is None else (total - used) / 2**20
+
+
+# DCGM exporter name -> (value from one GPU's telemetry in DCGM's unit, help). The status file keeps
+# memory in bytes; DCGM's framebuffer fields are MiB.
 DCGM_GAUGES = {
-    "DCGM_FI_DEV_GPU_UTIL": ("utilization_pct", 1, "GPU utilization (in %)."),
-    "DCGM_FI_DEV_FB_USED": ("memory_used_bytes", 1 / 2**20, "Framebuffer memory used (in MiB)."),
-    "DCGM_FI_DEV_GPU_TEMP": ("temperature_c", 1, "GPU temperature (in C)."),
-    "DCGM_FI_DEV_POWER_USAGE": ("power_w", 1, "Power draw (in W)."),
-    "DCGM_FI_DEV_SM_CLOCK": ("sm_clock_mhz", 1, "SM clock frequency (in MHz)."),
-    "DCGM_FI_DEV_MEM_CLOCK": ("mem_clock_mhz", 1, "Memory clock frequency (in MHz)."),
-    "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": ("ecc_volatile_uncorrected", 1, "Volatile double-bit ECC errors."),
+    "DCGM_FI_DEV_GPU_UTIL": (_field("utilization_pct"), "GPU utilization (in %)."),
+    "DCGM_FI_DEV_FB_USED": (_field("memory_used_bytes", 1 / 2**20), "Framebuffer memory used (in MiB)."),
+    "DCGM_FI_DEV_FB_FREE": (_fb_free_mib, "Framebuffer memory free (in MiB)."),
+    "DCGM_FI_DEV_GPU_TEMP": (_field("temperature_c"), "GPU temperature (in C)."),
+    "DCGM_FI_DEV_POWER_USAGE": (_field("power_w"), "Power draw (in W)."),
+    "DCGM_FI_DEV_SM_CLOCK": (_field("sm_clock_mhz"), "SM clock frequency (in MHz)."),
+    "DCGM_FI_DEV_MEM_CLOCK": (_field("mem_clock_mhz"), "Memory clock frequency (in MHz)."),
+    "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": (_field("ecc_volatile_uncorrected"), "Volatile double-bit ECC errors."),
+    "DCGM_FI_DEV_RETIRED_DBE": (_field("retired_pages_dbe"), "Pages retired after double-bit ECC errors."),
 }
 
 
@@ -39,8 +52,12 @@ class WorkerCollector:
         served.add_metric(model, blocks[1] - blocks[0])
         yield served
         counters = status.get("counters") or {}
-        for name, help_text in (("requests", "Requests served."), ("inference_steps", "Inference steps served."),
-                                ("tokens_processed", "Token positions processed."), ("errors", "Failed requests.")):
+        for name, help_text in (
+            ("requests", "Requests served."),
+            ("inference_steps", "Inference steps served."),
+            ("tokens_processed", "Token positions processed."),
+            ("errors", "Failed requests."),
+        ):
             family = CounterMetricFamily(f"farworker_{name}", help_text, labels=labels)
             family.add_metric(model, counters.get(name, 0))
             yield family
@@ -58,6 +75,7 @@ class WorkerCollector:
             for name, key, help_text in (
                 ("farworker_earn_rate_far_per_hour", "earn_rate_far_per_hour", "Coordinator's earn-rate estimate."),
                 ("farworker_reliability", "reliability", "Coordinator's reliability score (0-1)."),
+                ("farworker_uptime_pct", "uptime_pct", "Coordinator's uptime percentage from heartbeats."),
             ):
                 gauge = GaugeMetricFamily(name, help_text)
                 gauge.add_metric([], float(answer.get(key) or 0))
@@ -66,18 +84,26 @@ class WorkerCollector:
             last.add_metric([], float(beat.get("at") or 0))
             yield last
         gpu_labels = ["gpu", "UUID", "modelName"]
-        for metric, (field, scale, help_text) in DCGM_GAUGES.items():
+        for metric, (read, help_text) in DCGM_GAUGES.items():
             family = GaugeMetricFamily(metric, help_text, labels=gpu_labels)
             for gpu in status.get("gpus") or []:
-                if gpu.get(field) is not None:
-                    family.add_metric([str(gpu["index"]), gpu["uuid"], gpu["name"]], gpu[field] * scale)
+                if (value := read(gpu)) is not None:
+                    family.add_metric([str(gpu["index"]), gpu["uuid"], gpu["name"]], value)
             yield family
 
 
-def start_metrics_server(port: int, snapshot) -> None:
-    """Serve /metrics on 127.0.0.1:port in a daemon thread (loopback only: scrape via an agent or tunnel)."""
-    from prometheus_client import start_http_server
-
+def build_registry(snapshot) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(WorkerCollector(snapshot))
-    start_http_server(port, addr="127.0.0.1", registry=registry)
+    return registry
+
+
+def start_metrics_server(port: int, snapshot):
+    """Serve /metrics on 127.0.0.1:port in a daemon thread (loopback only: scrape via an agent or tunnel).
+
+    Returns the server: its server_port is the port bound when `port` is 0.
+    """
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=build_registry(snapshot))
+    return server

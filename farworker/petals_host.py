@@ -122,11 +122,21 @@ class PetalsHost:
         return True
 
     def stop(self, timeout: float = 20.0) -> None:
+        """Shut petals down within ``timeout``. Its own shutdown bounds the module container but then joins
+        the DHT process without a limit, so it runs in a thread; what is still alive after the timeout is
+        ended by the caller (runner._end_children)."""
         if self.server is None:
             return
-        self.server.shutdown(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        stopper = threading.Thread(
+            target=self.server.shutdown, kwargs={"timeout": timeout}, name="petals-shutdown", daemon=True
+        )
+        stopper.start()
+        stopper.join(timeout)
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if stopper.is_alive():
+            log.warning("petals did not shut down within %.0f s; its processes are ended instead", timeout)
 
     # -- facts -------------------------------------------------------------------------------------
     @property

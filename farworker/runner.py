@@ -27,6 +27,11 @@ from farworker.status_file import write_status
 log = logging.getLogger("farworker")
 ONLINE_TIMEOUT = 3600.0  # loading 70B weights from a slow disk can take long; the keepalive extends systemd's
 DRAIN_QUIET_SECONDS = 2.0  # a drain ends once the handlers saw no session activity for this long
+# SIGTERM to exit: the drain (FARLABS_DRAIN_TIMEOUT) plus at most this for the final heartbeat, flush and
+# deregistration, petals' shutdown and ending leftover processes. The unit's TimeoutStopSec and docker's
+# --stop-timeout leave 10 s above the drain for it.
+STOP_AFTER_DRAIN_SECONDS = 8.0
+REPORTER_STOP_SECONDS = 4.0  # of that: the coordinator's share; unsent usage stays in the outbox anyway
 HEALTH_PERIOD = 5.0  # seconds between health checks when systemd gives no watchdog interval
 
 
@@ -46,6 +51,7 @@ class Worker:
         self.health_reason = ""
         self._last_status: dict = {}
         self.identity = None
+        self.stop_deadline = time.monotonic() + STOP_AFTER_DRAIN_SECONDS  # set again once the drain ends
 
     # -- start -------------------------------------------------------------------------------------
     def start(self) -> bool:
@@ -150,16 +156,20 @@ class Worker:
         log.info("Stopping: draining usage, announcing blocks offline")
         if self.host is not None and self.meter is not None:
             self._drain_sessions()
+        self.stop_deadline = time.monotonic() + STOP_AFTER_DRAIN_SECONDS
         if self.reporter is not None:
-            self.reporter.drain_and_stop(timeout=10.0)
+            self.reporter.drain_and_stop(timeout=REPORTER_STOP_SECONDS)
         if self.host is not None:
-            self.host.stop(timeout=10.0)
-        if self.meter is not None:
-            self.meter.wait_settled()  # a session cut by the shutdown still reports what it served
+            self.host.stop(timeout=max(1.0, self.stop_seconds_left() - 1.0))
+        if self.meter is not None:  # a session cut by the shutdown still reports what it served
+            self.meter.wait_settled(timeout=min(3.0, max(0.5, self.stop_seconds_left())))
         self.state = "stopped"
         if self.identity is not None:  # the state dir exists: start got past its checks
             self._write_status()
         log.info("Stopped cleanly")
+
+    def stop_seconds_left(self) -> float:
+        return self.stop_deadline - time.monotonic()
 
     def _drain_sessions(self) -> None:
         """Blocks offline first, then give the open sessions FARLABS_DRAIN_TIMEOUT to finish: a session cut
@@ -274,7 +284,7 @@ def run_worker(config: WorkerConfig) -> int:
             code = 0 if worker.stop_requested.is_set() else 1
     finally:
         worker.stop()
-        _end_children()
+        _end_children(timeout=max(1.0, worker.stop_seconds_left()))
     return code
 
 

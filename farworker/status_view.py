@@ -19,8 +19,11 @@ def show_status(state_dir: str | None, as_json: bool) -> int:
     directory = Path(state_dir) if state_dir else default_state_dir()
     status = read_status(directory)
     if status is None:
-        click.echo(f"no worker status at {status_path(directory)}: is `farworker run` running with "
-                   "FARLABS_STATE_DIR set to this directory?", err=True)
+        click.echo(
+            f"no worker status at {status_path(directory)}: is `farworker run` running with "
+            "FARLABS_STATE_DIR set to this directory?",
+            err=True,
+        )
         return 3  # LSB: program is not running
     if as_json:
         click.echo(json.dumps(status, indent=1))
@@ -54,9 +57,11 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
     beat = status.get("last_heartbeat")
     if beat:
         answer = beat.get("answer") or {}
-        lines.append(f"last heartbeat {now - beat.get('at', now):.0f} s ago: earn rate "
-                     f"{answer.get('earn_rate_far_per_hour', 0):.4f} $FAR/h, "
-                     f"reliability {answer.get('reliability', 0):.2f}, uptime {answer.get('uptime_pct', 0):.1f}%")
+        lines.append(
+            f"last heartbeat {now - beat.get('at', now):.0f} s ago: earn rate "
+            f"{_rate(float(answer.get('earn_rate_far_per_hour') or 0))} $FAR/h, "
+            f"reliability {answer.get('reliability', 0):.2f}, uptime {answer.get('uptime_pct', 0):.1f}%"
+        )
     else:
         lines.append("last heartbeat none yet (coordinator unreachable or not registered)")
     gpus = status.get("gpus") or []
@@ -64,7 +69,22 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
         lines.append("GPUs           none (CPU worker)")
     for gpu in gpus:
         used, total = gpu.get("memory_used_bytes") or 0, gpu.get("memory_total_bytes") or 1
-        lines.append(f"GPU {gpu['index']}          {gpu['name']}: {gpu.get('utilization_pct')}% util, "
-                     f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB, {gpu.get('temperature_c')} C, "
-                     f"{gpu.get('power_w')} W")
+        lines.append(
+            f"GPU {gpu['index']}          {gpu['name']}: {_reading(gpu, 'utilization_pct', '%')} util, "
+            f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB, {_reading(gpu, 'temperature_c', ' C')}, "
+            f"{_reading(gpu, 'power_w', ' W')}, SM {_reading(gpu, 'sm_clock_mhz', ' MHz')}, "
+            f"ECC DBE {_reading(gpu, 'ecc_volatile_uncorrected', '')}, "
+            f"retired pages {_reading(gpu, 'retired_pages_dbe', '')}"
+        )
     return lines
+
+
+def _rate(rate: float) -> str:
+    # reporting.format_rate, so status and the worker's heartbeat log show the same figure; not imported
+    # because reporting pulls in the HTTP client, and small rates must not print as 0.0000
+    return f"{rate:.2f}" if rate == 0 or abs(rate) >= 0.01 else f"{rate:.2g}"
+
+
+def _reading(gpu: dict, field: str, unit: str) -> str:
+    value = gpu.get(field)
+    return "n/a" if value is None else f"{value:g}{unit}"  # None: NVML can't read it on this GPU

@@ -10,28 +10,10 @@ import time
 
 import psutil
 import pytest
+from dht_lookup import blocks_online_in_dht
 from notify_listener import NotifyListener
 
 pytestmark = pytest.mark.slow
-
-
-def blocks_online_in_dht(initial_peers, peer_id) -> bool:
-    """Ask the mesh itself, as a client would, whether this peer's blocks are ONLINE."""
-    from farworker.petals_compat import import_petals
-
-    import_petals()
-    import hivemind
-    from petals.data_structures import ServerState
-    from petals.utils.dht import get_remote_module_infos
-
-    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True)
-    try:
-        uids = [f"farworker-tiny-llama.{i}" for i in range(4)]
-        infos = get_remote_module_infos(dht, uids)
-        me = hivemind.PeerID.from_base58(peer_id)
-        return all(me in info.servers and info.servers[me].state == ServerState.ONLINE for info in infos)
-    finally:
-        dht.shutdown()
 
 
 def test_ready_watchdog_wedge_and_stop(start_workers, bootstrap_peer):

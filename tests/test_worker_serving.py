@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import requests
+from dht_lookup import block_states
 from polling import wait_for
 
 from farworker.coordinator.mesh import MeshClient
@@ -99,7 +100,7 @@ def test_sigterm_lets_an_open_session_finish_and_bills_all_of_it(start_workers, 
     import torch
 
     worker = start_workers("drainer", "0:4", bootstrap_peer)
-    worker.wait_online()
+    peer_id = worker.wait_online()["peer_id"]
     client = MeshClient(tiny_model, bootstrap_peer, "farworker-tiny-llama")
     later_tokens = [5, 6, 7]
     try:
@@ -110,6 +111,8 @@ def test_sigterm_lets_an_open_session_finish_and_bills_all_of_it(start_workers, 
             session.step(embed(torch.tensor([PROMPT])))
             worker.proc.process.send_signal(signal.SIGTERM)
             wait_for(lambda: "Waiting up to" in worker.proc.log_tail(60), 30, "the drain to wait for the session")
+            # New sessions are routed elsewhere: the mesh lists every block of ours OFFLINE during the drain.
+            wait_for(lambda: block_states(bootstrap_peer, peer_id) == ["OFFLINE"] * 4, 10, "the blocks OFFLINE")
             for token in later_tokens:  # the session keeps working while the worker drains
                 outputs = session.step(embed(torch.tensor([[token]])))
                 assert outputs.shape[:2] == (1, 1)

@@ -52,6 +52,24 @@ def test_bootstrap_active_with_stable_identity():
     assert "/p2p/" in h.file("/var/lib/farworker-bootstrap/bootstrap-maddrs.txt").content_string
 
 
+def test_wheelhouse_pushed_from_the_control_node():
+    """fw-worker2 has no wheelhouse mount (molecule.yml): the role copied the control node's wheelhouse to it,
+    and its venv was installed from that copy with --no-index."""
+    pushed = [name for name in WORKERS if inventory.get_variables(name).get("farworker_wheelhouse_src")]
+    assert pushed, "no worker in the inventory sets farworker_wheelhouse_src"
+    source = os.environ["FARWORKER_WHEELHOUSE"]
+    expected = sorted(f for f in os.listdir(source) if f.endswith((".whl", ".tar.gz")))
+    for name in pushed:
+        h = host(name)
+        assert not h.run("findmnt --noheadings /opt/farworker/wheelhouse").stdout.strip(), "wheelhouse is a mount"
+        listing = h.check_output("find /opt/farworker/wheelhouse -maxdepth 1 -type f -printf '%f %u %m %s\\n'")
+        files = {line.split()[0]: line.split()[1:] for line in listing.splitlines()}
+        assert sorted(f for f in files if f.endswith((".whl", ".tar.gz"))) == expected
+        for wheel in expected:
+            assert files[wheel] == ["root", "644", str(os.path.getsize(os.path.join(source, wheel)))], wheel
+        assert h.run("/opt/farworker/venv/bin/farworker --version").rc == 0
+
+
 @pytest.mark.parametrize("name", WORKERS)
 def test_env_file_owner_and_mode(name):
     f = host(name).file("/etc/farworker/farworker.env")
