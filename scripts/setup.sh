@@ -4,6 +4,8 @@
 #   bash scripts/setup.sh --dev    plus test and lint tools
 # FARWORKER_TORCH picks the torch build: the default is the CPU build these machines carry;
 # GPU hosts use e.g. FARWORKER_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+# FARWORKER_WHEELHOUSE=DIR installs everything from DIR with no package index (air-gapped hosts); build DIR
+# with scripts/build-wheelhouse.sh on a connected machine of the same OS release and Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,14 +20,23 @@ fi
 [ -n "$python" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
-"${pip[@]}" install -U pip
+install=(.venv/bin/python -m pip --disable-pip-version-check -q install)
+if [ -n "${FARWORKER_WHEELHOUSE:-}" ]; then
+  [ -d "$FARWORKER_WHEELHOUSE" ] || { echo "setup: FARWORKER_WHEELHOUSE=$FARWORKER_WHEELHOUSE is not a directory" >&2; exit 1; }
+  install+=(--no-index --find-links "$FARWORKER_WHEELHOUSE")
+else
+  "${install[@]}" -U pip
+fi
 # shellcheck disable=SC2086  # FARWORKER_TORCH may carry pip options
-"${pip[@]}" install ${FARWORKER_TORCH:-torch==2.13.0}
+"${install[@]}" ${FARWORKER_TORCH:-torch==2.13.0}
 # Exact pins, no resolver: petals 2.2.0.post1's own pins cannot install today (see requirements/runtime.lock).
-"${pip[@]}" install --no-deps -r requirements/runtime.lock
-"${pip[@]}" install --no-deps -e .
+"${install[@]}" --no-deps -r requirements/runtime.lock
+if [ -n "${FARWORKER_WHEELHOUSE:-}" ]; then
+  "${install[@]}" --no-deps farworker  # the wheel build-wheelhouse.sh made from this tree
+else
+  "${install[@]}" --no-deps -e .
+fi
 if [ "${1:-}" = "--dev" ]; then
-  "${pip[@]}" install -r requirements/dev.txt
+  "${install[@]}" -r requirements/dev.txt
 fi
 .venv/bin/farworker --version
