@@ -435,6 +435,7 @@ class MeshClientProcess:
         dht_prefix: str = "farworker-tiny-llama",
         device: str = "cpu",
         dtype: str = "float32",
+        extra_env: dict[str, str] | None = None,
     ):
         args = [
             sys.executable,
@@ -457,7 +458,7 @@ class MeshClientProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the client process
         self.proc = subprocess.Popen(
             args,
-            env=clean_env(),
+            env=clean_env(extra_env),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -6,7 +6,7 @@
 2. serves it with one `farworker run` worker (FARLABS_ALLOW_LOCAL_MODEL=true, float16, no quantization,
    FARLABS_NUM_BLOCKS=auto): time to READY=1, the auto-chosen block count, VRAM used (NVML, per process
    and whole device), tokens/s through the mesh (client in its own process), the NVML telemetry the
-   worker reports in its status file / heartbeats, with range checks;
+   worker reports in its status file / heartbeats, with range checks (its Xid counter: a number, not None);
 3. local transformers greedy generation on the same checkpoint and GPU, nothing else of ours running:
    tokens/s, overhead per token, equal tokens;
 4. the NF4 path (FARLABS_QUANT_TYPE=nf4, bitsandbytes): time to READY, blocks, VRAM, tokens/s.
@@ -189,6 +189,19 @@ def telemetry_checks(readings: list[dict]) -> list[str]:
     return problems
 
 
+def xid_checks(worker_gpus: list[dict] | None) -> list[str]:
+    """Problems with the worker's Xid counter, from its status file: on a GPU that reports Xid events the
+    count is a number (0 unless something went wrong) from the start, never None."""
+    problems = []
+    for r in worker_gpus or []:
+        count = r.get("xid_errors")
+        if count is None:
+            problems.append(f"gpu {r.get('index')}: xid_errors=None (counter not started, or no Xid events here)")
+        elif count:
+            problems.append(f"gpu {r.get('index')}: {count} Xid errors, last Xid {r.get('xid_last')}")
+    return problems
+
+
 class UtilSampler:
     """NVML utilization at 10 Hz while a generation runs."""
 
@@ -264,6 +277,7 @@ def serve_and_measure(run: Run, quant: str) -> dict:
                 out["vram_tree_gib"] = round(used / 2**30, 2)
                 out["vram_gib_per_block"] = round(used / 2**30 / count, 3)
             out["worker_status_gpus"] = status.get("gpus")  # what heartbeats carry
+            out["xid_problems"] = xid_checks(status.get("gpus"))
             out["predicted_gib_per_block"] = predicted_per_block(model, run.dtype, quant)
             prefix = dht_prefix_for(str(model))  # what the worker announces under
             client = bl.MeshClientProcess(

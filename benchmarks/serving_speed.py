@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -73,14 +74,14 @@ def main() -> None:
         with bl.coordinator(work) as coord:
             client_policy = {}
             for v in variants:
-                servers[v], client_policy[v] = start(v, work, v.replace(":", "-"), coord.url, model)
+                servers[v], client_policy[v] = start(v, work, slug(v), coord.url, model)
             for v, server in servers.items():
                 server.wait_ready()
                 bl.log(f"{v} ready")
             for v, server in servers.items():
-                policy = client_policy[v]
                 clients[v] = bl.MeshClientProcess(
-                    work, "client-" + v.replace(":", "-"), server.initial_peer, model, policy
+                    work, "client-" + slug(v), server.initial_peer, model,
+                    client_policy[v], extra_env=variant_settings(v)[1],
                 )
             for client in clients.values():  # warm-up: route discovery, first-call costs
                 client.generate(bl.PROMPT_IDS, args.new_tokens)
@@ -148,12 +149,30 @@ def start(variant: str, work: Path, name: str, api_url: str, model: Path) -> tup
     """The server for a variant and its client's policy."""
     if variant == "petals":
         return bl.start_raw_petals(work, name, model), "default"
-    _, policy, *handoff = variant.split(":")
-    env = {"FARLABS_THREAD_POLICY": policy}
-    if handoff:  # farworker:single:shm -> torch's shared-memory reducer for every tensor (farworker/tensor_handoff.py)
-        env["FARWORKER_TENSOR_HANDOFF"] = handoff[0]
+    policy, extra = variant_settings(variant)
+    env = {"FARLABS_THREAD_POLICY": policy, **extra}
     server = bl.start_farworker(work, name, api_url, extra_env=env)
     return server, {"spin": "default"}.get(policy, policy)
+
+
+def slug(variant: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", variant)
+
+
+def variant_settings(variant: str) -> tuple[str, dict[str, str]]:
+    """`farworker:POLICY[:HANDOFF][:K=V+K=V]` -> the thread policy and the extra environment that server and
+    client both get. HANDOFF `shm` keeps torch's shared-memory reducer for every tensor
+    (farworker/tensor_handoff.py); K=V pairs try a setting, e.g. `farworker:single:bytes:GOMAXPROCS=1`."""
+    if variant == "petals":
+        return "default", {}
+    _, policy, *rest = variant.split(":")
+    extra: dict[str, str] = {}
+    for part in rest:
+        if "=" in part:
+            extra.update(pair.split("=", 1) for pair in part.split("+"))
+        else:
+            extra["FARWORKER_TENSOR_HANDOFF"] = part
+    return policy, extra
 
 
 def one_at_a_time(args, variants: list[str], info: dict, model: Path, work: Path) -> None:
@@ -165,12 +184,13 @@ def one_at_a_time(args, variants: list[str], info: dict, model: Path, work: Path
             for rnd in range(args.one_at_a_time):
                 order = variants if rnd % 2 == 0 else list(reversed(variants))
                 for v in order:
-                    server, policy = start(v, work, f"{v.replace(':', '-')}-{rnd}", coord.url, model)
+                    server, policy = start(v, work, f"{slug(v)}-{rnd}", coord.url, model)
                     client = None
                     try:
                         server.wait_ready()
                         client = bl.MeshClientProcess(
-                            work, f"client-{v.replace(':', '-')}-{rnd}", server.initial_peer, model, policy
+                            work, f"client-{slug(v)}-{rnd}", server.initial_peer,
+                            model, policy, extra_env=variant_settings(v)[1],
                         )
                         client.generate(bl.PROMPT_IDS, args.new_tokens)  # warm-up
                         for _ in range(args.reps):

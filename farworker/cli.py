@@ -59,10 +59,11 @@ def run(**kwargs):
 
     Exit status 78 on bad configuration (systemd's unit does not retry it).
     """
-    config = load_config(overrides=_overrides(kwargs))  # ConfigError: one line per problem, exit 78
-    from farworker.threading_policy import apply_thread_policy
+    from farworker.threading_policy import apply_requested_policy, apply_thread_policy
 
-    apply_thread_policy(config.thread_policy)  # before torch loads: libgomp reads it once
+    apply_requested_policy(kwargs.get("thread_policy"))  # before torch loads: libgomp reads it once
+    config = load_config(overrides=_overrides(kwargs))  # ConfigError: one line per problem, exit 78
+    apply_thread_policy(config.thread_policy)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     _setup_logging()
     from farworker.runner import run_worker

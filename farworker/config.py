@@ -22,6 +22,17 @@ SUPPORTED_MODELS = (
     "meta-llama/Llama-2-13b-chat-hf",
     "meta-llama/Llama-2-70b-chat-hf",
 )
+# Their shapes, so `check` can size the blocks before anything is downloaded: the num_hidden_layers,
+# hidden_size, intermediate_size, num_attention_heads, num_key_value_heads and vocab_size of each model's
+# config.json on the Hugging Face hub (meta-llama/Llama-2-{7b,13b,70b}-chat-hf).
+SUPPORTED_MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "meta-llama/Llama-2-7b-chat-hf": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "meta-llama/Llama-2-13b-chat-hf": dict(num_hidden_layers=40, hidden_size=5120, intermediate_size=13824,
+                                           num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
+    "meta-llama/Llama-2-70b-chat-hf": dict(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
+                                           num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
+}
 GATED_MODEL_PREFIXES = ("meta-llama/",)
 TINY_MODEL = "farworker-tiny-llama"  # built locally from a fixed seed; see tiny_model.py
 
@@ -91,20 +102,54 @@ def _wallet(raw: str) -> str:
     return value
 
 
-def _multiaddr_list(raw: str) -> tuple[str, ...]:
+# Multiaddr shapes the p2p daemon can dial and `check` can probe: a host, then a TCP port or a QUIC port.
+_MADDR_HOSTS = ("ip4", "ip6", "dns", "dns4", "dns6")
+_MADDR_TRANSPORTS = (("tcp",), ("udp", "quic"), ("udp", "quic-v1"))
+_MADDR_FORM = "/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT (or /udp/PORT/quic)"
+
+
+def _multiaddr(item: str, require_peer_id: bool) -> str:
+    """One multiaddr, parsed as hivemind's DHT will parse it (a /p2p/ peer id must decode), in a shape we serve.
+
+    hivemind 1.1.12 vendors py-multiaddr as hivemind.utils.multiaddr (there is no separate multiaddr package in
+    requirements/runtime.lock). Importing it imports hivemind and torch, so only settings that are set pay for it.
+    """
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        protocols = [p.name for p in Multiaddr(item).protocols()]
+    except Exception as error:  # the parser raises ValueError, LookupError and codec errors alike
+        where = getattr(error, "protocol", None)
+        if where == "p2p":
+            raise _Invalid("the /p2p/ peer id does not decode") from None
+        reason = getattr(error, "message", None) or str(error)
+        raise _Invalid(f"{where}: {reason}" if where else reason) from None
+    has_peer = protocols[-1:] == ["p2p"]
+    transport = tuple(protocols[1:-1] if has_peer else protocols[1:])
+    if not protocols or protocols[0] not in _MADDR_HOSTS or transport not in _MADDR_TRANSPORTS:
+        raise _Invalid(f"not {_MADDR_FORM}")
+    if require_peer_id and not has_peer:
+        raise _Invalid("no /p2p/ peer id")
+    return item
+
+
+def _multiaddrs(raw: str, require_peer_id: bool) -> tuple[str, ...]:
     items = tuple(part.strip() for part in raw.split(",") if part.strip())
     for item in items:
-        if not re.fullmatch(r"(/[A-Za-z0-9_.\-]+/[^/\s]+)+", item):
-            raise _Invalid
+        try:
+            _multiaddr(item, require_peer_id)
+        except _Invalid as error:
+            raise _Invalid(f"{item}: {error}" if len(items) > 1 else str(error)) from None
     return items
+
+
+def _multiaddr_list(raw: str) -> tuple[str, ...]:
+    return _multiaddrs(raw, require_peer_id=False)
 
 
 def _bootstrap_list(raw: str) -> tuple[str, ...]:
-    items = _multiaddr_list(raw)
     # A bootstrap address must name the peer, or the DHT cannot authenticate it.
-    if any("/p2p/" not in item for item in items):
-        raise _Invalid
-    return items
+    return _multiaddrs(raw, require_peer_id=True)
 
 
 def _http_url(raw: str) -> str:
@@ -186,7 +231,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("wallet_address", "FARLABS_WALLET_ADDRESS", _wallet, "0x followed by 40 hex digits",
             help="Wallet that receives $FAR for the work served (required)."),
     Setting("dht_bootstrap", "FARLABS_DHT_BOOTSTRAP", _bootstrap_list,
-            "comma-separated multiaddrs with a peer id, e.g. /ip4/10.0.0.5/tcp/31337/p2p/Qm...",
+            f"comma-separated multiaddrs with a peer id, {_MADDR_FORM}/p2p/PEER_ID, "
+            "e.g. /ip4/10.0.0.5/tcp/31337/p2p/Qm...",
             help="Initial DHT peers (required unless --new-swarm). Give several: a restarted peer hides blocks."),
     Setting("new_swarm", "FARLABS_NEW_SWARM", _bool, "true or false", "false",
             help="Start a private swarm instead of joining one (private meshes, demo, tests)."),
@@ -211,14 +257,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat_interval", "FARLABS_HEARTBEAT_INTERVAL", _int_range(1, 3600),
             "whole seconds from 1 to 3600", "30",
             help="Seconds between heartbeats (the coordinator may ask for another)."),
-    Setting("drain_timeout", "FARLABS_DRAIN_TIMEOUT", _int_range(0, 3600), "whole seconds from 0 to 3600", "20",
+    Setting("drain_timeout", "FARLABS_DRAIN_TIMEOUT", _int_range(0, 3600), "whole seconds from 0 to 3600", "15",
             help="On SIGTERM, seconds open inference sessions get to finish after the blocks are announced offline "
             "(keep it below the unit's TimeoutStopSec)."),
     Setting("port", "FARLABS_PORT", _int_range(0, 65535), "a port from 0 to 65535 (0 = any free port)", "31330",
             help="P2P listen port (TCP)."),
-    Setting("host_maddrs", "FARLABS_HOST_MADDRS", _multiaddr_list, "comma-separated multiaddrs", "",
+    Setting("host_maddrs", "FARLABS_HOST_MADDRS", _multiaddr_list,
+            f"comma-separated multiaddrs {_MADDR_FORM}, e.g. /ip4/0.0.0.0/tcp/31330", "",
             help="Listen multiaddrs; overrides --port."),
-    Setting("announce_maddrs", "FARLABS_ANNOUNCE_MADDRS", _multiaddr_list, "comma-separated multiaddrs", "",
+    Setting("announce_maddrs", "FARLABS_ANNOUNCE_MADDRS", _multiaddr_list,
+            f"comma-separated multiaddrs {_MADDR_FORM}, e.g. /dns4/gpu1.example.com/tcp/31330", "",
             help="Public multiaddrs announced to peers (behind NAT or port forwarding)."),
     Setting("public_name", "FARLABS_PUBLIC_NAME", _text(64), "up to 64 printable characters", "",
             help="Name shown to clients and in the swarm monitor."),
@@ -327,9 +375,11 @@ def load_config(
             continue
         try:
             values[setting.name] = setting.parse(raw)
-        except (_Invalid, ValueError):
+        except (_Invalid, ValueError) as error:
             shown = "(hidden)" if setting.secret else repr(raw)
-            problems.append(f"{source}={shown} is invalid: expected {setting.accepted}")
+            # which item of a list failed, and why; only our own parsers say so (never a secret's value)
+            why = f" ({error})" if isinstance(error, _Invalid) and error.args and not setting.secret else ""
+            problems.append(f"{source}={shown} is invalid{why}: expected {setting.accepted}")
             values[setting.name] = None
             invalid.add(setting.name)
 

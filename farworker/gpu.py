@@ -10,9 +10,12 @@ import logging
 import threading
 from dataclasses import asdict, dataclass
 
+from farworker.gpu_xid import NOT_COUNTED, XidCounter
+
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _initialized: bool | None = None
+_xid_counter = None  # a gpu_xid.XidCounter while `farworker run` counts Xid errors
 
 
 def _nvml():
@@ -68,10 +71,14 @@ def list_gpus() -> list[GpuInfo]:
 
 
 def telemetry() -> list[dict]:
-    """Per-GPU readings for heartbeats and /metrics; a field NVML can't read on this GPU is None."""
+    """Per-GPU readings for heartbeats and /metrics; a field NVML can't read on this GPU is None.
+
+    The Xid fields are None where no counter runs (see start_xid_counter) or the GPU reports no Xid events.
+    """
     nvml = _nvml()
     if nvml is None:
         return []
+    xids = _xid_counter
     readings = []
     for gpu in list_gpus():
         handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
@@ -91,8 +98,34 @@ def telemetry() -> list[dict]:
             "ecc_volatile_uncorrected": _try(lambda h=handle: nvml.nvmlDeviceGetTotalEccErrors(
                 h, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)),
             "retired_pages_dbe": _retired_pages(nvml, handle),
+            **(xids.readings(gpu.index) if xids else NOT_COUNTED),
         })
     return readings
+
+
+def start_xid_counter() -> None:
+    """Count each GPU's Xid errors from now on, in a daemon thread; nothing at all on a host without NVML."""
+    global _xid_counter
+    import pynvml
+
+    nvml = _nvml()
+    if nvml is None or _xid_counter is not None:
+        return
+    counter = XidCounter(nvml)
+    try:
+        started = counter.start()
+    except pynvml.NVMLError as error:  # the worker serves without Xid counts rather than not at all
+        log.warning("Xid errors not counted: %s", error)
+        return
+    if started:
+        _xid_counter = counter
+
+
+def stop_xid_counter(timeout: float = 2.0) -> None:
+    global _xid_counter
+    counter, _xid_counter = _xid_counter, None
+    if counter is not None and not counter.stop(timeout):
+        log.warning("The Xid counter thread did not end within %.1f s", timeout)
 
 
 def hardware_summary() -> dict:
@@ -116,8 +149,8 @@ def hardware_summary() -> dict:
 
 
 def _retired_pages(nvml, handle) -> int | None:
-    # NVML reports Xid errors only as events (the driver logs them to the kernel log); pages retired
-    # after double-bit ECC errors are the persistent, countable sign of failing memory.
+    # Xid errors reach us only as events (gpu_xid counts them while the worker runs); pages retired after
+    # double-bit ECC errors are the persistent, countable sign of failing memory.
     pages = _try(lambda: nvml.nvmlDeviceGetRetiredPages(
         handle, nvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR))
     return len(pages) if pages is not None else None

@@ -14,6 +14,11 @@ def _field(name: str, scale: float = 1):
     return lambda gpu: None if gpu.get(name) is None else gpu[name] * scale
 
 
+def _xid_last(gpu: dict) -> int | None:
+    # DCGM's XID_ERRORS is the last Xid seen, 0 before any; None where Xids are not counted (no sample)
+    return None if gpu.get("xid_errors") is None else gpu.get("xid_last") or 0
+
+
 def _fb_free_mib(gpu: dict) -> float | None:
     total, used = gpu.get("memory_total_bytes"), gpu.get("memory_used_bytes")
     return None if total is None or used is None else (total - used) / 2**20
@@ -31,6 +36,7 @@ DCGM_GAUGES = {
     "DCGM_FI_DEV_MEM_CLOCK": (_field("mem_clock_mhz"), "Memory clock frequency (in MHz)."),
     "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": (_field("ecc_volatile_uncorrected"), "Volatile double-bit ECC errors."),
     "DCGM_FI_DEV_RETIRED_DBE": (_field("retired_pages_dbe"), "Pages retired after double-bit ECC errors."),
+    "DCGM_FI_DEV_XID_ERRORS": (_xid_last, "Value of the last XID error encountered."),
 }
 
 
@@ -90,6 +96,14 @@ class WorkerCollector:
                 if (value := read(gpu)) is not None:
                     family.add_metric([str(gpu["index"]), gpu["uuid"], gpu["name"]], value)
             yield family
+        # A counter (DCGM has only the last value) so `increase()` sees every Xid; 0 from the start, since a
+        # series that first appears at 1 would hide the first one.
+        xids = CounterMetricFamily("farworker_gpu_xid_errors", "Xid errors since the worker started.",
+                                   labels=gpu_labels)
+        for gpu in status.get("gpus") or []:
+            if gpu.get("xid_errors") is not None:
+                xids.add_metric([str(gpu["index"]), gpu["uuid"], gpu["name"]], gpu["xid_errors"])
+        yield xids
 
 
 def build_registry(snapshot) -> CollectorRegistry:

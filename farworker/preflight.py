@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from farworker.config import EX_CONFIG, ConfigError, WorkerConfig, load_config
+from farworker.gpu import GpuInfo
 
 MIN_VRAM = 8 * 10**9  # the seed's minimum
 MODEL_DISK = {"meta-llama/Llama-2-7b-chat-hf": 14e9, "meta-llama/Llama-2-13b-chat-hf": 27e9,
@@ -48,55 +49,117 @@ def run_preflight(overrides: dict, config_only: bool = False) -> int:
     return 1 if any(r.level == "FAIL" for r in results) else 0
 
 
-def check_gpu(config: WorkerConfig) -> Result:
+def check_gpu(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result:
     from farworker import gpu
 
-    gpus, driver = gpu.list_gpus(), gpu.driver_info()
+    gpus = gpu.list_gpus() if gpus is None else gpus
     if not gpus:
         if config.device == "cpu":
             return Result("OK", "GPU", "none needed: FARLABS_DEVICE=cpu")
         return Result("FAIL", "GPU", "no NVIDIA GPU visible through NVML; install the driver (roles/nvidia_driver) "
                       "or set FARLABS_DEVICE=cpu for a CPU test worker")
+    driver = gpu.driver_info()
     names = ", ".join(f"{g.index}: {g.name}" for g in gpus)
-    return Result("OK", "GPU", f"{names}; driver {driver.driver_version}, CUDA {driver.cuda_version}")
+    versions = f"driver {driver.driver_version}, CUDA {driver.cuda_version}" if driver else "driver unknown"
+    return Result("OK", "GPU", f"{names}; {versions}")
 
 
-def check_vram(config: WorkerConfig) -> Result:
+def check_vram(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result:
+    """The serving GPU's memory and the blocks `run` would serve there; gpus: NVML's list unless given."""
     from farworker import gpu
 
-    gpus = gpu.list_gpus()
-    if not gpus:
-        return Result("OK" if config.device == "cpu" else "FAIL", "VRAM", "no GPU")
-    best = max(gpus, key=lambda g: g.memory_total_bytes)
-    detail = (f"{best.memory_total_bytes / 1e9:.1f} GB total, {best.memory_free_bytes / 1e9:.1f} GB free "
-              f"on GPU {best.index}")
-    blocks = _blocks_estimate(config)
-    if blocks:
-        detail += f"; would serve {blocks}"
-    if best.memory_total_bytes < MIN_VRAM:
+    gpus = gpu.list_gpus() if gpus is None else gpus
+    serving = None if config.device == "cpu" else _serving_gpu(config, gpus)
+    if serving is None and gpus and config.device != "cpu":
+        known = ", ".join(str(g.index) for g in gpus)
+        return Result("FAIL", "VRAM", f"FARLABS_DEVICE={config.device} names no GPU NVML lists ({known})")
+    level, plan = blocks_to_serve(config, serving) or ("OK", "")
+    if serving is None:  # check_gpu says how to get one when FARLABS_DEVICE isn't cpu
+        return Result(level if config.device == "cpu" else "FAIL", "VRAM", "no GPU" + (f"; {plan}" if plan else ""))
+    detail = (f"{serving.memory_total_bytes / 1e9:.1f} GB total, {serving.memory_free_bytes / 1e9:.1f} GB free "
+              f"on GPU {serving.index}" + (f"; {plan}" if plan else ""))
+    if level == "FAIL":
+        return Result("FAIL", "VRAM", detail)
+    if serving.memory_total_bytes < MIN_VRAM:
         return Result("WARN", "VRAM", detail + " (below the 8 GB minimum: expect few blocks and low earnings)")
     return Result("OK", "VRAM", detail)
 
 
-def _blocks_estimate(config: WorkerConfig) -> str | None:
+def blocks_to_serve(config: WorkerConfig, serving: GpuInfo | None) -> tuple[str, str] | None:
+    """(level, text) for the blocks `run` would serve on this GPU (None: on CPU), by block_plan's formula.
+
+    None when the model's shape is unknown. No network: the shape comes from the model's config.json in
+    the cache, the embedded tiny model, a local directory, or the allowlisted models' known shapes.
+    """
     if config.block_indices:
-        return f"blocks {config.block_indices[0]}:{config.block_indices[1]}"
+        return "OK", f"would serve blocks {config.block_indices[0]}:{config.block_indices[1]} (FARLABS_BLOCK_INDICES)"
     if config.num_blocks:
-        return f"{config.num_blocks} blocks"
+        return "OK", f"would serve {config.num_blocks} blocks (FARLABS_NUM_BLOCKS)"
     try:
-        from farworker.block_plan import plan_blocks
-        from farworker.model_source import resolve_model
-        from farworker.petals_compat import import_petals
+        import torch
 
-        import_petals()
-        from petals.utils.auto_config import AutoDistributedConfig
+        from farworker.block_plan import CPU_WHOLE_MODEL_LIMIT, auto_num_blocks, per_block_bytes
+        from farworker.model_source import format_size
 
-        if not (config.is_tiny_model or config.is_local_model):
-            return None  # needs the model's config from the hub; `run` decides
-        block_config = AutoDistributedConfig.from_pretrained(resolve_model(config))
-        return f"{plan_blocks(config, block_config).num_blocks} blocks (auto)"
-    except Exception:
+        shape = model_shape(config)
+        if shape is None:
+            return None
+        block_config, source = shape
+        layers, dtype = block_config.num_hidden_layers, getattr(torch, config.torch_dtype)
+        if serving is None:  # as plan_blocks on CPU: a small model whole, otherwise the operator says
+            per_block = per_block_bytes(block_config, dtype, "none")
+            if per_block * layers <= CPU_WHOLE_MODEL_LIMIT:
+                return "OK", f"would serve all {layers} blocks on CPU"
+            return "FAIL", (f"{config.model_name} has {layers} blocks of {format_size(per_block)} ({source}): "
+                            "without a GPU, set FARLABS_NUM_BLOCKS (or FARLABS_BLOCK_INDICES) to what this host serves")
+        quant = "nf4" if config.quant_type == "auto" else config.quant_type
+        per_block = per_block_bytes(block_config, dtype, quant)
+        count = auto_num_blocks(serving.memory_free_bytes, per_block, block_config.hidden_size, layers)
+        sizes = f"{format_size(per_block)} per block with its attention cache, {quant}, {source}"
+        if count < 1:
+            return "FAIL", f"not one block fits ({sizes}): free GPU memory or serve a smaller model"
+        return "OK", f"would serve {count} of {layers} blocks (auto: {sizes})"
+    except Exception:  # a preflight reports what it can; `run` plans again and says what is wrong
         return None
+
+
+def model_shape(config: WorkerConfig):
+    """(petals block config, where its shape came from), or None; never asks the hub."""
+    from farworker.config import SUPPORTED_MODEL_SHAPES
+    from farworker.petals_compat import import_petals
+
+    import_petals()
+    from petals.models.llama import DistributedLlamaConfig
+    from petals.utils.auto_config import AutoDistributedConfig
+
+    if config.is_tiny_model:
+        from farworker.tiny_model import TINY_CONFIG
+
+        return DistributedLlamaConfig(**TINY_CONFIG), "embedded tiny model"
+    directory = Path(config.model_name) if config.is_local_model else _cached_snapshot(config)
+    if directory is not None:
+        return AutoDistributedConfig.from_pretrained(str(directory)), f"{directory / 'config.json'}"
+    if config.model_name in SUPPORTED_MODEL_SHAPES:
+        return DistributedLlamaConfig(**SUPPORTED_MODEL_SHAPES[config.model_name]), "known shape"
+    return None
+
+
+def _cached_snapshot(config: WorkerConfig) -> Path | None:
+    """The cache's snapshot of the model holding a config.json: a complete download first, else the newest."""
+    from farworker.model_source import complete_snapshot, repo_cache_dir
+
+    complete = complete_snapshot(config.cache_dir, config.model_name)
+    if complete is not None and (complete / "config.json").is_file():
+        return complete
+    found = sorted((repo_cache_dir(config.cache_dir, config.model_name) / "snapshots").glob("*/config.json"),
+                   key=lambda path: path.stat().st_mtime)
+    return found[-1].parent if found else None
+
+
+def _serving_gpu(config: WorkerConfig, gpus: list[GpuInfo]) -> GpuInfo | None:
+    """The GPU `run` would use: FARLABS_DEVICE=cuda:N, else the first (as block_plan.resolve_device)."""
+    index = int(config.device.split(":")[1]) if config.device.startswith("cuda:") else 0
+    return next((g for g in gpus if g.index == index), None)
 
 
 def check_disk(config: WorkerConfig) -> Result:
@@ -123,11 +186,16 @@ def check_shm(config: WorkerConfig) -> Result:
 
 
 def check_bootstrap(config: WorkerConfig) -> Result:
+    # `run` cannot join without them: hivemind's DHT raises when none of its initial peers answers.
     if config.new_swarm and not config.dht_bootstrap:
         return Result("OK", "bootstrap peers", "none: this worker starts a new private swarm")
-    reachable = [addr for addr in config.dht_bootstrap if _tcp_reachable(*_host_port(addr))]
+    over_tcp = [addr for addr in config.dht_bootstrap if _host_port(addr)[1] is not None]
+    reachable = [addr for addr in over_tcp if _tcp_reachable(*_host_port(addr))]
+    unchecked = len(config.dht_bootstrap) - len(over_tcp)
     detail = f"{len(reachable)} of {len(config.dht_bootstrap)} reachable"
-    if not reachable:
+    if unchecked:
+        detail += f" ({unchecked} QUIC, not checked: a TCP connect can't tell)"
+    if not reachable and not unchecked:
         return Result("FAIL", "bootstrap peers", f"{detail}: check FARLABS_DHT_BOOTSTRAP and that the firewall "
                       "allows outbound TCP to them")
     return Result("OK" if len(reachable) == len(config.dht_bootstrap) else "WARN", "bootstrap peers", detail)
@@ -135,19 +203,25 @@ def check_bootstrap(config: WorkerConfig) -> Result:
 
 def check_api(config: WorkerConfig) -> Result:
     import requests
+    from requests.exceptions import InvalidSchema, InvalidURL, MissingSchema
 
     try:
         answer = requests.get(f"{config.api_base_url}/v1/workers", timeout=CONNECT_TIMEOUT)
+    except (InvalidURL, InvalidSchema, MissingSchema) as error:  # no retry can fix these
+        return Result("FAIL", "coordinator API", f"{config.api_base_url} is malformed ({error}): "
+                      "fix FARLABS_API_BASE_URL")
     except requests.RequestException as error:
-        return Result("FAIL", "coordinator API", f"{config.api_base_url} unreachable ({type(error).__name__}); "
-                      "check FARLABS_API_BASE_URL. The worker still serves and retries, but earns nothing meanwhile")
+        # reporting.Reporter retries registration with backoff; usage waits in the outbox meanwhile
+        return Result("WARN", "coordinator API", f"{config.api_base_url} unreachable ({type(error).__name__}): "
+                      "`farworker run` serves anyway, retries registration and keeps usage in its outbox until the "
+                      "API answers; check FARLABS_API_BASE_URL and outbound HTTP(S)")
     return Result("OK", "coordinator API", f"{config.api_base_url} answers (HTTP {answer.status_code})")
 
 
 def _host_port(maddr: str) -> tuple[str, int | None]:
     parts = maddr.strip("/").split("/")
     fields = dict(zip(parts[::2], parts[1::2], strict=False))
-    host = fields.get("ip4") or fields.get("ip6") or fields.get("dns4") or fields.get("dns") or ""
+    host = next((fields[name] for name in ("ip4", "ip6", "dns", "dns4", "dns6") if name in fields), "")
     port = fields.get("tcp")
     return host, int(port) if port and port.isdigit() else None
 

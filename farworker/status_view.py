@@ -74,9 +74,16 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
             f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB, {_reading(gpu, 'temperature_c', ' C')}, "
             f"{_reading(gpu, 'power_w', ' W')}, SM {_reading(gpu, 'sm_clock_mhz', ' MHz')}, "
             f"ECC DBE {_reading(gpu, 'ecc_volatile_uncorrected', '')}, "
-            f"retired pages {_reading(gpu, 'retired_pages_dbe', '')}"
+            f"retired pages {_reading(gpu, 'retired_pages_dbe', '')}, {_xids(gpu)}"
         )
     return lines
+
+
+def _xids(gpu: dict) -> str:
+    total, last = gpu.get("xid_errors"), gpu.get("xid_last")
+    if total is None:  # no counter running, or a GPU without Xid events
+        return "Xid n/a"
+    return f"Xid {total}" if last is None else f"Xid {total} (last {last})"
 
 
 def _rate(rate: float) -> str:

@@ -36,3 +36,12 @@ def apply_thread_policy(policy: str = DEFAULT_POLICY) -> None:
             torch.set_num_threads(1)
     for name, value in POLICY_ENV[policy].items():
         os.environ.setdefault(name, value)
+
+
+def apply_requested_policy(flag_value: str | None) -> None:
+    """Apply the policy the operator asked for (flag, else FARLABS_THREAD_POLICY, else the default) before
+    the configuration is validated: validating multiaddrs imports hivemind, and with it torch. An invalid
+    value is left to the configuration's error report."""
+    requested = flag_value or os.environ.get("FARLABS_THREAD_POLICY") or DEFAULT_POLICY
+    if requested in POLICY_ENV:
+        apply_thread_policy(requested)

@@ -7,9 +7,10 @@ import pytest
 
 from farworker.config import EX_CONFIG, ConfigError, load_config
 
+PEER = "QmYAM6qwoBS2ET8sW9DyZLiJK4Y6Ye2nAepQCiXfqxsX8v"
 GOOD = {
     "FARLABS_WALLET_ADDRESS": "0x" + "ab" * 20,
-    "FARLABS_DHT_BOOTSTRAP": "/ip4/10.0.0.5/tcp/31337/p2p/QmYAM6qwoBS2ET8sW9DyZLiJK4Y6Ye2nAepQCiXfqxsX8v",
+    "FARLABS_DHT_BOOTSTRAP": f"/ip4/10.0.0.5/tcp/31337/p2p/{PEER}",
     "FARLABS_API_BASE_URL": "https://api.example.invalid",
 }
 
@@ -18,6 +19,16 @@ INVALID = [
     ("FARLABS_WALLET_ADDRESS", "ab" * 21, "0x followed by 40 hex digits"),
     ("FARLABS_DHT_BOOTSTRAP", "10.0.0.5:31337", "multiaddrs with a peer id"),
     ("FARLABS_DHT_BOOTSTRAP", "/ip4/10.0.0.5/tcp/31337", "multiaddrs with a peer id"),
+    ("FARLABS_DHT_BOOTSTRAP", "/ip4/1.2.3.4/tcp/1/p2p/notapeer", "multiaddrs with a peer id"),
+    ("FARLABS_DHT_BOOTSTRAP", f"/ip4/999.2.3.4/tcp/1/p2p/{PEER}", "multiaddrs with a peer id"),
+    ("FARLABS_DHT_BOOTSTRAP", f"/ip4/10.0.0.5/udp/31337/p2p/{PEER}", "multiaddrs with a peer id"),
+    ("FARLABS_DHT_BOOTSTRAP", f"/dnsaddr/boot.example.com/p2p/{PEER}", "multiaddrs with a peer id"),
+    ("FARLABS_DHT_BOOTSTRAP", f"/ip4/10.0.0.5/tcp/31337/p2p/{PEER},/ip4/10.0.0.6/tcp/1/p2p/Qmabc",
+     "multiaddrs with a peer id"),
+    ("FARLABS_HOST_MADDRS", "/ip4/0.0.0.0/tcp/99999", "/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT"),
+    ("FARLABS_HOST_MADDRS", "0.0.0.0:31330", "/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT"),
+    ("FARLABS_ANNOUNCE_MADDRS", "/ip4/203.0.113.300/tcp/31330", "/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT"),
+    ("FARLABS_ANNOUNCE_MADDRS", "/dns4/gpu1.example.com/udp/31330", "/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT"),
     ("FARLABS_API_BASE_URL", "ftp://api", "http:// or https:// URL"),
     ("FARLABS_MODEL_NAME", "gpt2", "meta-llama/Llama-2-7b-chat-hf"),
     ("FARLABS_NUM_BLOCKS", "0", "from 1 to 1000, or auto"),
@@ -52,6 +63,32 @@ def test_each_invalid_variable_alone_is_named(env, value, accepted):
     assert len(caught.value.problems) == 1
     problem = caught.value.problems[0]
     assert problem.startswith(env) and accepted in problem
+
+
+def test_multiaddr_forms_the_daemon_accepts():
+    bootstrap = (f"/dns/boot.example.com/tcp/31337/p2p/{PEER}, /dns4/boot.example.com/tcp/31337/p2p/{PEER},"
+                 f"/ip6/2001:db8::7/tcp/31337/p2p/{PEER},/ip4/10.0.0.5/udp/31337/quic/p2p/{PEER},"
+                 "/ip4/10.0.0.5/tcp/31337/p2p/12D3KooWBmwkafWE2fqfzS96VoTZMxnBcJJG5jQVWD6bcJzDrp8a")
+    listen = "/ip4/0.0.0.0/tcp/0,/ip6/::/tcp/31330,/ip4/0.0.0.0/udp/31330/quic-v1"
+    announce = f"/dns6/gpu1.example.com/tcp/31330,/ip4/203.0.113.7/tcp/1/p2p/{PEER}"
+    config = load_config({**GOOD, "FARLABS_DHT_BOOTSTRAP": bootstrap, "FARLABS_HOST_MADDRS": listen,
+                          "FARLABS_ANNOUNCE_MADDRS": announce})
+    assert len(config.initial_peers) == 5 and config.initial_peers[1].startswith("/dns4/")
+    assert config.listen_maddrs[1] == "/ip6/::/tcp/31330"
+    assert len(config.announce_maddrs) == 2
+
+
+def test_a_bad_multiaddr_says_which_and_why_on_one_line():
+    cases = {
+        "/ip4/1.2.3.4/tcp/1/p2p/notapeer": "peer id does not decode",
+        f"/ip4/999.2.3.4/tcp/1/p2p/{PEER}": "not IPv4",
+        f"/ip4/1.2.3.4/tcp/1/p2p/{PEER},/ip4/1.2.3.4/tcp/1": "/ip4/1.2.3.4/tcp/1: no /p2p/ peer id",
+    }
+    for value, reason in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            load_config({**GOOD, "FARLABS_DHT_BOOTSTRAP": value})
+        [problem] = caught.value.problems
+        assert reason in problem and "\n" not in problem, problem
 
 
 def test_several_problems_are_reported_at_once():
@@ -99,6 +136,16 @@ def test_run_exits_78_with_one_line_per_problem_and_no_traceback():
     assert all(line.startswith("config error: ") for line in lines), result.stderr
     assert any("FARLABS_WALLET_ADDRESS" in line for line in lines)
     assert any("FARLABS_TORCH_DTYPE" in line for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_a_peer_id_that_does_not_decode_exits_78_before_the_dht():
+    result = _run_cli({**GOOD, "FARLABS_DHT_BOOTSTRAP": "/ip4/1.2.3.4/tcp/1/p2p/notapeer",
+                       "FARLABS_HOST_MADDRS": "/ip4/0.0.0.0/tcp/99999"})
+    assert result.returncode == EX_CONFIG, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert [line.split("=")[0] for line in lines] == ["config error: FARLABS_DHT_BOOTSTRAP",
+                                                      "config error: FARLABS_HOST_MADDRS"], result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -26,7 +26,7 @@ def test_demo_generates_matching_tokens_and_shows_the_ledger():
     assert [int(line.split()[2]) for line in ledger] == [8 + 8 + 6 - 1] * 2, out
 
 
-def test_check_reports_each_item_and_fails_on_an_unreachable_peer(bootstrap_peer, tmp_path):
+def test_check_reports_each_item_warns_on_the_api_and_fails_on_an_unreachable_peer(bootstrap_peer, tmp_path):
     env = {
         "FARLABS_WALLET_ADDRESS": "0x" + "ab" * 20, "FARLABS_API_BASE_URL": "http://127.0.0.1:9",
         "FARLABS_MODEL_NAME": "farworker-tiny-llama", "FARLABS_DEVICE": "cpu", "FARLABS_TORCH_DTYPE": "float32",
@@ -36,10 +36,13 @@ def test_check_reports_each_item_and_fails_on_an_unreachable_peer(bootstrap_peer
     lines = result.stdout.splitlines()
     items = [line[5:].split(":")[0] for line in lines]
     assert items == ["configuration", "GPU", "VRAM", "disk", "/dev/shm", "bootstrap peers", "coordinator API"]
+    assert lines[2].startswith("OK   VRAM: no GPU; would serve all 4 blocks on CPU"), result.stdout
     assert lines[5].startswith("OK   bootstrap peers: 1 of 1 reachable")
-    assert lines[6].startswith("FAIL coordinator API")  # nothing listens on the discard port
-    assert result.returncode == 1
+    # nothing listens on the discard port: `run` serves anyway and keeps usage in its outbox
+    assert lines[6].startswith("WARN coordinator API") and "outbox" in lines[6]
+    assert result.returncode == 0, result.stdout
 
     closed = bootstrap_peer[0].replace(bootstrap_peer[0].split("/")[4], "9")  # same peer id, port 9
     result = farworker("check", env={**env, "FARLABS_DHT_BOOTSTRAP": closed})
     assert "FAIL bootstrap peers: 0 of 1 reachable" in result.stdout
+    assert result.returncode == 1

@@ -2,7 +2,8 @@
 
 The GPU readings come from the worker's own NVML reader (gpu.telemetry) over a fake NVML that answers in
 NVML's units (bytes, mW, MHz), so the status file has exactly the shape `farworker run` writes, and the
-unit conversions on the way to DCGM's units (MiB, W) are the code's, not the test's.
+unit conversions on the way to DCGM's units (MiB, W) are the code's, not the test's. The Xid counts come
+from the worker's own Xid counter thread, fed by a fake NVML event set (FakeEvents).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import deque
 from types import SimpleNamespace
 
 import pynvml
 import pytest
 import requests
 from click.testing import CliRunner
+from polling import wait_for
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -43,6 +46,7 @@ CARDS = [
         "mem_mhz": 2619,
         "ecc_dbe": 3,
         "retired_dbe_pages": [0x1000, 0x2000],
+        "xid_events": True,
     },
     {
         "name": "NVIDIA GeForce RTX 4090",
@@ -56,13 +60,57 @@ CARDS = [
         "mem_mhz": 10501,
         "ecc_dbe": None,
         "retired_dbe_pages": None,
+        "xid_events": False,  # NVML refuses to register it for Xid events
     },
 ]
 
 ANSWER = {"earn_rate_far_per_hour": 3.6e-05, "reliability": 0.987654, "uptime_pct": 98.765, "heartbeat_interval": 15}
 
 
-def _fake_nvml() -> SimpleNamespace:
+# What GPU 0 reports while the status fixture's worker runs: two double-bit ECC errors, then a row remap.
+XIDS = [(0, 48), (0, 48), (0, 63)]
+
+
+class FakeEvents:
+    """NVML's event set: the scripted (GPU handle, Xid) events in order, then what NVML's wait does with
+    none pending: block for the timeout and fail with Timeout (or, given `failure`, fail with it at once)."""
+
+    def __init__(self, events=(), failure: int | None = None):
+        self.pending = deque(events)
+        self.failure = failure
+        self.registered: list[int] = []
+        self.waits = 0
+        self.freed = 0
+
+    def create(self):
+        return self
+
+    def register(self, handle, event_types, event_set):
+        assert event_set is self and event_types == pynvml.nvmlEventTypeXidCriticalError
+        if not CARDS[handle]["xid_events"]:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        self.registered.append(handle)
+
+    def wait(self, event_set, timeout_ms):
+        assert event_set is self and not self.freed, "waiting on a freed event set"
+        self.waits += 1
+        if self.pending:
+            handle, xid = self.pending.popleft()
+            return SimpleNamespace(device=handle, eventType=pynvml.nvmlEventTypeXidCriticalError, eventData=xid,
+                                   gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
+        if self.failure is not None:
+            raise pynvml.NVMLError(self.failure)
+        time.sleep(timeout_ms / 1000)
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT)
+
+    def free(self, event_set):
+        assert event_set is self
+        self.freed += 1
+
+
+def _fake_nvml(events: FakeEvents | None = None) -> SimpleNamespace:
+    events = events or FakeEvents()
+
     def card(handle):
         return CARDS[handle]
 
@@ -94,13 +142,31 @@ def _fake_nvml() -> SimpleNamespace:
         nvmlDeviceGetClockInfo=lambda h, clock: card(h)[clocks[clock]],
         nvmlDeviceGetTotalEccErrors=lambda h, kind, counter: supported(card(h)["ecc_dbe"]),
         nvmlDeviceGetRetiredPages=lambda h, cause: supported(card(h)["retired_dbe_pages"]),
+        nvmlDeviceGetIndex=lambda h: h,
+        nvmlEventTypeXidCriticalError=pynvml.nvmlEventTypeXidCriticalError,
+        nvmlEventSetCreate=events.create,
+        nvmlDeviceRegisterEvents=events.register,
+        nvmlEventSetWait=events.wait,
+        nvmlEventSetFree=events.free,
     )
+
+
+def xid_total(index: int):
+    return lambda: gpu.telemetry()[index]["xid_errors"]
 
 
 @pytest.fixture
 def telemetry(monkeypatch) -> list[dict]:
-    monkeypatch.setattr(gpu, "_nvml", _fake_nvml)
-    return gpu.telemetry()
+    """The readings of a worker whose Xid counter has seen XIDS."""
+    events = FakeEvents(XIDS)
+    fake = _fake_nvml(events)
+    monkeypatch.setattr(gpu, "_nvml", lambda: fake)
+    gpu.start_xid_counter()
+    try:
+        wait_for(lambda: xid_total(0)() == len(XIDS), timeout=10, what="the scripted Xids counted", step=0.05)
+        return gpu.telemetry()
+    finally:
+        gpu.stop_xid_counter()
 
 
 @pytest.fixture
@@ -142,6 +208,8 @@ def test_fixture_matches_what_the_worker_reports(telemetry):
     assert h100["power_w"] == pytest.approx(287.123)  # mW -> W
     assert h100["ecc_volatile_uncorrected"] == 3 and h100["retired_pages_dbe"] == 2
     assert rtx["ecc_volatile_uncorrected"] is None and rtx["retired_pages_dbe"] is None
+    assert (h100["xid_errors"], h100["xid_last"], h100["xid_by_code"]) == (3, 63, {"48": 2, "63": 1})
+    assert (rtx["xid_errors"], rtx["xid_last"], rtx["xid_by_code"]) == (None, None, None)  # no Xid events
 
 
 def test_status_lines_show_each_gpu_and_the_earn_rate(status):
@@ -153,9 +221,9 @@ def test_status_lines_show_each_gpu_and_the_earn_rate(status):
     gpu_lines = [line for line in lines if line.startswith("GPU")]
     assert gpu_lines == [
         "GPU 0          NVIDIA H100 80GB HBM3: 87% util, 60.0/79.6 GiB, 63 C, 287.123 W, SM 1980 MHz, "
-        "ECC DBE 3, retired pages 2",
+        "ECC DBE 3, retired pages 2, Xid 3 (last 63)",
         "GPU 1          NVIDIA GeForce RTX 4090: 42% util, 10.0/24.0 GiB, 55 C, 301.5 W, SM 2520 MHz, "
-        "ECC DBE n/a, retired pages n/a",
+        "ECC DBE n/a, retired pages n/a, Xid n/a",
     ]
 
 
@@ -187,11 +255,11 @@ def test_cli_status_from_the_status_file(state_dir, status):
     ), out
     assert (
         "GPU 0          NVIDIA H100 80GB HBM3: 87% util, 60.0/79.6 GiB, 63 C, 287.123 W, SM 1980 MHz, "
-        "ECC DBE 3, retired pages 2" in out
+        "ECC DBE 3, retired pages 2, Xid 3 (last 63)" in out
     )
     assert (
         "GPU 1          NVIDIA GeForce RTX 4090: 42% util, 10.0/24.0 GiB, 55 C, 301.5 W, SM 2520 MHz, "
-        "ECC DBE n/a, retired pages n/a" in out
+        "ECC DBE n/a, retired pages n/a, Xid n/a" in out
     )
 
     raw = CliRunner().invoke(main, ["status", "--json"], env={"FARLABS_STATE_DIR": str(state_dir)})
@@ -224,6 +292,13 @@ def _gpu_samples(exposition: str) -> dict[str, dict[str, float]]:
     return samples
 
 
+def xid_counter_samples(exposition: str) -> dict[str, float]:
+    """{gpu label: value} of farworker_gpu_xid_errors_total, checked to be a counter."""
+    (family,) = [f for f in text_string_to_metric_families(exposition) if f.name == "farworker_gpu_xid_errors"]
+    assert family.type == "counter"
+    return {s.labels["gpu"]: s.value for s in family.samples if s.name == "farworker_gpu_xid_errors_total"}
+
+
 def _plain(exposition: str) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(exposition) for s in f.samples if not s.labels}
 
@@ -238,6 +313,7 @@ EXPECTED_DCGM = {
     "DCGM_FI_DEV_MEM_CLOCK": {"0": 2619, "1": 10501},  # MHz
     "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": {"0": 3},  # GPU 1 has no ECC: no sample rather than a made-up 0
     "DCGM_FI_DEV_RETIRED_DBE": {"0": 2},
+    "DCGM_FI_DEV_XID_ERRORS": {"0": 63},  # the last Xid; none for GPU 1, whose Xids are not counted
 }
 
 
@@ -253,6 +329,7 @@ def _check_exposition(exposition: str, status: dict) -> None:
         if s.name == "DCGM_FI_DEV_GPU_UTIL"
     }
     assert labels == {("0", CARDS[0]["uuid"], CARDS[0]["name"]), ("1", CARDS[1]["uuid"], CARDS[1]["name"])}
+    assert xid_counter_samples(exposition) == {"0": 3}
 
     plain = _plain(exposition)
     assert plain["farworker_outbox_depth"] == 5

@@ -1,0 +1,190 @@
+"""`farworker check` item by item, in process: block sizing from block_plan, GPU lists given, real sockets."""
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from farworker import preflight
+from farworker.block_plan import auto_num_blocks, per_block_bytes
+from farworker.config import SUPPORTED_MODEL_SHAPES, SUPPORTED_MODELS, load_config
+from farworker.gpu import GpuInfo
+from farworker.model_source import repo_cache_dir
+from farworker.petals_compat import import_petals
+
+PEER = "QmYAM6qwoBS2ET8sW9DyZLiJK4Y6Ye2nAepQCiXfqxsX8v"
+GB = 10**9
+LLAMA_7B, LLAMA_13B, LLAMA_70B = SUPPORTED_MODELS
+# Parameter counts Meta published for Llama 2 (the "7B", "13B" and "70B" of the model cards, exactly)
+PUBLISHED_PARAMETERS = {LLAMA_7B: 6_738_415_616, LLAMA_13B: 13_015_864_320, LLAMA_70B: 68_976_648_192}
+
+
+def llama_config(**shape):
+    import_petals()
+    from petals.models.llama import DistributedLlamaConfig
+
+    return DistributedLlamaConfig(**shape)
+
+
+def gpu(total: float, free: float, index: int = 0) -> GpuInfo:
+    return GpuInfo(index, "Test GPU", f"GPU-test-{index}", int(total), int(free))
+
+
+def config_for(tmp_path, **env):
+    return load_config(
+        {
+            "FARLABS_WALLET_ADDRESS": "0x" + "ab" * 20,
+            "FARLABS_API_BASE_URL": "http://127.0.0.1:9",
+            "FARLABS_DHT_BOOTSTRAP": f"/ip4/127.0.0.1/tcp/9/p2p/{PEER}",
+            "FARLABS_CACHE_DIR": str(tmp_path / "cache"),
+            **env,
+        }
+    )
+
+
+def expected_auto(block_config, free: int, dtype=torch.float16, quant="nf4") -> int:
+    per_block = per_block_bytes(block_config, dtype, quant)
+    return auto_num_blocks(free, per_block, block_config.hidden_size, block_config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("model", SUPPORTED_MODELS)
+def test_known_shapes_give_the_published_parameter_counts(model):
+    block_config = llama_config(**SUPPORTED_MODEL_SHAPES[model])
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        block = block_config.block_class(block_config)
+    per_block = sum(p.numel() for p in block.parameters())
+    embeddings_and_head = 2 * block_config.vocab_size * block_config.hidden_size + block_config.hidden_size
+    assert block_config.num_hidden_layers * per_block + embeddings_and_head == PUBLISHED_PARAMETERS[model]
+
+
+@pytest.mark.parametrize(("model", "free"), [(LLAMA_7B, 3 * GB), (LLAMA_13B, 5 * GB), (LLAMA_70B, 22 * GB)])
+def test_allowlisted_model_is_sized_from_free_vram_without_download(tmp_path, model, free):
+    block_config = llama_config(**SUPPORTED_MODEL_SHAPES[model])
+    expected = expected_auto(block_config, free)
+    layers = block_config.num_hidden_layers
+    assert 0 < expected < layers  # a figure where the free VRAM, not the model, decides
+
+    result = preflight.check_vram(config_for(tmp_path, FARLABS_MODEL_NAME=model), [gpu(24 * GB, free)])
+    assert result.level == "OK", result.line()
+    assert f"would serve {expected} of {layers} blocks" in result.detail
+    assert "known shape" in result.detail
+
+
+def test_config_json_in_the_cache_wins_over_the_known_shape(tmp_path):
+    shape = {**SUPPORTED_MODEL_SHAPES[LLAMA_7B], "num_hidden_layers": 6}
+    snapshot = repo_cache_dir(tmp_path / "cache", LLAMA_7B) / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], **shape})
+    )
+    expected = expected_auto(llama_config(**shape), 24 * GB)
+
+    result = preflight.check_vram(config_for(tmp_path, FARLABS_MODEL_NAME=LLAMA_7B), [gpu(24 * GB, 24 * GB)])
+    assert f"would serve {expected} of 6 blocks" in result.detail, result.line()
+    assert str(snapshot / "config.json") in result.detail
+
+
+def test_vram_below_the_8_gb_minimum_is_flagged(tmp_path):
+    free = int(5.5 * GB)
+    expected = expected_auto(llama_config(**SUPPORTED_MODEL_SHAPES[LLAMA_7B]), free)
+
+    result = preflight.check_vram(config_for(tmp_path), [gpu(6 * GB, free)])
+    assert result.level == "WARN", result.line()
+    assert "below the 8 GB minimum" in result.detail
+    assert f"would serve {expected} of 32 blocks" in result.detail
+    assert preflight.check_vram(config_for(tmp_path), [gpu(8 * GB, free)]).level == "OK"
+
+
+def test_not_one_block_in_free_vram_fails(tmp_path):
+    free = int(1.5 * GB)
+    assert expected_auto(llama_config(**SUPPORTED_MODEL_SHAPES[LLAMA_70B]), free) < 1
+
+    result = preflight.check_vram(config_for(tmp_path, FARLABS_MODEL_NAME=LLAMA_70B), [gpu(24 * GB, free)])
+    assert result.level == "FAIL" and "not one block fits" in result.detail, result.line()
+
+
+def test_cpu_host_without_num_blocks_is_told_what_to_set(tmp_path):
+    result = preflight.check_vram(config_for(tmp_path, FARLABS_DEVICE="cpu"), [])
+    assert result.level == "FAIL", result.line()
+    assert "FARLABS_NUM_BLOCKS" in result.detail and "32 blocks" in result.detail
+
+    given = preflight.check_vram(config_for(tmp_path, FARLABS_DEVICE="cpu", FARLABS_NUM_BLOCKS="6"), [])
+    assert given.level == "OK" and "would serve 6 blocks" in given.detail, given.line()
+    tiny = preflight.check_vram(
+        config_for(
+            tmp_path, FARLABS_DEVICE="cpu", FARLABS_MODEL_NAME="farworker-tiny-llama", FARLABS_TORCH_DTYPE="float32"
+        ),
+        [],
+    )
+    assert tiny.level == "OK" and "would serve all 4 blocks on CPU" in tiny.detail, tiny.line()
+
+
+def test_device_naming_a_gpu_nvml_does_not_list_fails(tmp_path):
+    result = preflight.check_vram(config_for(tmp_path, FARLABS_DEVICE="cuda:1"), [gpu(24 * GB, 20 * GB)])
+    assert result.level == "FAIL" and "cuda:1" in result.detail
+    other = preflight.check_vram(
+        config_for(tmp_path, FARLABS_DEVICE="cuda:1"), [gpu(24 * GB, 20 * GB), gpu(80 * GB, 3 * GB, index=1)]
+    )
+    expected = expected_auto(llama_config(**SUPPORTED_MODEL_SHAPES[LLAMA_7B]), 3 * GB)
+    assert f"on GPU 1; would serve {expected} of 32 blocks" in other.detail, other.line()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def listening_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def http_api():
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_unreachable_api_is_a_warning_because_run_keeps_serving(tmp_path, http_api):
+    down = preflight.check_api(config_for(tmp_path, FARLABS_API_BASE_URL=f"http://127.0.0.1:{closed_port()}"))
+    assert down.level == "WARN", down.line()
+    assert "outbox" in down.detail and "retries" in down.detail
+
+    malformed = preflight.check_api(config_for(tmp_path, FARLABS_API_BASE_URL="http://127.0.0.1:99999"))
+    assert malformed.level == "FAIL" and "FARLABS_API_BASE_URL" in malformed.detail, malformed.line()
+
+    up = preflight.check_api(config_for(tmp_path, FARLABS_API_BASE_URL=http_api))
+    assert up.level == "OK" and "HTTP 200" in up.detail, up.line()
+
+
+def test_bootstrap_peers_unreachable_fail_because_run_cannot_join(tmp_path, listening_port):
+    def check(*ports_or_maddrs):
+        maddrs = [p if isinstance(p, str) else f"/ip4/127.0.0.1/tcp/{p}/p2p/{PEER}" for p in ports_or_maddrs]
+        return preflight.check_bootstrap(config_for(tmp_path, FARLABS_DHT_BOOTSTRAP=",".join(maddrs)))
+
+    assert check(listening_port).line().startswith("OK   bootstrap peers: 1 of 1 reachable")
+    assert check(listening_port, closed_port()).level == "WARN"
+    assert check(closed_port()).line().startswith("FAIL bootstrap peers: 0 of 1 reachable")
+    quic = check(f"/ip4/127.0.0.1/udp/{closed_port()}/quic/p2p/{PEER}")
+    assert quic.level == "WARN" and "not checked" in quic.detail, quic.line()
