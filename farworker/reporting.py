@@ -1,11 +1,13 @@
 """The reporter thread: registration, heartbeats and usage flushing; the coordinator's trouble never
 becomes the worker's.
 
-Registration retries with capped exponential backoff and full jitter. Heartbeats go out every interval
-(the interval the coordinator answers wins over the local one). After each beat, and shortly after new
-usage records arrive, the outbox is flushed in batches; a record leaves the outbox only when the
-coordinator acknowledged its id. While the coordinator fails, flushes triggered by new records wait for
-the same backoff, so an outage is not met with a request per record.
+Registration retries with capped exponential backoff and full jitter. The worker registers at start,
+before it knows everything (its blocks while joining); ``update_registration()`` sends the registration
+again, keeping the worker id, when facts arrive. Heartbeats go out every interval (the interval the
+coordinator answers wins over the local one), and at once after a registration or ``beat_now()``.
+After each beat, and shortly after new usage records arrive, the outbox is flushed in batches; a record
+leaves the outbox only when the coordinator acknowledged its id. While the coordinator fails, flushes
+triggered by new records wait for the same backoff, so an outage is not met with a request per record.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ def format_rate(rate: float) -> str:
 
 
 def heartbeat_line(payload: dict, answer: dict) -> str:
-    """'heartbeat ok: online, blocks 0:2, 12 tokens, earn rate 0.42 $FAR/h'"""
+    """'heartbeat ok: online, blocks 0:2, 12 tokens, earn rate 0.42 $FAR/h';
+    'heartbeat ok: joining (loading blocks), no blocks, ...' while joining"""
     blocks = payload.get("blocks")
     span = f"blocks {blocks[0]}:{blocks[1]}" if blocks else "no blocks"
     tokens = payload.get("counters", {}).get("tokens_processed", 0)
     rate = format_rate(float(answer.get("earn_rate_far_per_hour", 0.0)))
+    state = payload.get("state", "?") + (f" ({payload['phase']})" if payload.get("phase") else "")
     return (
-        f"heartbeat ok: {payload.get('state', '?')}, {span}, {tokens} tokens, earn rate {rate} $FAR/h"
+        f"heartbeat ok: {state}, {span}, {tokens} tokens, earn rate {rate} $FAR/h"
         f" (reliability {float(answer.get('reliability', 0)):.2f})"
     )
 
@@ -83,6 +87,8 @@ class Reporter:
         self._api_retry_at = 0.0  # monotonic; record-triggered flushes wait until then after a failure
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._beat_now = threading.Event()
+        self._registration_stale = False  # the registration's facts changed since it was sent
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.worker_id: str | None = None
@@ -107,6 +113,17 @@ class Reporter:
     def notify(self) -> None:
         """New usage records are in the outbox."""
         self._wake.set()
+
+    def beat_now(self) -> None:
+        """Send the next heartbeat now (the worker's state changed), not an interval later."""
+        self._beat_now.set()
+        self._wake.set()
+
+    def update_registration(self) -> None:
+        """The registration's facts changed (the model's size, the blocks, the addresses): register
+        again before the next heartbeat, which goes out now. The coordinator keeps the worker id."""
+        self._registration_stale = True
+        self.beat_now()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread without the final flush or deregistration."""
@@ -189,7 +206,8 @@ class Reporter:
                         continue
                     next_beat = 0.0
                 now = time.monotonic()
-                if now >= next_beat:
+                if now >= next_beat or self._beat_now.is_set():
+                    self._beat_now.clear()
                     next_beat = now + self.interval_s
                     self._beat_and_flush()
                 elif not self._wake.is_set():
@@ -206,11 +224,15 @@ class Reporter:
 
     def _register(self) -> bool:
         self.stats["register_attempts"] += 1
+        again = self.worker_id is not None
+        stale, self._registration_stale = self._registration_stale, False  # a change from now on: again
         try:
             answer = self.client.register(self._registration())
         except CoordinatorError as err:
+            self._registration_stale = self._registration_stale or stale
             self.last_error = str(err)
-            log.warning("registration failed: %s; retrying with backoff", err)
+            log.warning("registration failed: %s; retrying %s", err, "at the next heartbeat" if again
+                        else "with backoff")
             return False
         with self._lock:
             self.worker_id = answer["worker_id"]
@@ -219,7 +241,8 @@ class Reporter:
         self._register_backoff.reset()
         self.last_error = None
         log.info(
-            "registered with the coordinator as %s; heartbeat every %g s", self.worker_id, self.interval_s
+            "%s with the coordinator as %s; heartbeat every %g s",
+            "registration updated" if again else "registered", self.worker_id, self.interval_s,
         )
         return True
 
@@ -228,7 +251,10 @@ class Reporter:
             self.interval_s = max(MIN_INTERVAL_S, min(MAX_INTERVAL_S, float(value)))
 
     def _beat_and_flush(self) -> None:
-        """One heartbeat, then a flush."""
+        """One heartbeat, then a flush; first the registration again if its facts changed (a failure
+        leaves it for the next beat: the worker id still stands, so heartbeats go on meanwhile)."""
+        if self._registration_stale:
+            self._register()
         try:
             self._heartbeat()
         except CoordinatorError as err:

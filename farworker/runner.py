@@ -1,6 +1,7 @@
 """`farworker run`: the service's life from start to stop.
 
-    resolve model (download) -> plan blocks -> start Petals -> wait until announced ONLINE -> READY=1
+    register with the coordinator (state joining) -> resolve model (download) -> plan blocks -> start Petals
+    -> register again (model size, addresses) -> wait until announced ONLINE -> READY=1
     -> loop: health check -> WATCHDOG=1 only when healthy, STATUS, status file
     -> SIGTERM: STOPPING=1, drain (usage flushed, deregistered), blocks offline, exit 0
 
@@ -21,6 +22,7 @@ from farworker import __version__, gpu
 from farworker.config import ConfigError, WorkerConfig
 from farworker.model_source import DownloadInterrupted, format_progress
 from farworker.notify import Notifier, StartupKeepalive
+from farworker.serving_meter import Counters
 from farworker.shm_guard import check_shm
 from farworker.status_file import write_status
 
@@ -43,6 +45,9 @@ class Worker:
         self.state = "starting"
         self.phase = "starting"
         self.host = None
+        self.plan = None
+        self.model_blocks: int | None = None  # the model's block count, once its config is read
+        self.progress = {"done": 0, "total": 0}  # of the weight download
         self.meter = None
         self.outbox = None
         self.reporter = None
@@ -73,12 +78,14 @@ class Worker:
         self._write_status()  # replaces a previous run's file: nobody may read it as this run's health
         self.outbox = Outbox(cfg.state_dir / "outbox.sqlite3")
         log.info("farworker %s, peer id %s, model %s", __version__, self.identity.peer_id, cfg.model_name)
+        # The coordinator hears of us now, not after an hour of downloading and loading a 70B model:
+        # heartbeats say "joining" and what we are doing until the blocks are online.
+        self._start_reporter()
 
-        progress = {"done": 0, "total": 0}
-        with StartupKeepalive(self.notifier, lambda: self._startup_status(progress)):
+        with StartupKeepalive(self.notifier, self._startup_status):
             self.phase = "downloading weights"
             try:
-                model_path = resolve_model(cfg, lambda done, total: progress.update(done=done, total=total),
+                model_path = resolve_model(cfg, lambda done, total: self.progress.update(done=done, total=total),
                                            stop=self.stop_requested)
             except DownloadInterrupted as stopped:  # SIGTERM mid-download: the partial file resumes next start
                 log.info("%s", stopped)
@@ -89,6 +96,7 @@ class Worker:
 
             block_config = AutoDistributedConfig.from_pretrained(model_path, use_auth_token=cfg.hf_token or None)
             self.plan = plan_blocks(cfg, block_config)
+            self.model_blocks = block_config.num_hidden_layers
             log.info("Serving %d of %d blocks on %s (%s, quantization %s)", self.plan.num_blocks,
                      block_config.num_hidden_layers, self.plan.device, cfg.torch_dtype, self.plan.quant_type)
             self.meter = ServingMeter(on_record=self.outbox.add)
@@ -96,11 +104,12 @@ class Worker:
             self.phase = "joining the DHT"
             self.host.start()
             self.state, self.phase = "joining", "loading blocks"
+            self.reporter.update_registration()  # now with the model's size, quantization and addresses
             online = self._wait_online()
         if not online:
             return False
         self.state = "online"
-        self._start_reporter()  # registration names the blocks, known only once they are loaded
+        self.reporter.beat_now()  # the coordinator sees "online" and the span now, not an interval later
         if cfg.metrics_port:
             from farworker.metrics import start_metrics_server
 
@@ -120,10 +129,15 @@ class Worker:
                 return False
         return False
 
-    def _startup_status(self, progress: dict) -> str:
-        if self.phase == "downloading weights" and progress["total"]:
-            return format_progress(progress["done"], progress["total"])
-        return f"{self.phase}: {self.config.model_name}"
+    def _startup_status(self) -> str:
+        phase = self.phase_line()
+        return phase if phase.startswith("downloading weights:") else f"{phase}: {self.config.model_name}"
+
+    def phase_line(self) -> str:
+        """'downloading weights: 1.20 of 13.48 GB (9%)', 'loading blocks', ..."""
+        if self.phase == "downloading weights" and self.progress["total"]:
+            return format_progress(self.progress["done"], self.progress["total"])
+        return self.phase
 
     def _start_reporter(self) -> None:
         from farworker.api_client import CoordinatorClient
@@ -202,32 +216,49 @@ class Worker:
         health = "" if self.healthy or self.state != "online" else f", unhealthy: {self.health_reason}"
         return f"{self.state}: {self.config.model_name} blocks {span}, {sessions} open sessions{health}"
 
+    def blocks(self) -> tuple[int, int] | None:
+        """The span we serve once loaded; before that the span we will serve when it is fixed (the operator's
+        FARLABS_BLOCK_INDICES, or the whole model), else None: petals picks the span as it starts."""
+        loaded = self.host.blocks if self.host else None
+        if loaded:
+            return loaded
+        if self.plan is not None:
+            return (self.plan.start, self.plan.end) if self.plan.fixed else None
+        return self.config.block_indices
+
     def registration(self) -> dict:
-        blocks = self.host.blocks
+        """Sent at start and again once petals has started. Facts not known yet are honest blanks: blocks
+        null until fixed or loaded, total_blocks null until the model's config is read, quant_type as
+        configured ('auto') until planned, no addresses until the DHT listens."""
+        blocks = self.blocks()
         return {
             "wallet_address": self.config.wallet_address,
             "peer_id": self.identity.peer_id,
             "public_key": self.identity.public_key_b64,
             "model_name": self.config.model_name,
-            "blocks": list(blocks),
-            "total_blocks": self.host.num_model_blocks,
+            "blocks": list(blocks) if blocks else None,
+            "total_blocks": self.model_blocks,
             "torch_dtype": self.config.torch_dtype,
-            "quant_type": self.plan.quant_type,
+            "quant_type": self.plan.quant_type if self.plan else self.config.quant_type,
             "location": self.config.location,
             "version": __version__,
-            "announce_maddrs": self.host.visible_maddrs,
+            "announce_maddrs": self.host.visible_maddrs if self.host else [],
             "hardware": gpu.hardware_summary(),
         }
 
     def heartbeat_payload(self) -> dict:
-        blocks = self.host.blocks
-        return {
-            "state": self.state if self.state in ("joining", "online", "draining") else "joining",
+        blocks = self.blocks()
+        state = self.state if self.state in ("online", "draining") else "joining"
+        payload = {
+            "state": state,
             "blocks": list(blocks) if blocks else None,
             "uptime_seconds": time.time() - self.started_at,
             "gpus": gpu.telemetry(),
-            "counters": self.meter.snapshot().as_dict(),
+            "counters": (self.meter.snapshot() if self.meter else Counters()).as_dict(),
         }
+        if state == "joining":  # only then: an online worker's beats stay what coordinators before it knew
+            payload["phase"] = self.phase_line()
+        return payload
 
     def _write_status(self) -> None:
         self._last_status = self.status_snapshot()
@@ -276,6 +307,7 @@ def run_worker(config: WorkerConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    gpu.start_xid_counter()  # heartbeats and the status file carry its counts; nothing without NVML
     try:
         if worker.start():
             worker.serve_until_stopped()
@@ -284,6 +316,7 @@ def run_worker(config: WorkerConfig) -> int:
             code = 0 if worker.stop_requested.is_set() else 1
     finally:
         worker.stop()
+        gpu.stop_xid_counter()
         _end_children(timeout=max(1.0, worker.stop_seconds_left()))
     return code
 

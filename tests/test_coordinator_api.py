@@ -301,3 +301,143 @@ def test_completions_without_a_model_is_503(coordinator):
     assert r.status_code == 503 and r.json()["code"] == "no_model"
     r = requests.post(coordinator.url + "/v1/completions", json={"prompt": []}, timeout=10)
     assert r.status_code == 422 and r.json()["field"] == "prompt"
+
+
+# --- a worker registered before it knows its blocks ----------------------------------------------------
+def test_joining_worker_without_blocks_then_online(coordinator, keys):
+    """A worker registers at start, before its weights are downloaded: blocks null, the model's size
+    unknown. Its joining heartbeats say what it is doing; its first online heartbeat brings the span, and
+    registering again (same worker id) the model's size."""
+    client = CoordinatorClient(coordinator.url, keys[0])
+    early = dict(registration(keys[0]), blocks=None, total_blocks=None, quant_type="auto", announce_maddrs=[])
+    worker_id = client.register(early)["worker_id"]
+
+    def view():
+        return requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()
+
+    first = view()
+    assert first["blocks"] is None and first["total_blocks"] is None and first["state"] == "joining"
+    assert first["announce_maddrs"] == [] and first["last_heartbeat"] is None
+    assert first["earn_rate_far_per_hour"] == 0.0 and first["tokens_served"] == 0
+    assert requests.get(f"{coordinator.url}/v1/workers", timeout=5).json()["workers"][0]["blocks"] is None
+
+    downloading = dict(heartbeat(state="joining"), blocks=None, phase="downloading weights: 1.20 of 13.48 GB (9%)")
+    answer = client.heartbeat(worker_id, downloading)
+    assert answer["reliability"] == 1.0 and answer["earn_rate_far_per_hour"] == 0.0
+    joining = view()
+    assert joining["state"] == "joining" and joining["blocks"] is None
+    assert joining["last_heartbeat"]["phase"] == "downloading weights: 1.20 of 13.48 GB (9%)"
+
+    # usage before any span was reported: the record's own span is all the coordinator knows (share 1)
+    record = usage_record(10, blocks=(0, 2))
+    assert client.send_usage(worker_id, [record]) == [record["id"]]
+    expected = ledger.earned_far(10, share=1.0, reliability=1.0, far_per_token=ledger.DEFAULT_FAR_PER_TOKEN)
+    assert view()["earnings_far"] == pytest.approx(expected)
+
+    client.heartbeat(worker_id, heartbeat(state="online", blocks=(0, 2)))
+    online = view()
+    assert online["state"] == "online" and online["blocks"] == [0, 2] and online["total_blocks"] == 2
+    assert online["last_heartbeat"]["phase"] is None
+
+    assert client.register(registration(keys[0], blocks=(0, 2), total_blocks=4))["worker_id"] == worker_id
+    again = view()
+    assert again["blocks"] == [0, 2] and again["total_blocks"] == 4
+    assert again["announce_maddrs"] == ["/ip4/127.0.0.1/tcp/31337"]
+    assert [b["state"] for b in coordinator.store.heartbeats(worker_id)] == ["joining", "online"]
+
+
+def test_registration_must_state_its_blocks_even_if_unknown(coordinator, keys):
+    """`blocks` is required and nullable: null says "not known yet", a missing field is a broken client."""
+    body = registration(keys[0])
+    del body["blocks"]
+    r = signed_post(coordinator.url, keys[0], "/v1/workers/register", body)
+    assert r.status_code == 422 and r.json()["field"] == "blocks", r.text
+    assert coordinator.store.counts()["workers"] == 0
+
+
+# The workers table as ledgers before registration-at-start wrote it (blocks NOT NULL), with the tables
+# that refer to it.
+_LEDGER_BEFORE_NULL_BLOCKS = """
+CREATE TABLE workers (
+    worker_id TEXT PRIMARY KEY,
+    peer_id TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL,
+    wallet_address TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    block_start INTEGER NOT NULL,
+    block_end INTEGER NOT NULL,
+    total_blocks INTEGER,
+    torch_dtype TEXT NOT NULL,
+    quant_type TEXT NOT NULL,
+    location TEXT NOT NULL,
+    farworker_version TEXT NOT NULL,
+    announce_maddrs TEXT NOT NULL,
+    hardware TEXT NOT NULL,
+    state TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    last_registered_at REAL NOT NULL,
+    heartbeat_interval REAL NOT NULL,
+    heartbeat_count INTEGER NOT NULL DEFAULT 0,
+    counted_beat_at REAL,
+    last_heartbeat_at REAL,
+    last_heartbeat TEXT
+);
+CREATE TABLE heartbeats (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
+    received_at REAL NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE TABLE usage (
+    id TEXT PRIMARY KEY,
+    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
+    session_id TEXT NOT NULL,
+    block_start INTEGER NOT NULL,
+    block_end INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    steps INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    received_at REAL NOT NULL,
+    share REAL NOT NULL,
+    reliability REAL NOT NULL,
+    earned_far REAL NOT NULL
+);
+INSERT INTO workers VALUES ('w-old', 'QmOldPeer', 'key', '0xabc', 'farworker-tiny-llama', 0, 2, 4, 'float32',
+    'none', 'Test Lab', '0.1.0', '[]', '{}', 'online', 100.0, 100.0, 2.0, 3, 104.0, 104.0, NULL);
+INSERT INTO heartbeats (worker_id, received_at, payload) VALUES ('w-old', 104.0, '{"state": "online"}');
+INSERT INTO usage VALUES ('u-1', 'w-old', 's', 0, 2, 7, 1, 101.0, 102.0, 102.0, 0.5, 1.0, 0.0035);
+"""
+
+
+def test_a_ledger_from_before_null_blocks_opens_and_takes_joining_workers(tmp_path, keys):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    old = sqlite3.connect(db)
+    old.executescript(_LEDGER_BEFORE_NULL_BLOCKS)
+    old.commit()
+    old.close()
+    with RunningCoordinator(Settings(db_path=db, heartbeat_interval_s=2.0)) as running:
+        listing = requests.get(f"{running.url}/v1/workers", timeout=5).json()["workers"]
+        assert [(w["worker_id"], w["blocks"], w["tokens_served"]) for w in listing] == [("w-old", [0, 2], 7)]
+        assert len(running.store.heartbeats("w-old")) == 1
+        client = CoordinatorClient(running.url, keys[0])
+        worker_id = client.register(dict(registration(keys[0]), blocks=None))["worker_id"]
+        assert requests.get(f"{running.url}/v1/workers/{worker_id}", timeout=5).json()["blocks"] is None
+        client.heartbeat(worker_id, dict(heartbeat(state="joining"), blocks=None))
+    check = sqlite3.connect(db)
+    try:
+        not_null = {row[1]: row[3] for row in check.execute("PRAGMA table_info(workers)")}
+        assert not_null["block_start"] == 0 and not_null["block_end"] == 0 and not_null["peer_id"] == 1
+        assert check.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert check.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 1
+        tables = [r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        assert "workers_unknown_blocks" not in tables
+    finally:
+        check.close()
+    # opened again: nothing left to rebuild, everything still there, and foreign keys enforced
+    with RunningCoordinator(Settings(db_path=db, heartbeat_interval_s=2.0)) as running:
+        assert len(requests.get(f"{running.url}/v1/workers", timeout=5).json()["workers"]) == 2
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            running.store.add_usage("w-none", [usage_record()], time.time(), lambda s, e: 1.0, 1.0, 0.001)

@@ -166,6 +166,63 @@ def test_registers_again_when_the_coordinator_forgets(tmp_path, identity):
         coordinator.stop()
 
 
+def test_registers_while_joining_then_updates_the_registration(tmp_path, identity, caplog):
+    """A worker registers before it knows its blocks (null) and beats "joining" with its phase; when
+    facts arrive, update_registration() registers again (same worker id) and beats at once, not an
+    interval later. A refused update leaves the worker registered and beating, and is tried again."""
+    caplog.set_level(logging.INFO, logger="farworker.reporting")
+    facts = {"blocks": None, "total_blocks": None, "state": "joining", "location": "Test Lab"}
+
+    def registration_now():
+        return dict(
+            registration(identity),
+            blocks=facts["blocks"],
+            total_blocks=facts["total_blocks"],
+            location=facts["location"],
+        )
+
+    def heartbeat_now():
+        payload = dict(heartbeat(state=facts["state"]), blocks=facts["blocks"])
+        return dict(payload, phase="downloading weights: 1 of 2 GB (50%)") if facts["state"] == "joining" else payload
+
+    slow = Settings(db_path=tmp_path / "coordinator.sqlite", heartbeat_interval_s=60)
+    with RunningCoordinator(slow) as coordinator:
+        outbox = Outbox(tmp_path / "outbox.sqlite")
+        reporter = make_reporter(coordinator.url, identity, outbox, interval=60)
+        reporter._registration, reporter._heartbeat_payload = registration_now, heartbeat_now
+        reporter.start()
+        try:
+            wait_for_fast(lambda: reporter.last_heartbeat is not None, 15, "registration and a first beat")
+            worker_id = reporter.worker_id
+            row = coordinator.store.worker_row(worker_id)
+            assert (row["block_start"], row["block_end"], row["total_blocks"]) == (None, None, None)
+            [beat] = coordinator.store.heartbeats(worker_id)
+            assert beat["state"] == "joining" and beat["blocks"] is None and beat["phase"].endswith("(50%)")
+
+            def beats() -> int:
+                return len(coordinator.store.heartbeats(worker_id))
+
+            facts.update(location="x" * 500)  # a registration the coordinator refuses (422)
+            reporter.update_registration()
+            wait_for_fast(lambda: beats() == 2, 10, "a beat at once, though the update was refused")
+            assert reporter.worker_id == worker_id and reporter._registration_stale
+            assert any("retrying at the next heartbeat" in r.message for r in caplog.records)
+
+            facts.update(blocks=[0, 2], total_blocks=4, state="online", location="Test Lab")
+            reporter.beat_now()
+            wait_for_fast(lambda: beats() == 3, 10, "the update sent before the next beat")
+            row = coordinator.store.worker_row(worker_id)
+            assert (row["block_start"], row["block_end"], row["total_blocks"]) == (0, 2, 4)
+            assert row["state"] == "online" and reporter.worker_id == worker_id
+            assert not reporter._registration_stale and reporter.stats["register_attempts"] == 3
+            assert coordinator.store.heartbeats(worker_id)[-1]["phase"] is None
+            assert any("registration updated" in r.message for r in caplog.records)
+            time.sleep(0.5)
+            assert beats() == 3  # and then back to the 60 s interval
+        finally:
+            reporter.stop()
+
+
 def test_drain_flushes_and_deregisters(tmp_path, identity):
     with RunningCoordinator(settings(tmp_path)) as coordinator:
         outbox = Outbox(tmp_path / "outbox.sqlite")

@@ -54,6 +54,12 @@ the `public_key` in the body), the signature, a +/-60 s timestamp window, and re
 401 on any failure, 403 when a worker reports for another worker's id. Nothing is stored for a refused
 request. Bodies over 1 MiB get 413; malformed bodies get 422 naming the field.
 
+**Worker lifecycle.** A worker registers at start, before its weights are downloaded: `blocks` is null
+unless its span is fixed, and its heartbeats say `joining`, with the span once known and a `phase` (what
+it is doing, e.g. the download's progress). It registers again, keeping its worker id, when it knows more
+(the model's block count, its addresses); then heartbeats `online` with its blocks, `draining` on
+shutdown, and deregisters.
+
 **Ledger.** Each usage record counts once (by id): earned = tokens x (blocks served / model blocks) x
 reliability x FAR_PER_TOKEN, reliability = uptime share from heartbeats (see
 farworker/coordinator/ledger.py).
@@ -237,7 +243,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(403, f"worker {worker_id} belongs to another peer id", "forbidden")
         return worker_id
 
-    def total_blocks_of(row) -> int:
+    def total_blocks_of(row) -> int | None:
+        """None while neither the coordinator nor the worker knows the model's size and the worker has
+        not reported its span yet (it registered before loading)."""
         return settings.model_blocks.get(row["model_name"]) or row["total_blocks"] or row["block_end"]
 
     def uptime(row, now: float) -> float:
@@ -263,7 +271,7 @@ def create_app(settings: Settings) -> FastAPI:
             peer_id=row["peer_id"],
             wallet_address=row["wallet_address"],
             model_name=row["model_name"],
-            blocks=[row["block_start"], row["block_end"]],
+            blocks=None if row["block_start"] is None else [row["block_start"], row["block_end"]],
             total_blocks=total_blocks_of(row),
             state=row["state"],
             location=row["location"],
@@ -289,9 +297,8 @@ def create_app(settings: Settings) -> FastAPI:
                 403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id"
             )
         worker_id = store.register(body.model_dump(), time.time(), settings.heartbeat_interval_s)
-        log.info(
-            "registered %s (peer %s) blocks %d:%d of %s", worker_id, peer_id, *body.blocks, body.model_name
-        )
+        span = f"{body.blocks[0]}:{body.blocks[1]}" if body.blocks else "not chosen yet"
+        log.info("registered %s (peer %s) blocks %s of %s", worker_id, peer_id, span, body.model_name)
         return RegisterResponse(worker_id=worker_id, heartbeat_interval=settings.heartbeat_interval_s)
 
     @app.post(
@@ -327,7 +334,7 @@ def create_app(settings: Settings) -> FastAPI:
             worker_id,
             [r.model_dump() for r in body.records],
             now,
-            share_of=lambda start, end: ledger.block_share(start, end, total),
+            share_of=lambda start, end: ledger.block_share(start, end, total or end),
             reliability=uptime(row, now),
             far_per_token=settings.far_per_token,
         )

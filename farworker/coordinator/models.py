@@ -56,8 +56,10 @@ class RegisterRequest(_Strict):
         description="RSA public key, base64 DER SubjectPublicKeyInfo; the peer id derives from it",
     )
     model_name: str = Field(min_length=1, max_length=256)
-    blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] = Field(
-        description="[start, end): the model blocks this worker serves"
+    blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] | None = Field(
+        description="[start, end): the model blocks this worker serves; null while they are not known yet "
+        "(a worker registers at start, before its weights are downloaded and petals picks its span; its "
+        "heartbeats carry the span once known)"
     )
     total_blocks: int | None = Field(
         default=None, ge=1, le=100_000, description="the model's block count, as the worker sees it"
@@ -69,7 +71,10 @@ class RegisterRequest(_Strict):
     announce_maddrs: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=64)
     hardware: Hardware
 
-    _blocks = field_validator("blocks")(_check_span)
+    @field_validator("blocks")
+    @classmethod
+    def _span(cls, value):
+        return None if value is None else _check_span(value)
 
 
 class RegisterResponse(BaseModel):
@@ -91,7 +96,10 @@ class GpuTelemetry(BaseModel):
     mem_clock_mhz: float | None = Field(default=None, ge=0)
     ecc_volatile_uncorrected: Count | None = None
     retired_pages_dbe: Count | None = None
+    # Xid errors since the worker started (counted from NVML events), the last Xid, and events per Xid
     xid_errors: Count | None = None
+    xid_last: Count | None = None
+    xid_by_code: dict[str, Count] | None = Field(default=None, max_length=256)
 
 
 class Counters(_Strict):
@@ -103,7 +111,15 @@ class Counters(_Strict):
 
 class HeartbeatRequest(_Strict):
     state: Literal["joining", "online", "draining"]
-    blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] | None = None
+    blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] | None = Field(
+        default=None, description="[start, end) served, or planned while joining; null while not known yet"
+    )
+    phase: str | None = Field(
+        default=None,
+        max_length=256,
+        description="what a joining worker is doing, for operators (e.g. 'downloading weights: 1.20 of "
+        "13.48 GB (9%)', 'loading blocks')",
+    )
     uptime_seconds: float = Field(ge=0, description="seconds since the worker process started")
     gpus: list[GpuTelemetry] = Field(max_length=64, description="empty on a host without GPU")
     counters: Counters
@@ -169,7 +185,7 @@ class WorkerView(BaseModel):
     peer_id: str
     wallet_address: str
     model_name: str
-    blocks: list[int]
+    blocks: list[int] | None = Field(description="[start, end); null until the worker reports its span")
     total_blocks: int | None
     state: str
     location: str

@@ -17,15 +17,14 @@ from farworker.coordinator import ledger
 
 HEARTBEAT_HISTORY = 500  # kept per worker; older beats only live on as counts
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS workers (
+_WORKERS_COLUMNS = """
     worker_id TEXT PRIMARY KEY,
     peer_id TEXT NOT NULL UNIQUE,
     public_key TEXT NOT NULL,
     wallet_address TEXT NOT NULL,
     model_name TEXT NOT NULL,
-    block_start INTEGER NOT NULL,
-    block_end INTEGER NOT NULL,
+    block_start INTEGER,  -- NULL until the worker knows its span (registered before loading it)
+    block_end INTEGER,
     total_blocks INTEGER,
     torch_dtype TEXT NOT NULL,
     quant_type TEXT NOT NULL,
@@ -41,7 +40,10 @@ CREATE TABLE IF NOT EXISTS workers (
     counted_beat_at REAL,
     last_heartbeat_at REAL,
     last_heartbeat TEXT
-);
+"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS workers ({_WORKERS_COLUMNS});
 CREATE TABLE IF NOT EXISTS heartbeats (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     worker_id TEXT NOT NULL REFERENCES workers(worker_id),
@@ -92,6 +94,29 @@ CREATE TABLE IF NOT EXISTS completion_route (
 DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_route")
 
 
+def _allow_unknown_blocks(conn: sqlite3.Connection) -> None:
+    """Ledgers written before workers registered ahead of loading their blocks have NOT NULL block
+    columns in ``workers``. SQLite cannot drop a constraint, so the table is rebuilt with today's
+    definition and its rows copied (SQLite's documented ALTER TABLE procedure; foreign keys are off
+    meanwhile, and heartbeats and usage keep referring to ``workers`` by name)."""
+    columns = {row[1]: row[3] for row in conn.execute("PRAGMA table_info(workers)")}
+    if not columns.get("block_start"):
+        return
+    names = ", ".join(columns)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(f"CREATE TABLE workers_unknown_blocks ({_WORKERS_COLUMNS})")
+        conn.execute(f"INSERT INTO workers_unknown_blocks ({names}) SELECT {names} FROM workers")
+        conn.execute("DROP TABLE workers")
+        conn.execute("ALTER TABLE workers_unknown_blocks RENAME TO workers")
+        if conn.execute("PRAGMA foreign_key_check").fetchall():
+            raise sqlite3.IntegrityError("the rebuilt workers table breaks a foreign key")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -101,8 +126,9 @@ class Store:
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
+        _allow_unknown_blocks(self._conn)
+        self._conn.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         with self._lock:
@@ -159,8 +185,8 @@ class Store:
                 "public_key": req["public_key"],
                 "wallet_address": req["wallet_address"],
                 "model_name": req["model_name"],
-                "block_start": req["blocks"][0],
-                "block_end": req["blocks"][1],
+                "block_start": req["blocks"][0] if req["blocks"] else None,
+                "block_end": req["blocks"][1] if req["blocks"] else None,
                 "total_blocks": req.get("total_blocks"),
                 "torch_dtype": req["torch_dtype"],
                 "quant_type": req["quant_type"],
