@@ -28,6 +28,11 @@ CLIENT_OPTIONS = {
 }
 
 
+# Below this temperature a request is answered greedily: sampling there only differs from the argmax on
+# logits tied within ~1e-5, and far below it logits / temperature overflow float32 (inf, then NaN
+# probabilities, and a request that fails after the workers served it).
+GREEDY_BELOW_TEMPERATURE = 1e-6
+
 # A generation whose session broke is run once more from the start in a fresh session.
 GENERATION_ATTEMPTS = 2
 
@@ -114,7 +119,10 @@ class MeshClient:
         vocab = getattr(self._config, "vocab_size", None)
         if vocab and any(i >= vocab for i in ids):
             raise MeshError(
-                f"token ids must be below the vocabulary size {vocab}", 400, "invalid_payload", "prompt"
+                f"prompt token ids must be below the vocabulary size {vocab}, got {max(ids)}",
+                400,
+                "invalid_payload",
+                "prompt",
             )
         return ids
 
@@ -132,7 +140,9 @@ class MeshClient:
                     "max_tokens",
                 )
             sampling = (
-                {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+                {"do_sample": True, "temperature": temperature}
+                if temperature >= GREEDY_BELOW_TEMPERATURE
+                else {"do_sample": False}
             )
             seen: list = []  # every server session of every attempt: each one's tokens were served and billed
             for attempt in range(1, GENERATION_ATTEMPTS + 1):

@@ -214,12 +214,20 @@ class CompletionRequest(_Strict):
         description="text (needs a tokenizer) or token ids"
     )
     max_tokens: int = Field(default=16, ge=1, le=4096)
-    temperature: float = Field(default=0.0, ge=0, le=10, description="0 = greedy")
+    temperature: float = Field(
+        default=0.0, ge=0, le=10, description="0 = greedy (and so is any temperature below 1e-6)"
+    )
     model: str | None = Field(default=None, max_length=256)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _non_empty(cls, value):
+    def _text_or_token_ids(cls, value):
+        """One error naming ``prompt``, where the union would name its members (prompt.str,
+        prompt.list[constrained-int].0); and JSON true/false or 2.0 are not token ids."""
+        if not isinstance(value, str) and not (
+            isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+        ):
+            raise ValueError("prompt must be text or a list of token ids (integers >= 0)")
         if len(value) == 0:
             raise ValueError("prompt must not be empty")
         return value
