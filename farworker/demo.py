@@ -16,13 +16,13 @@ import click
 import requests
 
 from farworker.local_mesh import shared_cache_dir, split_blocks, start_bootstrap_peer, start_worker
-from farworker.threading_policy import apply_thread_policy
+from farworker.threading_policy import apply_requested_policy
 
 PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
 
 
 def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
-    apply_thread_policy()  # the demo's client shares the cores with the servers
+    apply_requested_policy(None)  # FARLABS_THREAD_POLICY: the demo's client shares the cores with the servers
     from farworker.coordinator.app import Settings
     from farworker.coordinator.service import RunningCoordinator
     from farworker.local_reference import generate_locally

@@ -15,10 +15,11 @@ log = logging.getLogger("farworker.coordinator")
 
 def _apply_thread_policy() -> None:
     # The completions route runs the petals client beside the mesh's servers: OpenMP threads must not
-    # spin on cores the servers need (../shared/facts.md). Set before torch is imported.
-    from farworker.threading_policy import apply_thread_policy
+    # spin on cores the servers need (../shared/facts.md). Set before torch is imported; FARLABS_THREAD_POLICY
+    # picks another, as for the worker.
+    from farworker.threading_policy import apply_requested_policy
 
-    apply_thread_policy()
+    apply_requested_policy(None)
 
 
 def _uvicorn_config(app, host: str, port: int, log_level: str):
