@@ -258,6 +258,9 @@ class Worker:
         }
         if state == "joining":  # only then: an online worker's beats stay what coordinators before it knew
             payload["phase"] = self.phase_line()
+        elif state == "online" and not self.healthy and self.health_reason:  # a check ran and failed: the
+            # same verdict that withholds the watchdog pings
+            payload.update(healthy=False, health_reason=self.health_reason[:256])
         return payload
 
     def _write_status(self) -> None:

@@ -95,6 +95,22 @@ def test_fast_beats_do_not_buy_uptime(coordinator, worker):
     assert len(coordinator.store.heartbeats(worker_id)) == 5
 
 
+def test_unhealthy_beats_do_not_count_as_uptime(coordinator, worker):
+    identity, worker_id = worker
+    client = CoordinatorClient(coordinator.url, identity)
+    interval = coordinator.settings.heartbeat_interval_s
+    sick = {**heartbeat(), "healthy": False, "health_reason": "runtime task stuck for 130 s"}
+    for _ in range(2):  # spaced so that each would count if it were healthy
+        client.heartbeat(worker_id, sick)
+        time.sleep(interval / 2 + 0.1)
+    view = requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()
+    assert view["heartbeat_count"] == 0
+    assert view["last_heartbeat"]["healthy"] is False
+    assert view["last_heartbeat"]["health_reason"] == "runtime task stuck for 130 s"
+    client.heartbeat(worker_id, heartbeat())  # healthy again (the field's default)
+    assert requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()["heartbeat_count"] == 1
+
+
 def test_usage_of_another_worker_is_not_acknowledged(coordinator, keys, worker):
     identity, worker_id = worker
     other = CoordinatorClient(coordinator.url, keys[1])

@@ -58,6 +58,14 @@ def test_registration_before_start_says_only_what_is_known(tmp_path):
         assert worker.heartbeat_payload()["phase"] == "downloading weights: 35.00 of 100.00 B (35%)"
         worker.state = "draining"
         assert "phase" not in worker.heartbeat_payload()
+        worker.state = "online"  # before the first health check: no verdict to report yet
+        assert "healthy" not in worker.heartbeat_payload()
+        worker.healthy, worker.health_reason = False, "handler process 2 died"
+        beat = worker.heartbeat_payload()
+        assert (beat["healthy"], beat["health_reason"]) == (False, "handler process 2 died")
+        HeartbeatRequest.model_validate(beat)
+        worker.healthy, worker.health_reason = True, ""
+        assert "healthy" not in worker.heartbeat_payload()
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,12 @@ class HeartbeatRequest(_Strict):
         description="what a joining worker is doing, for operators (e.g. 'downloading weights: 1.20 of "
         "13.48 GB (9%)', 'loading blocks')",
     )
+    healthy: bool = Field(
+        default=True,
+        description="false while the worker withholds systemd watchdog pings (runtime stalled, a handler "
+        "process dead, DHT announcements stale); such beats do not count toward uptime",
+    )
+    health_reason: str | None = Field(default=None, max_length=256, description="why it is unhealthy")
     uptime_seconds: float = Field(ge=0, description="seconds since the worker process started")
     gpus: list[GpuTelemetry] = Field(max_length=64, description="empty on a host without GPU")
     counters: Counters

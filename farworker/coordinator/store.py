@@ -222,8 +222,9 @@ class Store:
             row = conn.execute(
                 "SELECT counted_beat_at, heartbeat_interval FROM workers WHERE worker_id = ?", (worker_id,)
             ).fetchone()
-            # at most one beat per half interval counts toward uptime: beating faster earns nothing
-            counts = (
+            # at most one beat per half interval counts toward uptime: beating faster earns nothing; a worker
+            # that says it is unhealthy is not up
+            counts = payload.get("healthy", True) and (
                 row["counted_beat_at"] is None
                 or now - row["counted_beat_at"] >= row["heartbeat_interval"] / 2
             )
