@@ -59,11 +59,29 @@ def upgrade_version() -> str:
 def site_yml(*extra: str) -> tuple[int, str, float]:
     env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
     started = time.monotonic()
-    proc = subprocess.run(
-        ["ansible-playbook", "-i", INVENTORY, str(PROJECT / "playbooks" / "site.yml"), *extra],
-        capture_output=True, text=True, env=env, timeout=900, check=False,
-    )
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started
+    args = ["ansible-playbook", "-i", INVENTORY, str(PROJECT / "playbooks" / "site.yml"), *extra]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as stuck:  # keep what it printed: the last task shows where it hung
+        rc, out = -9, _text(stuck.stdout) + _text(stuck.stderr) + "\nsite.yml killed after 900 s\n"
+    if rc != 0:
+        out += workers_diagnostics()
+    return rc, out, time.monotonic() - started
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def workers_diagnostics() -> str:
+    """What a failed site.yml run leaves behind on each worker, for the test's failure message."""
+    parts = []
+    for name in WORKERS:
+        state = host(name).run("systemctl show farworker -p ActiveState -p SubState -p StatusText -p NRestarts"
+                               " -p MainPID; journalctl -u farworker --no-pager -o short-precise -n 40")
+        parts.append(f"\n===== {name}\n{state.stdout[-4000:]}")
+    return "".join(parts)
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:
@@ -164,7 +182,7 @@ def test_rolling_upgrade_without_a_failed_request(fleet):
                              "-e", "farworker_rolling_settle_sec=5")
     fleet.phase = "after_upgrade"
     print(f"FLEET rolling upgrade to {new}: {took:.0f} s, {len(fleet.records) - before} requests during it")
-    assert rc == 0, out[-6000:]
+    assert rc == 0, out[-12000:]
     rows = recap(out)
     assert all(rows[w]["changed"] > 0 for w in WORKERS), rows
     assert rows[BOOT]["changed"] == 0, rows
@@ -192,7 +210,7 @@ def test_second_site_yml_run_changes_nothing(fleet):
     rc, out, took = site_yml("-e", "farworker_serial=1", "-e", f"fleet_worker_version={upgrade_version()}",
                              "-e", "farworker_rolling_settle_sec=5")
     print(f"FLEET idempotent site.yml rerun: {took:.0f} s")
-    assert rc == 0, out[-4000:]
+    assert rc == 0, out[-12000:]
     rows = recap(out)
     assert rows and all(r["changed"] == 0 for r in rows.values()), rows
 
