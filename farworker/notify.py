@@ -6,10 +6,13 @@ and under systemd.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import sdnotify
+
+log = logging.getLogger("farworker")
 
 
 class Notifier:
@@ -45,13 +48,19 @@ class StartupKeepalive:
 
     Every `period` seconds: STATUS (e.g. download progress) and EXTEND_TIMEOUT_USEC granting `grant`
     seconds more (at least 3 periods), so a 70B download never hits TimeoutStartSec, while a process that
-    stops pinging (hung, GIL held for long) still times out `grant` seconds later. A stalled download
-    itself fails on the hub client's read timeout and the service restarts and resumes it.
+    stops pinging (hung, GIL held for long) still times out `grant` seconds later.
+
+    A start can also hang without holding the GIL (a DHT join or a child process that never answers):
+    `stuck()` returns why once the current step has made no progress for longer than its budget. Then the
+    extensions stop, so systemd's start timeout ends the attempt and Restart= tries again; where nothing
+    enforces a start timeout (docker, a shell), `give_up(reason)` runs `grant` seconds later.
     """
 
-    def __init__(self, notifier: Notifier, describe, period: float = 2.0, grant: float = 30.0):
+    def __init__(self, notifier: Notifier, describe, period: float = 2.0, grant: float = 30.0,
+                 stuck=lambda: None, give_up=None):
         self._notifier, self._describe, self._period = notifier, describe, period
         self._grant = max(grant, 3 * period)
+        self._stuck, self._give_up = stuck, give_up
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="startup-keepalive", daemon=True)
 
@@ -65,6 +74,13 @@ class StartupKeepalive:
 
     def _loop(self) -> None:
         while True:
+            reason = self._stuck()
+            if reason:
+                self._notifier.status(f"start stuck: {reason}")
+                log.error("Start stuck: %s; no more start-timeout extensions, so the service is restarted", reason)
+                if not self._stop.wait(self._grant) and self._give_up is not None:
+                    self._give_up(reason)
+                return
             self._notifier.extend_timeout(self._grant)
             self._notifier.status(self._describe())
             if self._stop.wait(self._period):

@@ -35,6 +35,11 @@ DRAIN_QUIET_SECONDS = 2.0  # a drain ends once the handlers saw no session activ
 STOP_AFTER_DRAIN_SECONDS = 8.0
 REPORTER_STOP_SECONDS = 4.0  # of that: the coordinator's share; unsent usage stays in the outbox anyway
 HEALTH_PERIOD = 5.0  # seconds between health checks when systemd gives no watchdog interval
+# How long a start step may go without progress before the start counts as stuck and is restarted
+# (notify.StartupKeepalive). Downloads count bytes; the hub client's own read timeout usually fires first.
+DOWNLOAD_STALL_SECONDS = 600.0
+STEP_BUDGET_SECONDS = {"planning blocks": 600.0, "joining the DHT": 600.0, "loading blocks": ONLINE_TIMEOUT}
+EXIT_START_STUCK = 75  # EX_TEMPFAIL: retry later (the unit restarts it; 78 would stop the retries)
 
 
 class Worker:
@@ -43,7 +48,7 @@ class Worker:
         self.notifier = Notifier()
         self.stop_requested = threading.Event()
         self.state = "starting"
-        self.phase = "starting"
+        self._phase, self._phase_since = "starting", time.monotonic()
         self.host = None
         self.plan = None
         self.model_blocks: int | None = None  # the model's block count, once its config is read
@@ -82,11 +87,10 @@ class Worker:
         # heartbeats say "joining" and what we are doing until the blocks are online.
         self._start_reporter()
 
-        with StartupKeepalive(self.notifier, self._startup_status):
+        with StartupKeepalive(self.notifier, self._startup_status, stuck=self.start_stuck, give_up=_exit_stuck):
             self.phase = "downloading weights"
             try:
-                model_path = resolve_model(cfg, lambda done, total: self.progress.update(done=done, total=total),
-                                           stop=self.stop_requested)
+                model_path = resolve_model(cfg, self._download_progress, stop=self.stop_requested)
             except DownloadInterrupted as stopped:  # SIGTERM mid-download: the partial file resumes next start
                 log.info("%s", stopped)
                 return False
@@ -128,6 +132,27 @@ class Worker:
             if self.host.health().reason.startswith("server failed"):
                 return False
         return False
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase, self._phase_since = value, time.monotonic()
+
+    def _download_progress(self, done: int, total: int) -> None:
+        if done != self.progress["done"]:
+            self._phase_since = time.monotonic()  # a download is stuck only when its bytes stop coming
+        self.progress.update(done=done, total=total)
+
+    def start_stuck(self) -> str | None:
+        """Why the start is stuck, once the current step has gone without progress past its budget."""
+        budget = DOWNLOAD_STALL_SECONDS if self.phase == "downloading weights" else STEP_BUDGET_SECONDS.get(self.phase)
+        idle = time.monotonic() - self._phase_since
+        if budget is None or idle <= budget:
+            return None
+        return f"{self.phase} for {idle:.0f} s without progress (limit {budget:.0f} s)"
 
     def _startup_status(self) -> str:
         phase = self.phase_line()
@@ -322,6 +347,14 @@ def run_worker(config: WorkerConfig) -> int:
         gpu.stop_xid_counter()
         _end_children(timeout=max(1.0, worker.stop_seconds_left()))
     return code
+
+
+def _exit_stuck(reason: str) -> None:
+    """No service manager ended the stuck start (docker, a shell): exit so the restart policy retries."""
+    log.error("Start still stuck (%s): exiting with status %d", reason, EXIT_START_STUCK)
+    _end_children(timeout=5.0)
+    logging.shutdown()
+    os._exit(EXIT_START_STUCK)
 
 
 def _end_children(timeout: float = 5.0) -> None:
