@@ -65,9 +65,17 @@ def site_yml(*extra: str) -> tuple[int, str, float]:
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as stuck:  # keep what it printed: the last task shows where it hung
         rc, out = -9, _text(stuck.stdout) + _text(stuck.stderr) + "\nsite.yml killed after 900 s\n"
-    if rc != 0:
-        out += workers_diagnostics()
+    if rc != 0:  # assertion messages show the end of `out`: the failed tasks and the recap go last
+        failed = [line for line in out.splitlines() if line.startswith(("fatal:", "failed:", "FAILED - ", "ERROR"))]
+        recap_lines = out[out.rfind("PLAY RECAP"):] if "PLAY RECAP" in out else "(no recap)\n"
+        out += workers_diagnostics() + "\n===== failed tasks\n" + "\n".join(f[:1500] for f in failed[-6:])
+        out += "\n===== last task\n" + _last_task(out) + "\n" + recap_lines
     return rc, out, time.monotonic() - started
+
+
+def _last_task(out: str) -> str:
+    tasks = re.findall(r"^TASK \[(.*)\]", out, re.M)
+    return tasks[-1] if tasks else "(none)"
 
 
 def _text(data) -> str:
@@ -79,8 +87,8 @@ def workers_diagnostics() -> str:
     parts = []
     for name in WORKERS:
         state = host(name).run("systemctl show farworker -p ActiveState -p SubState -p StatusText -p NRestarts"
-                               " -p MainPID; journalctl -u farworker --no-pager -o short-precise -n 40")
-        parts.append(f"\n===== {name}\n{state.stdout[-4000:]}")
+                               " -p MainPID; journalctl -u farworker --no-pager -o cat -n 12")
+        parts.append(f"\n===== {name} (rc {state.rc})\n{state.stdout[-2500:]}{state.stderr[-500:]}")
     return "".join(parts)
 
 
