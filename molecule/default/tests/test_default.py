@@ -1,23 +1,38 @@
 """The fleet on systemd containers: service health, files, the mesh, and the faults systemd must handle.
 
-Tests run in file order; the fault checks come last and leave each worker active again.
+Tests run in file order: the mesh tests, then the ones that restart the bootstrap peer or run ansible-playbook
+against a worker again (a bad value must leave the running worker alone), then the fault checks, which come
+last and leave each worker active again.
 """
 
 import json
 import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
+import yaml
 
-inventory = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"])
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+inventory = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 WORKERS = sorted(inventory.get_hosts("farworker"))
 BOOT = inventory.get_hosts("mesh_bootstrap")[0]
 CLIENT = os.path.join(os.path.dirname(__file__), "..", "files", "mesh_client.py")
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(PROJECT / "tests"))  # the project's own test helpers (tests/polling.py)
+import polling  # noqa: E402
+
+ENV_FILE = "/etc/farworker/farworker.env"
+BOOTSTRAP_MADDRS = "/var/lib/farworker-bootstrap/bootstrap-maddrs.txt"
 
 
 def host(name):
-    return testinfra.get_host(f"ansible://{name}?ansible_inventory={os.environ['MOLECULE_INVENTORY_FILE']}")
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
 
 
 def props(h, unit, *names):
@@ -25,14 +40,76 @@ def props(h, unit, *names):
     return dict(line.split("=", 1) for line in out.splitlines())
 
 
+def prop_values(h, unit, name):
+    """Every value of a property systemctl prints once per entry (DeviceAllow=...)."""
+    out = h.check_output(f"systemctl show {unit} --property={name}")
+    return [line.split("=", 1)[1] for line in out.splitlines() if line.startswith(f"{name}=")]
+
+
 def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    # tests/polling.py's bounded wait; each poll here is a container command, so once a second.
+    return polling.wait_for(predicate, timeout, what, step=1.0)
+
+
+def role_defaults(role):
+    return yaml.safe_load((PROJECT / "roles" / role / "defaults" / "main.yml").read_text())
+
+
+def setting(name, variable):
+    """A farworker variable as this host gets it: molecule's inventory, else the role default."""
+    return inventory.get_variables(name).get(variable, role_defaults("farworker")[variable])
+
+
+def timespan(seconds):
+    """Seconds as systemctl show prints a time span: 900 -> 15min, 90 -> 1min 30s."""
+    rest, parts = int(seconds), []
+    for unit, size in (("h", 3600), ("min", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return " ".join(parts) or "0"
+
+
+def ansible_playbook(playbook, *extra, timeout=240):
+    """Run a playbook against molecule's containers from the verifier, as molecule's converge runs it."""
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    # One stream: ansible prints failures to stderr, and section() needs them under their task's heading.
+    proc = subprocess.run(["ansible-playbook", "-i", INVENTORY, str(playbook), *extra], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout, check=False)
+    return proc.returncode, proc.stdout
+
+
+def section(output, heading):
+    """The lines ansible-playbook printed under one TASK/RUNNING HANDLER heading."""
+    start = output.find(heading)
+    assert start >= 0, f"{heading!r} not in the output:\n{output[-4000:]}"
+    end = min(i for i in (output.find("\nTASK [", start + 1), output.find("\nRUNNING HANDLER [", start + 1),
+                          output.find("\nPLAY RECAP", start + 1), len(output)) if i >= 0)
+    return output[start:end]
+
+
+def recap(output):
+    return {name: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
+            for name, fields in re.findall(r"^(\S+)\s+: (ok=.*)$", output, re.M)}
+
+
+def env_file_state(h):
+    return h.check_output(f"stat -c '%U:%G %a %s %Y' {ENV_FILE} && sha256sum {ENV_FILE}")
+
+
+@pytest.mark.parametrize("role", ["farworker", "mesh_bootstrap"])
+def test_role_variables_declared_and_documented(role):
+    """Every default is declared in meta/argument_specs.yml with the same default, and the README lists it."""
+    defaults = role_defaults(role)
+    options = yaml.safe_load((PROJECT / "roles" / role / "meta" / "argument_specs.yml").read_text())[
+        "argument_specs"]["main"]["options"]
+    readme = (PROJECT / "roles" / role / "README.md").read_text()
+    assert sorted(defaults) == sorted(k for k, o in options.items() if not o.get("required"))
+    for name, option in options.items():
+        assert name.startswith(f"{role}_"), name
+        if "default" in option:
+            assert option["default"] == defaults[name], name
+        assert re.search(rf"^\| `{name}` \|", readme, re.M), f"{name} is not in {role}/README.md's table"
 
 
 @pytest.mark.parametrize("name", WORKERS)
@@ -84,22 +161,32 @@ def test_env_file_owner_and_mode(name):
 def test_unit_properties(name):
     h = host(name)
     p = props(h, "farworker", "NotifyAccess", "WatchdogUSec", "Restart", "RestartPreventExitStatus",
-              "StartLimitBurst", "TimeoutStopUSec", "LimitNOFILE", "User", "ProtectSystem", "PrivateTmp",
-              "NoNewPrivileges", "TemporaryFileSystem", "DevicePolicy", "StateDirectory", "CacheDirectory",
-              "After", "UnitFileState")
+              "StartLimitBurst", "StartLimitIntervalUSec", "TimeoutStartUSec", "TimeoutStopUSec", "LimitNOFILE",
+              "User", "ProtectSystem", "ProtectHome", "PrivateTmp", "NoNewPrivileges", "TemporaryFileSystem",
+              "DevicePolicy", "StateDirectory", "CacheDirectory", "After", "Wants", "UnitFileState")
     assert p["NotifyAccess"] == "main"
     assert p["WatchdogUSec"] == "10s"
     assert p["Restart"] == "on-failure"
     assert "78" in p["RestartPreventExitStatus"]
-    assert p["StartLimitBurst"] == "5"
+    # molecule's inventory leaves these at the role defaults (900 s, 600 s, 5): the real sizes
+    assert p["TimeoutStartUSec"] == timespan(setting(name, "farworker_timeout_start_sec")) == "15min"
+    assert p["StartLimitIntervalUSec"] == timespan(setting(name, "farworker_start_limit_interval_sec")) == "10min"
+    assert p["StartLimitBurst"] == str(setting(name, "farworker_start_limit_burst")) == "5"
     assert p["TimeoutStopUSec"] == "15s"
     assert p["LimitNOFILE"] == "65536"
     assert p["User"] == "farworker"
-    assert (p["ProtectSystem"], p["PrivateTmp"], p["NoNewPrivileges"]) == ("strict", "yes", "yes")
+    assert (p["ProtectSystem"], p["ProtectHome"], p["PrivateTmp"], p["NoNewPrivileges"]) == (
+        "strict", "yes", "yes", "yes")
     assert p["TemporaryFileSystem"].startswith("/dev/shm:size=1G")
+    # Only the NVIDIA character device groups, and /dev/rtc read-only (ProtectClock=yes adds it), besides the
+    # standard pseudo devices DevicePolicy=closed keeps.
     assert p["DevicePolicy"] == "closed"
+    assert sorted(" ".join(v.split()) for v in prop_values(h, "farworker", "DeviceAllow")) == [
+        "char-nvidia-caps r", "char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-rtc r"]
     assert (p["StateDirectory"], p["CacheDirectory"]) == ("farworker", "farworker")
-    assert "network-online.target" in p["After"] and "nvidia-persistenced.service" in p["After"]
+    after = p["After"].split()
+    assert "network-online.target" in after and "nvidia-persistenced.service" in after, p["After"]
+    assert "network-online.target" in p["Wants"].split(), p["Wants"]
     assert p["UnitFileState"] == "enabled"
 
 
@@ -150,6 +237,104 @@ def test_dev_shm_clean_after_stop(name, mesh_result):
     h.check_output("systemctl stop farworker")
     assert h.check_output("find /dev/shm -mindepth 1 | wc -l") == "0"
     h.check_output("systemctl reset-failed farworker; systemctl start farworker")
+    assert props(h, "farworker", "ActiveState")["ActiveState"] == "active"
+
+
+def test_bootstrap_identity_survives_a_restart():
+    """The bootstrap peer's peer id (and so the multiaddr every worker was given) is the same after a restart.
+
+    Restarting the only bootstrap peer hides blocks from new clients for a while: this runs after the mesh tests.
+    """
+    h = host(BOOT)
+
+    def peer_ids():
+        return set(re.findall(r"/p2p/([1-9A-HJ-NP-Za-km-z]+)", h.file(BOOTSTRAP_MADDRS).content_string))
+
+    before = peer_ids()
+    assert len(before) == 1, before
+    (peer,) = before
+    p = props(h, "farworker-bootstrap", "MainPID", "StatusText", "InvocationID")
+    assert p["StatusText"] == f"bootstrap peer {peer}", p
+    # The service writes the file at every start: without it, a stale file would prove nothing.
+    h.check_output(f"rm -f {BOOTSTRAP_MADDRS} && systemctl restart farworker-bootstrap")  # returns after READY
+    q = props(h, "farworker-bootstrap", "ActiveState", "MainPID", "StatusText", "InvocationID")
+    assert q["ActiveState"] == "active" and q["MainPID"] != p["MainPID"] and q["InvocationID"] != p["InvocationID"], q
+    assert peer_ids() == before
+    assert q["StatusText"] == f"bootstrap peer {peer}", q
+    # What the new run logged and printed (journald may file the stream a moment after READY).
+    journal = f"journalctl _SYSTEMD_INVOCATION_ID={q['InvocationID']} --no-pager -o cat"
+    wait_for(lambda: f"bootstrap peer {peer}" in (out := h.check_output(journal)) and f"/p2p/{peer}" in out, 30,
+             f"the new run's journal to name peer {peer}")
+
+
+def test_bad_role_value_fails_validation_and_the_worker_keeps_running():
+    """site.yml with a malformed wallet: the env file's validation fails, the file and the process stay."""
+    name = WORKERS[0]
+    h = host(name)
+    env_before = env_file_state(h)
+    p = props(h, "farworker", "ActiveState", "MainPID", "NRestarts")
+    assert p["ActiveState"] == "active", p
+    # The bootstrap play is outside --limit: give the worker the peers it has, so only the wallet differs.
+    peers = re.search(r'^FARLABS_DHT_BOOTSTRAP="(.*)"$', h.file(ENV_FILE).content_string, re.M).group(1)
+    rc, out = ansible_playbook(PROJECT / "playbooks" / "site.yml", "--limit", name,
+                               "-e", "farworker_wallet_address=0xnot-a-wallet",
+                               "-e", json.dumps({"farworker_dht_bootstrap": peers.split(",")}))
+    assert rc != 0, out[-4000:]
+    assert recap(out)[name]["failed"] == 1, out[-4000:]
+    failed = section(out, "TASK [farworker : Write the env file]")
+    assert f"fatal: [{name}]" in failed and "failed to validate" in failed, failed
+    # farworker check --config-only names the field, the value and the accepted form.
+    assert "FARLABS_WALLET_ADDRESS='0xnot-a-wallet' is invalid: expected 0x followed by 40 hex digits" in failed, failed
+    assert "FARLABS_DHT_BOOTSTRAP" not in failed, failed  # the wallet is the only bad value
+    assert "RUNNING HANDLER" not in out, out[-4000:]
+    assert env_file_state(h) == env_before
+    assert 'FARLABS_WALLET_ADDRESS="0x1111111111111111111111111111111111111111"' in h.file(ENV_FILE).content_string
+    q = props(h, "farworker", "ActiveState", "MainPID", "NRestarts")
+    assert q == p, (p, q)
+
+
+PACKAGE_CHANGE_PLAY = """
+- name: A package change meets an env file the installed package rejects
+  hosts: {host}
+  become: true
+  gather_facts: false
+  vars:
+    _farworker_service_managed: true
+  tasks:
+    - name: Load the farworker role (its preflight checks only; its handlers are under test)
+      ansible.builtin.import_role:
+        name: farworker
+        tasks_from: preflight.yml
+    - name: Report a package change, as the install tasks do
+      ansible.builtin.command: /bin/true
+      changed_when: true
+      notify: farworker package changed
+"""
+
+
+def test_package_change_checks_the_config_before_restarting():
+    """A new package restarts the worker only after `farworker check --config-only` accepts the env file."""
+    name = WORKERS[0]
+    h = host(name)
+    h.check_output(f"cp -p {ENV_FILE} {ENV_FILE}.good && sed -i "
+                   f"'s/^FARLABS_WALLET_ADDRESS=.*/FARLABS_WALLET_ADDRESS=\"0xnot-a-wallet\"/' {ENV_FILE}")
+    try:
+        p = props(h, "farworker", "ActiveState", "MainPID", "NRestarts")
+        assert p["ActiveState"] == "active", p
+        with tempfile.NamedTemporaryFile("w", suffix=".yml") as play:
+            play.write(PACKAGE_CHANGE_PLAY.format(host=name))
+            play.flush()
+            rc, out = ansible_playbook(play.name)
+        assert rc != 0, out[-4000:]
+        check = section(out, "RUNNING HANDLER [farworker : Check the farworker configuration with the installed"
+                             " package]")
+        assert f"fatal: [{name}]" in check and "FARLABS_WALLET_ADDRESS='0xnot-a-wallet' is invalid" in check, check
+        assert "RUNNING HANDLER [farworker : Restart farworker]" not in out, out[-4000:]
+        assert props(h, "farworker", "ActiveState", "MainPID", "NRestarts") == p
+    finally:
+        h.check_output(f"mv {ENV_FILE}.good {ENV_FILE}")
+        h.run("systemctl is-active --quiet farworker"
+              " || { systemctl reset-failed farworker; systemctl start farworker; }")
     assert props(h, "farworker", "ActiveState")["ActiveState"] == "active"
 
 
