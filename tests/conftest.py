@@ -28,6 +28,16 @@ def tiny_model() -> Path:
     return ensure_tiny_checkpoint(shared_cache_dir())
 
 
+@pytest.fixture(scope="session")
+def tiny_files(tiny_model) -> dict[str, bytes]:
+    """The tiny checkpoint's files as a hub repository serves them (tests/hub_server.py)."""
+    from hub_server import checkpoint_files
+
+    files = checkpoint_files(tiny_model)
+    files.pop("farworker-tiny.json")  # our build marker, not part of a hub checkpoint
+    return files
+
+
 @pytest.fixture
 def start_workers(tmp_path, tiny_model):
     """start_workers(name, blocks, initial_peers=[], api_url=CLOSED_API, **env) -> WorkerHandle; all stopped after."""

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_server import FakeHub, HubRepo, checkpoint_files, sharded_with_padding
+from hub_server import FakeHub, HubRepo, sharded_with_padding
 from notify_listener import NotifyListener, tail
 
 from farworker.local_mesh import farworker_command, worker_env
@@ -44,15 +44,6 @@ KEEPALIVE_PERIOD = inspect.signature(StartupKeepalive).parameters["period"].defa
 DOWNLOAD_SECONDS = max(6.0, 2.5 * KEEPALIVE_PERIOD)
 PROGRESS = re.compile(r"downloading weights: ([0-9.]+) of ([0-9.]+) (TB|GB|MB|kB|B)")
 UNITS = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1}
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory) -> dict[str, bytes]:
-    from farworker.tiny_model import ensure_tiny_checkpoint
-
-    files = checkpoint_files(ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
-    files.pop("farworker-tiny.json")  # our build marker, not part of a hub checkpoint
-    return files
 
 
 @pytest.fixture

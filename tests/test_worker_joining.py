@@ -15,7 +15,7 @@ import tempfile
 
 import pytest
 import requests
-from hub_server import FakeHub, HubRepo, checkpoint_files, sharded_with_padding
+from hub_server import FakeHub, HubRepo, sharded_with_padding
 from polling import wait_for
 
 from farworker.config import load_config
@@ -66,15 +66,6 @@ def test_registration_before_start_says_only_what_is_known(tmp_path):
         HeartbeatRequest.model_validate(beat)
         worker.healthy, worker.health_reason = True, ""
         assert "healthy" not in worker.heartbeat_payload()
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory) -> dict[str, bytes]:
-    from farworker.tiny_model import ensure_tiny_checkpoint
-
-    files = checkpoint_files(ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
-    files.pop("farworker-tiny.json")  # our build marker, not part of a hub checkpoint
-    return files
 
 
 @pytest.fixture
