@@ -65,6 +65,15 @@ def auto_num_blocks(free_vram: int, per_block: int, hidden_size: int, model_bloc
     return min(model_blocks, math.floor((free_vram - reserve) / per_block))
 
 
+def auto_count(block_config, per_block: int, free_vram: int | None) -> int:
+    """FARLABS_NUM_BLOCKS=auto: on a GPU (free_vram given) the blocks that fit; on CPU the whole model when
+    it is small, else 0 (the operator must say how many)."""
+    model_blocks = block_config.num_hidden_layers
+    if free_vram is None:
+        return model_blocks if per_block * model_blocks <= CPU_WHOLE_MODEL_LIMIT else 0
+    return auto_num_blocks(free_vram, per_block, block_config.hidden_size, model_blocks)
+
+
 def plan_blocks(config: WorkerConfig, block_config) -> BlockPlan:
     """Raises ConfigError (exit 78) when the request cannot be served on this host."""
     import torch
@@ -97,14 +106,14 @@ def plan_blocks(config: WorkerConfig, block_config) -> BlockPlan:
     if config.num_blocks is not None:
         return _count(device, quant, config.num_blocks, model_blocks, per_block)
     if device == "cpu":
-        if per_block * model_blocks <= CPU_WHOLE_MODEL_LIMIT:
+        if auto_count(block_config, per_block, None):
             return _count(device, quant, model_blocks, model_blocks, per_block)
         raise ConfigError(["FARLABS_NUM_BLOCKS=auto needs a GPU: expected a number of blocks (or "
                            "FARLABS_BLOCK_INDICES) when serving on CPU"])
     index = torch.device(device).index or 0
     gpus = {g.index: g for g in gpu.list_gpus()}
     free = gpus[index].memory_free_bytes if index in gpus else torch.cuda.mem_get_info(index)[0]
-    count = auto_num_blocks(free, per_block, block_config.hidden_size, model_blocks)
+    count = auto_count(block_config, per_block, free)
     if count < 1:
         raise ConfigError([f"FARLABS_NUM_BLOCKS=auto found {free / GIB:.1f} GiB free VRAM on {device}: one block "
                            f"needs {per_block / GIB:.2f} GiB plus reserve; expected a GPU with more free memory"])

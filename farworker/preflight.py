@@ -98,7 +98,7 @@ def blocks_to_serve(config: WorkerConfig, serving: GpuInfo | None) -> tuple[str,
     try:
         import torch
 
-        from farworker.block_plan import CPU_WHOLE_MODEL_LIMIT, auto_num_blocks, per_block_bytes
+        from farworker.block_plan import auto_count, per_block_bytes
         from farworker.model_source import format_size
 
         shape = model_shape(config)
@@ -108,13 +108,13 @@ def blocks_to_serve(config: WorkerConfig, serving: GpuInfo | None) -> tuple[str,
         layers, dtype = block_config.num_hidden_layers, getattr(torch, config.torch_dtype)
         if serving is None:  # as plan_blocks on CPU: a small model whole, otherwise the operator says
             per_block = per_block_bytes(block_config, dtype, "none")
-            if per_block * layers <= CPU_WHOLE_MODEL_LIMIT:
+            if auto_count(block_config, per_block, None):
                 return "OK", f"would serve all {layers} blocks on CPU"
             return "FAIL", (f"{config.model_name} has {layers} blocks of {format_size(per_block)} ({source}): "
                             "without a GPU, set FARLABS_NUM_BLOCKS (or FARLABS_BLOCK_INDICES) to what this host serves")
         quant = "nf4" if config.quant_type == "auto" else config.quant_type
         per_block = per_block_bytes(block_config, dtype, quant)
-        count = auto_num_blocks(serving.memory_free_bytes, per_block, block_config.hidden_size, layers)
+        count = auto_count(block_config, per_block, serving.memory_free_bytes)
         sizes = f"{format_size(per_block)} per block with its attention cache, {quant}, {source}"
         if count < 1:
             return "FAIL", f"not one block fits ({sizes}): free GPU memory or serve a smaller model"
