@@ -2,7 +2,7 @@
 # The container image's CI: build the image from a local base and the wheelhouse, then test it against
 # the local docker daemon (tests/test_docker_image.py). Works on a fresh Debian 12 machine as root with
 # no docker running and no registry reachable:
-#   1. apt: docker.io, debootstrap       2. dockerd (vfs)                 3. base image (debootstrap, cached by tag)
+#   1. apt: docker.io, debootstrap       2. dockerd (overlay2; vfs fallback) 3. base image (debootstrap, cached by tag)
 #   4. wheelhouse (cached; shared with scripts/ci-molecule.sh at $FARWORKER_CI_CACHE/wheelhouse)
 #   5. docker build --build-arg BASE_IMAGE=...  6. host venv for the test's petals client (.venv; scripts/setup.sh)
 #   7. pytest tests/test_docker_image.py
@@ -51,7 +51,8 @@ esac
 step "docker build $image (BASE_IMAGE=$base, WHEELHOUSE=$wheelhouse)"
 DOCKER_BUILDKIT=0 timed docker build --build-arg BASE_IMAGE="$base" --build-arg WHEELHOUSE="$wheelhouse" \
     --label farworker.image=worker -t "$image" .
-# vfs stores every layer as a full copy: drop this script's superseded images (untagged), not others'.
+# Drop this script's superseded images (untagged: earlier builds), not others'. With the vfs fallback
+# driver each is a full copy of the file system.
 docker image prune -f --filter label=farworker.image=worker >/dev/null
 docker image inspect -f '{{.Size}}' "$image" | awk -v i="$image" '{printf "image %s: %.2f GB\n", i, $1/1e9}'
 

@@ -3,7 +3,7 @@
 # Works on a fresh Debian 12 machine as root (no docker running, no galaxy, no registry):
 #   1. apt: docker.io, debootstrap, rsync     2. .venv-ansible with requirements/ansible.txt
 #   3. the collections community.docker and ansible.posix, taken from PyPI's `ansible` wheel
-#   4. dockerd (vfs)   5. the debootstrap systemd image (cached by tag)   6. the wheelhouse (cached)
+#   4. dockerd (overlay2; vfs fallback)   5. the debootstrap systemd image (cached by tag)   6. the wheelhouse (cached)
 #   7. ansible-lint (production) + yamllint   8. molecule test for each scenario
 # Usage: scripts/ci-molecule.sh [SCENARIO...]   (default: nvidia_driver cuda default; fleet runs only when named)
 # SKIP_LINT=1 skips step 7.
