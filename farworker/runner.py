@@ -83,6 +83,10 @@ class Worker:
         self._write_status()  # replaces a previous run's file: nobody may read it as this run's health
         self.outbox = Outbox(cfg.state_dir / "outbox.sqlite3")
         log.info("farworker %s, peer id %s, model %s", __version__, self.identity.peer_id, cfg.model_name)
+        recovered = self.outbox.recover_open_segments()
+        if recovered:  # the last run died (kill -9, OOM, power) with sessions open: their steps are billed
+            log.warning("Recovered %d usage segments of sessions open when the last run stopped (%d tokens)",
+                        len(recovered), sum(r["tokens"] for r in recovered))
         # The coordinator hears of us now, not after an hour of downloading and loading a 70B model:
         # heartbeats say "joining" and what we are doing until the blocks are online.
         self._start_reporter()
@@ -103,7 +107,7 @@ class Worker:
             self.model_blocks = block_config.num_hidden_layers
             log.info("Serving %d of %d blocks on %s (%s, quantization %s)", self.plan.num_blocks,
                      block_config.num_hidden_layers, self.plan.device, cfg.torch_dtype, self.plan.quant_type)
-            self.meter = ServingMeter(on_record=self.outbox.add)
+            self.meter = ServingMeter(self.outbox)
             self.host = PetalsHost(cfg, model_path, self.plan)
             self.phase = "joining the DHT"
             self.host.start()

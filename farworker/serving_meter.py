@@ -1,18 +1,22 @@
 """Counts the work the Petals server really does, on its serving path.
 
 Petals' connection handlers run in forked processes. Before the server starts, we wrap the handler's
-inference-step iterator and forward calls in the parent; the forked handlers inherit the wrappers and
-report each finished session or forward pass through a multiprocessing queue. The parent turns the
-events into counters (heartbeats, status, metrics) and usage records (the durable outbox).
+inference-step iterator and forward calls in the parent; the forked handlers inherit the wrappers.
+Billing does not depend on any other process staying alive: the handler that served a step writes it
+to the durable outbox itself (its own SQLite connection), then tells the parent through a
+multiprocessing queue, which keeps the counters (heartbeats, status, metrics) and wakes the reporter.
 
 A step counts once its output was produced and sent: the wrapper is resumed only after the handler
-has yielded the step's response, so a step that failed mid-way is not billed. A session reports its
-usage when it closes and every SEGMENT_SECONDS while it lasts, so a crash loses at most one segment.
+has yielded the step's response, so a step that failed mid-way is not billed. An open session's
+running segment is held on disk at every step (``Outbox.hold_open``) and becomes a usage record when
+the session closes or every SEGMENT_SECONDS; after a ``kill -9`` the next start recovers the held
+segments, so no served step is lost and none is doubled.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -22,7 +26,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from farworker.outbox import Outbox
 from farworker.petals_compat import import_petals
+
+log = logging.getLogger(__name__)
 
 # A long session reports its usage at least this often (the variable exists for tests).
 SEGMENT_SECONDS = float(os.environ.get("FARWORKER_USAGE_SEGMENT_SECONDS", "10"))
@@ -51,9 +58,47 @@ def _block_span(uids) -> list[int]:
     return [min(indices), max(indices) + 1]
 
 
-def _record(session_id: str | None, blocks: list[int], tokens: int, steps: int, started: float) -> dict:
-    return {"id": str(uuid.uuid4()), "session_id": session_id or "", "blocks": blocks, "tokens": tokens,
-            "steps": steps, "started_at": started, "ended_at": time.time()}
+def _record(session_id: str | None, blocks: list[int], tokens: int, steps: int, started: float,
+            record_id: str | None = None) -> dict:
+    return {"id": record_id or str(uuid.uuid4()), "session_id": session_id or "", "blocks": blocks,
+            "tokens": tokens, "steps": steps, "started_at": started, "ended_at": time.time()}
+
+
+_handler_outboxes: dict[int, Outbox] = {}  # pid -> this process's connection to the outbox file
+
+
+def _outbox_here(path: str) -> Outbox:
+    """The calling process's own Outbox (a connection or lock must not cross the handlers' fork)."""
+    outbox = _handler_outboxes.get(os.getpid())
+    if outbox is None:
+        outbox = _handler_outboxes[os.getpid()] = Outbox(path)
+    return outbox
+
+
+def _store(sink, path: str, kind: str, record: dict) -> None:
+    """Add a finished record to the outbox from this (handler) process, then tell the parent. Should the
+    write fail (disk full), the parent gets the record to store instead; serving goes on either way.
+    A record of no tokens is only counted (a step or pass that carried no hidden states is not billed)."""
+    if record["tokens"] <= 0:
+        sink.put((kind, record, True))
+        return
+    try:
+        _outbox_here(path).add(record)
+        stored = True
+    except Exception as err:  # noqa: BLE001 - billing trouble must not break the client's request
+        log.error("usage record %s not stored by the handler (%s); the worker process will store it",
+                  record["id"], err)
+        stored = False
+    sink.put((kind, record, stored))
+
+
+def _hold(path: str, record: dict) -> None:
+    if record["tokens"] <= 0:
+        return
+    try:
+        _outbox_here(path).hold_open(record)
+    except Exception as err:  # noqa: BLE001 - as above; the segment is still added when it closes
+        log.warning("open segment %s not held on disk: %s", record["id"], err)
 
 
 def _tokens_of(request) -> int:
@@ -68,9 +113,12 @@ def _tokens_of(request) -> int:
 class ServingMeter:
     """Install once per process, before the Petals server forks its handlers."""
 
-    def __init__(self, on_record: Callable[[dict], None]):
+    def __init__(self, outbox: Outbox, on_unstored: Callable[[dict], None] | None = None):
+        """``outbox``: the worker's outbox (handlers open their own connection to its file).
+        ``on_unstored``: where a record goes when its handler could not store it (default outbox.add)."""
         self._events: mp.Queue = mp.Queue()
-        self._on_record = on_record
+        self._outbox = outbox
+        self._on_unstored = on_unstored or outbox.add
         self.counters = Counters()
         self._last_event = time.monotonic()
         self._lock = threading.Lock()
@@ -98,25 +146,27 @@ class ServingMeter:
         import_petals()
         from petals.server.handler import TransformerConnectionHandler
 
+        TransformerConnectionHandler._farworker_events = self._events
+        TransformerConnectionHandler._farworker_outbox_path = str(self._outbox.path)
         if getattr(TransformerConnectionHandler, "_farworker_metered", False):
-            TransformerConnectionHandler._farworker_events = self._events
             return
-        events = self._events
-        TransformerConnectionHandler._farworker_events = events
         original_steps = TransformerConnectionHandler._iterate_inference_steps
         original_forward = TransformerConnectionHandler.rpc_forward
 
         async def metered_steps(handler, first_request, requests, session_id, requested_uids, context):
-            sink = type(handler)._farworker_events
+            sink, path = type(handler)._farworker_events, type(handler)._farworker_outbox_path
             blocks = _block_span(requested_uids)
-            segment = {"started": time.time(), "tokens": 0, "steps": 0}
+            segment = {"id": str(uuid.uuid4()), "started": time.time(), "tokens": 0, "steps": 0}
+
+            def current() -> dict:
+                return _record(session_id, blocks, segment["tokens"], segment["steps"], segment["started"],
+                               segment["id"])
 
             def report_segment():
-                # A long chat session is billed in segments, so a crash loses at most one segment.
+                # A long chat session is billed in segments: its records reach the coordinator while it lasts.
                 if segment["steps"]:
-                    sink.put(("usage", _record(session_id, blocks, segment["tokens"], segment["steps"],
-                                               segment["started"])))
-                segment.update(started=time.time(), tokens=0, steps=0)
+                    _store(sink, path, "usage", current())
+                segment.update(id=str(uuid.uuid4()), started=time.time(), tokens=0, steps=0)
 
             failed = False
             sink.put(("open", None))
@@ -130,6 +180,8 @@ class ServingMeter:
                     segment["steps"] += 1
                     if time.time() - segment["started"] >= SEGMENT_SECONDS:
                         report_segment()
+                    else:
+                        _hold(path, current())  # on disk before the handler reads the next step
             except GeneratorExit:
                 raise
             except BaseException:
@@ -149,7 +201,8 @@ class ServingMeter:
             except BaseException:
                 sink.put(("error", None))
                 raise
-            sink.put(("forward", _record(None, _block_span(request.uid.split(" ")), _tokens_of(request), 1, started)))
+            record = _record(None, _block_span(request.uid.split(" ")), _tokens_of(request), 1, started)
+            _store(sink, type(handler)._farworker_outbox_path, "forward", record)
             return response
 
         TransformerConnectionHandler._iterate_inference_steps = metered_steps
@@ -159,14 +212,14 @@ class ServingMeter:
     def _drain(self) -> None:
         while True:
             try:
-                kind, payload = self._events.get(timeout=1.0)
+                kind, payload, *stored = self._events.get(timeout=1.0)
             except queue.Empty:
                 continue
             except (EOFError, OSError):
                 return
-            self._account(kind, payload)
+            self._account(kind, payload, stored == [True])
 
-    def _account(self, kind: str, payload) -> None:
+    def _account(self, kind: str, payload, stored: bool = False) -> None:
         self._last_event = time.monotonic()
         with self._lock:
             c = self.counters
@@ -185,5 +238,9 @@ class ServingMeter:
             c.requests += kind == "forward"  # a session counts once, at close
             c.inference_steps += payload["steps"] if kind == "usage" else 0
             c.tokens_processed += payload["tokens"]
-        if payload["tokens"] > 0:
-            self._on_record(payload)
+        if payload["tokens"] <= 0:
+            return
+        if stored:
+            self._outbox.notify_listeners()  # the reporter sends it soon
+        else:
+            self._on_unstored(payload)

@@ -135,3 +135,62 @@ def test_reject_moves_a_record_aside(tmp_path):
     assert box.pending() == [good]
     assert box.depth() == 1
     assert box.rejected() == [dict(bad, rejected_reason="HTTP 422: invalid records.0.blocks")]
+
+
+def test_an_open_segment_is_held_then_added_once(tmp_path):
+    box = Outbox(tmp_path / "outbox.sqlite")
+    segment = rec(tokens=3)
+    box.hold_open(segment)
+    box.hold_open(dict(segment, tokens=7, steps=2))  # the next step replaces it
+    assert box.open_segments() == [dict(segment, tokens=7, steps=2)]
+    assert box.depth() == 0
+    closed = dict(segment, tokens=9, steps=3)
+    box.add(closed)  # the session closed: the record replaces its held segment in one transaction
+    assert box.open_segments() == []
+    assert box.pending() == [closed]
+    assert box.recover_open_segments() == []
+    assert box.pending() == [closed]
+    assert box._connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # back to FULL after holding
+
+
+def test_recover_moves_held_segments_once_and_sets_aside_a_bad_one(tmp_path):
+    box = Outbox(tmp_path / "outbox.sqlite")
+    held = [rec(tokens=4, session="a"), rec(tokens=6, session="b")]
+    for segment in held:
+        box.hold_open(segment)
+    box.hold_open(dict(rec(), blocks=[3, 1]))  # hold_open does not validate (serving path); recovery does
+    woken = []
+    box.add_listener(lambda: woken.append(1))
+    assert sorted(r["tokens"] for r in box.recover_open_segments()) == [4, 6]
+    assert sorted(r["id"] for r in box.pending()) == sorted(r["id"] for r in held)
+    assert box.open_segments() == [] and woken == [1]
+    assert "unreadable open segment" in box.rejected()[0]["rejected_reason"]
+    assert box.recover_open_segments() == [] and box.depth() == 2
+
+
+def test_sigkill_mid_session_loses_no_held_step(tmp_path):
+    """A writer holds one segment open and reports each step after hold_open() returns; SIGKILL it; the
+    next start's recovery bills every reported step, once."""
+    path = tmp_path / "outbox.sqlite"
+    code = textwrap.dedent(f"""
+        import sys, time
+        from farworker.outbox import Outbox, make_record
+        box = Outbox({str(path)!r})
+        segment = make_record("k", (0, 1), 0, 0, time.time())
+        for step in range(1, 1000000):
+            segment.update(tokens=step, steps=step, ended_at=time.time())
+            box.hold_open(segment)
+            sys.stdout.write(f"{{step}}\\n"); sys.stdout.flush()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    confirmed = 0
+    deadline = time.monotonic() + 30
+    while confirmed < 200 and time.monotonic() < deadline:
+        confirmed = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    confirmed = max([confirmed, *(int(line) for line in proc.stdout if line.strip())])
+    assert confirmed >= 200
+    recovered = Outbox(path).recover_open_segments()
+    assert len(recovered) == 1 and recovered[0]["steps"] >= confirmed
+    assert Outbox(path).pending() == recovered

@@ -123,3 +123,46 @@ def test_sigterm_lets_an_open_session_finish_and_bills_all_of_it(start_workers, 
     assert "Stopped cleanly" in log and "still open" not in log, log
     records = Outbox(worker.state_dir / "outbox.sqlite3").pending()
     assert sum(r["tokens"] for r in records) == len(PROMPT) + len(later_tokens), records
+
+
+def test_sigkill_mid_session_bills_every_answered_step_once(start_workers, bootstrap_peer, tiny_model):
+    """kill -9 while a session is open and its usage segment is not due yet (segments of an hour): every step
+    the client got an answer for is held on disk, and the next start moves it to the outbox, once."""
+    import torch
+
+    worker = start_workers("crasher", "0:4", bootstrap_peer, env={"FARWORKER_USAGE_SEGMENT_SECONDS": "3600"})
+    worker.wait_online()
+    outbox_path = worker.state_dir / "outbox.sqlite3"
+    client = MeshClient(tiny_model, bootstrap_peer, "farworker-tiny-llama")
+    later_tokens = [5, 6, 7]
+    answered = len(PROMPT) + len(later_tokens)
+
+    def held_tokens() -> int:
+        return sum(segment["tokens"] for segment in Outbox(outbox_path).open_segments())
+
+    try:
+        client.warm()
+        model = client._model
+        embed = model.get_input_embeddings()
+        # entered, never exited: the worker dies with the session open (the reference keeps the context
+        # manager's generator from being collected, which would close the session)
+        opened = model.inference_session(max_length=answered)
+        session = opened.__enter__()
+        with torch.inference_mode():
+            session.step(embed(torch.tensor([PROMPT])))
+            for token in later_tokens:
+                assert session.step(embed(torch.tensor([[token]]))).shape[:2] == (1, 1)
+        # The handler holds a step right after sending its answer: allow it that moment, then kill.
+        wait_for(lambda: held_tokens() == answered, 10, f"{answered} tokens held (now {held_tokens()})")
+        worker.proc.kill()  # SIGKILL to the whole process group: the worker, its handlers, p2pd
+    finally:
+        client.close()
+    assert Outbox(outbox_path).pending() == []  # nothing was reported before the kill
+
+    restarted = start_workers("crasher", "0:4", bootstrap_peer)
+    restarted.wait_online()
+    records = Outbox(outbox_path).pending()
+    assert [r["tokens"] for r in records] == [answered], records
+    assert records[0]["steps"] == 1 + len(later_tokens)
+    assert "Recovered 1 usage segments of sessions open when the last run stopped" in restarted.proc.log_tail(200)
+    assert held_tokens() == 0
