@@ -82,14 +82,34 @@ def _text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def workers_diagnostics() -> str:
-    """What a failed site.yml run leaves behind on each worker, for the test's failure message."""
+def workers_diagnostics(lines: int = 12, since: float | None = None) -> str:
+    """What each worker's unit and journal say now (a failed site.yml run, failed requests), for the test's
+    failure message. ``since``: the journal from that unix time instead of the last ``lines`` lines."""
     parts = []
+    journal = f"--since @{int(since)} -o short-precise" if since else f"-o cat -n {lines}"
     for name in WORKERS:
-        state = host(name).run("systemctl show farworker -p ActiveState -p SubState -p StatusText -p NRestarts"
-                               " -p MainPID; journalctl -u farworker --no-pager -o cat -n 12")
-        parts.append(f"\n===== {name} (rc {state.rc})\n{state.stdout[-2500:]}{state.stderr[-500:]}")
+        try:
+            state = host(name).run("systemctl show farworker -p ActiveState -p SubState -p StatusText -p NRestarts"
+                                   f" -p MainPID; journalctl -u farworker --no-pager {journal}")
+        except Exception as err:  # noqa: BLE001 - a killed host has no journal to show
+            parts.append(f"\n===== {name}: {err!r}")
+            continue
+        parts.append(f"\n===== {name} (rc {state.rc})\n{state.stdout[-6000:]}{state.stderr[-500:]}")
     return "".join(parts)
+
+
+def failed_requests_report(traffic, failed: list[dict]) -> str:
+    """The failed requests, then every worker's journal from a little before the first of them (and the
+    victim's, saved before it was killed): the message a flaky failure needs to be understood."""
+    if not failed:
+        return ""
+    since = min(r["start"] for r in failed) - 20
+    report = json.dumps(failed[:5], default=str)[:3000] + workers_diagnostics(since=since)
+    if traffic.victim_journal:
+        report += f"\n===== {VICTIM} before the kill\n{traffic.victim_journal[-6000:]}"
+    coordinator = host(BOOT).run("journalctl -u farworker-coordinator --no-pager -o short-precise"
+                                 f" --since @{int(since)}")
+    return report + f"\n===== {BOOT} coordinator\n{coordinator.stdout[-4000:]}"
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:
@@ -154,7 +174,7 @@ def fleet():
     ).strip()
     url = f"http://{ip}:8080"
     traffic = Traffic(url)
-    traffic.kill_time = traffic.kill_done = traffic.victim_peer_id = None
+    traffic.kill_time = traffic.kill_done = traffic.victim_peer_id = traffic.victim_journal = None
     yield traffic
     traffic.stop_event.set()
     traffic.join(timeout=150)
@@ -198,7 +218,7 @@ def test_rolling_upgrade_without_a_failed_request(fleet):
     assert out.count("PLAY [Mesh workers]") == len(WORKERS), out[-3000:]
     during = fleet.in_phase("upgrade")
     assert during, "no request ran during the upgrade"
-    assert all(r["ok"] for r in during), [r for r in during if not r["ok"]][:5]
+    assert all(r["ok"] for r in during), failed_requests_report(fleet, [r for r in during if not r["ok"]])
     assert fleet.refused["upgrade"] == 0
     ws = wait_for(lambda: (w := workers_view(fleet.url)) and len(w) == 3
                   and all(x["version"] == new and x["state"] == "online" for x in w) and w,
@@ -227,12 +247,13 @@ def test_every_request_succeeds_after_a_worker_host_stops_abruptly(fleet):
     fleet.phase = "host_killed"
     status = json.loads(host(VICTIM).check_output("cat /var/lib/farworker/status.json"))
     fleet.victim_peer_id = status["peer_id"]
+    fleet.victim_journal = host(VICTIM).run("journalctl -u farworker --no-pager -o short-precise -n 150").stdout
     fleet.kill_time = time.time()
     subprocess.run(["docker", "kill", VICTIM], check=True, capture_output=True)
     fleet.kill_done = time.time()  # the SIGKILL landed somewhere in [kill_time, kill_done]
     fleet.wait_successes(10, 300, after=fleet.kill_time)
     after = [r for r in fleet.records if r["end"] >= fleet.kill_time]
-    assert after and all(r["ok"] for r in after), [r for r in after if not r["ok"]][:5]
+    assert after and all(r["ok"] for r in after), failed_requests_report(fleet, [r for r in after if not r["ok"]])
 
 
 def test_coordinator_restart(fleet):
@@ -243,7 +264,7 @@ def test_coordinator_restart(fleet):
     fleet.phase = "after_restart"
     fleet.wait_successes(3, 120, after=time.time())
     failed = [r for r in fleet.records if not r["ok"]]
-    assert not failed, failed[:5]
+    assert not failed, failed_requests_report(fleet, failed)
     # Connection refusals (nothing accepted, retried) only while the coordinator was down.
     assert set(fleet.refused) <= {"coordinator_restart"}, fleet.refused
 
