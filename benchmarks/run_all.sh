@@ -14,4 +14,5 @@ python benchmarks/mesh_vs_local.py --rounds 3 --reps 5 --new-tokens 64 --out "$o
 python benchmarks/time_to_ready.py --rounds 4 --out "$out/time_to_ready.json"
 python benchmarks/idle_cost.py --windows 3 --window 60 --out "$out/idle_cost.json"
 python benchmarks/handoff_probe.py --out "$out/handoff_probe.json"
+python benchmarks/usage_hold_cost.py --rounds 7 --n 300 --out "$out/usage_hold_cost.json"
 python benchmarks/gpu_run.py --cpu --out "$out/gpu_run_cpu_dry_run.json"
