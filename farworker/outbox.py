@@ -17,6 +17,7 @@ Record (the dict the serving-path hook adds, and the usage item of the API contr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -40,10 +41,11 @@ def make_record(
     steps: int,
     started_at: float,
     ended_at: float | None = None,
+    record_id: str | None = None,
 ) -> dict:
-    """A new usage record with a fresh id."""
+    """A new usage record, with a fresh id unless ``record_id`` is given (an open segment keeps its id)."""
     return {
-        "id": str(uuid.uuid4()),
+        "id": record_id or str(uuid.uuid4()),
         "session_id": str(session_id),
         "blocks": [int(blocks[0]), int(blocks[1])],
         "tokens": int(tokens),
@@ -88,6 +90,10 @@ def validate_record(record: dict) -> dict:
     return normalised
 
 
+def _encode(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"))
+
+
 class Outbox:
     """Thread-safe, and safe to share between processes (SQLite locking, busy timeout)."""
 
@@ -127,6 +133,26 @@ class Outbox:
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction under this object's lock: committed on return, rolled back on any error."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, record: dict) -> None:
+        conn.execute(
+            "INSERT OR IGNORE INTO outbox (id, record, added_at) VALUES (?, ?, ?)",
+            (record["id"], _encode(record), time.time()),
+        )
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after each successful add in this process (the reporter's wake-up)."""
         self._listeners.append(callback)
@@ -140,19 +166,9 @@ class Outbox:
         """Store ``record`` durably (committed and fsynced on return); returns its id. Adding an id twice
         keeps the first. A held open segment with the same id is replaced by it in the same transaction."""
         record = validate_record(record)
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(
-                    "INSERT OR IGNORE INTO outbox (id, record, added_at) VALUES (?, ?, ?)",
-                    (record["id"], json.dumps(record, separators=(",", ":")), time.time()),
-                )
-                conn.execute("DELETE FROM open_segments WHERE id = ?", (record["id"],))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            self._insert(conn, record)
+            conn.execute("DELETE FROM open_segments WHERE id = ?", (record["id"],))
         self.notify_listeners()
         return record["id"]
 
@@ -168,7 +184,7 @@ class Outbox:
             try:
                 conn.execute(
                     "INSERT OR REPLACE INTO open_segments (id, record, updated_at) VALUES (?, ?, ?)",
-                    (record["id"], json.dumps(record, separators=(",", ":")), time.time()),
+                    (record["id"], _encode(record), time.time()),
                 )
             finally:
                 conn.execute("PRAGMA synchronous=FULL")
@@ -177,29 +193,19 @@ class Outbox:
         """Move the segments a crashed run held open into the outbox (call at start, before serving).
         Returns the recovered records; one that fails validation is set aside as rejected."""
         recovered = []
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for record_id, text in conn.execute("SELECT id, record FROM open_segments").fetchall():
-                    try:
-                        record = validate_record(json.loads(text))
-                    except (OutboxError, ValueError) as err:
-                        conn.execute(
-                            "INSERT OR REPLACE INTO rejected (id, record, reason, rejected_at) VALUES (?, ?, ?, ?)",
-                            (record_id, text, f"unreadable open segment: {err}", time.time()),
-                        )
-                        continue
+        with self._transaction() as conn:
+            for record_id, text in conn.execute("SELECT id, record FROM open_segments").fetchall():
+                try:
+                    record = validate_record(json.loads(text))
+                except ValueError as err:  # OutboxError and a JSON decode error are both ValueErrors
                     conn.execute(
-                        "INSERT OR IGNORE INTO outbox (id, record, added_at) VALUES (?, ?, ?)",
-                        (record["id"], json.dumps(record, separators=(",", ":")), time.time()),
+                        "INSERT OR REPLACE INTO rejected (id, record, reason, rejected_at) VALUES (?, ?, ?, ?)",
+                        (record_id, text, f"unreadable open segment: {err}", time.time()),
                     )
-                    recovered.append(record)
-                conn.execute("DELETE FROM open_segments")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                    continue
+                self._insert(conn, record)
+                recovered.append(record)
+            conn.execute("DELETE FROM open_segments")
         if recovered:
             self.notify_listeners()
         return recovered
@@ -225,34 +231,19 @@ class Outbox:
         ids = list(ids)
         if not ids:
             return 0
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                deleted = conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return deleted
+        with self._transaction() as conn:
+            return conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
 
     def reject(self, record_id: str, reason: str) -> None:
         """Move a record the coordinator refuses as malformed out of the way (kept, for the operator),
         so one bad record cannot hold up the ones behind it."""
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(
-                    "INSERT OR REPLACE INTO rejected (id, record, reason, rejected_at)"
-                    " SELECT id, record, ?, ? FROM outbox WHERE id = ?",
-                    (reason, time.time(), record_id),
-                )
-                conn.execute("DELETE FROM outbox WHERE id = ?", (record_id,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO rejected (id, record, reason, rejected_at)"
+                " SELECT id, record, ?, ? FROM outbox WHERE id = ?",
+                (reason, time.time(), record_id),
+            )
+            conn.execute("DELETE FROM outbox WHERE id = ?", (record_id,))
 
     def rejected(self) -> list[dict]:
         with self._lock:

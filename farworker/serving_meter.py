@@ -23,10 +23,9 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from farworker.outbox import Outbox
+from farworker.outbox import Outbox, make_record
 from farworker.petals_compat import import_petals
 
 log = logging.getLogger(__name__)
@@ -56,12 +55,6 @@ class Counters:
 def _block_span(uids) -> list[int]:
     indices = [int(uid.rsplit(".", 1)[1]) for uid in uids]
     return [min(indices), max(indices) + 1]
-
-
-def _record(session_id: str | None, blocks: list[int], tokens: int, steps: int, started: float,
-            record_id: str | None = None) -> dict:
-    return {"id": record_id or str(uuid.uuid4()), "session_id": session_id or "", "blocks": blocks,
-            "tokens": tokens, "steps": steps, "started_at": started, "ended_at": time.time()}
 
 
 _handler_outboxes: dict[int, Outbox] = {}  # pid -> this process's connection to the outbox file
@@ -113,12 +106,11 @@ def _tokens_of(request) -> int:
 class ServingMeter:
     """Install once per process, before the Petals server forks its handlers."""
 
-    def __init__(self, outbox: Outbox, on_unstored: Callable[[dict], None] | None = None):
-        """``outbox``: the worker's outbox (handlers open their own connection to its file).
-        ``on_unstored``: where a record goes when its handler could not store it (default outbox.add)."""
+    def __init__(self, outbox: Outbox):
+        """``outbox``: the worker's outbox; handlers open their own connection to its file, and this process
+        stores a record a handler could not."""
         self._events: mp.Queue = mp.Queue()
         self._outbox = outbox
-        self._on_unstored = on_unstored or outbox.add
         self.counters = Counters()
         self._last_event = time.monotonic()
         self._lock = threading.Lock()
@@ -159,8 +151,8 @@ class ServingMeter:
             segment = {"id": str(uuid.uuid4()), "started": time.time(), "tokens": 0, "steps": 0}
 
             def current() -> dict:
-                return _record(session_id, blocks, segment["tokens"], segment["steps"], segment["started"],
-                               segment["id"])
+                return make_record(session_id or "", blocks, segment["tokens"], segment["steps"],
+                                   segment["started"], record_id=segment["id"])
 
             def report_segment():
                 # A long chat session is billed in segments: its records reach the coordinator while it lasts.
@@ -201,7 +193,7 @@ class ServingMeter:
             except BaseException:
                 sink.put(("error", None))
                 raise
-            record = _record(None, _block_span(request.uid.split(" ")), _tokens_of(request), 1, started)
+            record = make_record("", _block_span(request.uid.split(" ")), _tokens_of(request), 1, started)
             _store(sink, type(handler)._farworker_outbox_path, "forward", record)
             return response
 
@@ -243,4 +235,4 @@ class ServingMeter:
         if stored:
             self._outbox.notify_listeners()  # the reporter sends it soon
         else:
-            self._on_unstored(payload)
+            self._outbox.add(payload)
