@@ -1,8 +1,8 @@
 """Hosts a Petals server in this process and answers the questions systemd asks about it.
 
 `PetalsHost.start()` builds petals' `Server` (which starts the DHT process) and runs it in a thread;
-`wait_online()` returns once our blocks are announced ONLINE in the DHT; `health()` says whether the
-server still serves; `stop()` announces the blocks offline and shuts everything down.
+`loaded` and `announcement_problem()` say when our blocks are served and listed ONLINE in the DHT;
+`health()` says whether the server still serves; `stop()` shuts everything down within a deadline.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ HEALTH_TIMEOUT = 10.0  # seconds a DHT probe may take before the server counts a
 # A task the runtime has not finished after this long means it is stuck (a step takes milliseconds to
 # seconds, a 2048-token forward of a 70B block well under a minute on any GPU petals supports).
 RUNTIME_STALL_SECONDS = 120.0
+ANNOUNCE_OFFLINE_TIMEOUT = 5.0  # declaring OFFLINE takes well under a second with the DHT alive
 
 
 @dataclass(frozen=True)
 class Health:
     ok: bool
     reason: str = ""
+    fatal: bool = False  # a child process died: the worker exits so its supervisor restarts it at once
 
 
 def dht_prefix_for(model_name: str) -> str:
@@ -99,6 +101,7 @@ class PetalsHost:
         for name, value in figures.items():
             setattr(self.server.server_info, name, value)
         self.visible_maddrs = [str(addr) for addr in self.server.dht.get_visible_maddrs()]
+        self._withdraw_stale_records()
         log.info("Connected to DHT as %s, listening on %s", self.peer_id, self.visible_maddrs)
         self._thread = threading.Thread(target=self._run, name="petals-server", daemon=True)
         self._thread.start()
@@ -110,16 +113,42 @@ class PetalsHost:
             self._failure = error
             log.exception("Petals server stopped with an error")
 
-    def announce_offline(self) -> bool:
+    def _withdraw_stale_records(self) -> None:
+        """Declare OFFLINE whatever the DHT still lists ONLINE under our peer id from a previous run.
+
+        Our identity is persistent. After a crash (kill -9, OOM, a watchdog restart, a host kill) the last
+        run's ONLINE records live until they expire (petals: 2 update periods, 120 s), and p2pd answers under
+        our peer id long before petals registers its handlers: a client routed by those records gets
+        "protocols not supported: rpc_inference". Petals' JOINING announcement would replace them only for
+        the span this run picks, and only once loading starts."""
+        from petals.data_structures import ServerState
+
+        dht, me = self.server.dht, self.server.dht.peer_id
+        try:
+            infos = get_module_infos_latest(dht, self.server.module_uids)
+            stale = [info.uid for info in infos if me in info.servers and info.servers[me].state != ServerState.OFFLINE]
+            if stale:
+                declare_offline(dht, stale, self.server.server_info, self.server.expiration)
+                log.info("Withdrew %d block records a previous run left in the DHT (declared offline)", len(stale))
+        except Exception as error:  # a slow DHT must not fail the start; the records expire on their own
+            log.warning("Could not check the DHT for records of a previous run: %r", error)
+
+    def announce_offline(self, timeout: float = ANNOUNCE_OFFLINE_TIMEOUT) -> bool:
         """Declare our blocks OFFLINE in the DHT, so clients route new sessions elsewhere, while the handlers
-        keep serving the sessions already open (a drain). The announcer thread ends after this."""
+        keep serving the sessions already open (a drain). The announcer thread ends after this.
+
+        petals' own ``announce(OFFLINE)`` joins the announcer thread without a limit; with the DHT process
+        dead that join never returns (a stop that never ends). False if it did not finish in ``timeout``."""
         container = self.server.module_container if self.server else None
         if container is None:
             return False
         from petals.data_structures import ServerState
 
-        container.dht_announcer.announce(ServerState.OFFLINE)
-        return True
+        announcer = container.dht_announcer
+        announcer.server_info.state = ServerState.OFFLINE
+        announcer.trigger.set()
+        announcer.join(timeout)
+        return not announcer.is_alive()
 
     def stop(self, timeout: float = 20.0) -> None:
         """Shut petals down within ``timeout``. Its own shutdown bounds the module container but then joins
@@ -165,43 +194,44 @@ class PetalsHost:
         return self.server.dht_prefix
 
     # -- readiness and health ----------------------------------------------------------------------
-    def wait_online(self, timeout: float, poll: float = 0.5) -> bool:
-        """True once the runtime is ready and the DHT lists our blocks as ONLINE from our peer id."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._failure is not None or (self._thread and not self._thread.is_alive()):
-                return False
-            container = self.server.module_container
-            if container is not None and container.ready.is_set() and self._announced_online():
-                return True
-            time.sleep(poll)
-        return False
+    def failure(self) -> str | None:
+        """Why the petals server thread ended, or None while it runs."""
+        if self._failure is not None:
+            return f"server failed: {self._failure!r}"
+        if self._thread is not None and not self._thread.is_alive():
+            return "server thread is not running"
+        return None
+
+    @property
+    def loaded(self) -> bool:
+        """The blocks are loaded and the runtime takes requests (the handlers are registered with p2pd)."""
+        container = self.server.module_container if self.server else None
+        return container is not None and container.ready.is_set()
 
     def health(self) -> Health:
-        if self._failure is not None:
-            return Health(False, f"server failed: {self._failure!r}")
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None:
             return Health(False, "server thread is not running")
+        if self.failure():
+            return Health(False, self.failure(), fatal=True)
         container = self.server.module_container
         if container is None or not container.ready.is_set():
             return Health(False, "blocks are not loaded")
         # The container thread runs the runtime loop itself (Runtime.run() is called, not start()).
         if not container.is_healthy() or not container.is_alive():
-            return Health(False, "a handler process or the runtime has died")
+            return Health(False, "a handler process or the runtime has died", fatal=True)
         if not self.server.dht.is_alive():
-            return Health(False, "the DHT process has died")
+            return Health(False, "the DHT process has died", fatal=True)
         waiting = self._oldest_task_age(container)
         if waiting > RUNTIME_STALL_SECONDS:
             return Health(False, f"the runtime has left a task unfinished for {waiting:.0f} s")
         try:
-            # A DHT query answered from our own node proves the DHT process and p2pd respond; the
-            # records being unexpired proves the announcer still runs. (Calling our own handlers over
-            # P2P is not possible: libp2p refuses a dial to self, and a second daemon costs ~30 MB.)
-            if not self._announced_online():
-                return Health(False, "our blocks are not announced online in the DHT")
+            # A DHT query answered proves the DHT process and p2pd respond; our newest records being ONLINE
+            # and unexpired proves the announcer still runs. (Calling our own handlers over P2P is not
+            # possible: libp2p refuses a dial to self, and a second daemon costs ~30 MB.)
+            problem = self.announcement_problem()
         except Exception as error:  # timeouts included: a wedged process answers nothing
             return Health(False, f"probe failed: {error!r}")
-        return Health(True)
+        return Health(False, problem) if problem else Health(True)
 
     @staticmethod
     def _oldest_task_age(container) -> float:
@@ -213,15 +243,44 @@ class PetalsHost:
         # handlers stamp tasks with time.monotonic(), which is one clock for every process on the host
         return time.monotonic() - min(submitted) if submitted else 0.0
 
-    def _announced_online(self) -> bool:
+    def announcement_problem(self) -> str | None:
+        """None when the DHT lists every block we serve ONLINE under our peer id; else what it lists."""
         from petals.data_structures import ServerState
-        from petals.utils.dht import get_remote_module_infos
 
         uids = self.block_uids
         if not uids:
-            return False
-        # Without `latest`, the DHT returns only unexpired records: a stale announcement reads as absent.
-        future = get_remote_module_infos(self.server.dht, uids, return_future=True)
-        infos = future.result(timeout=HEALTH_TIMEOUT)
+            return "no blocks loaded"
         me = self.server.dht.peer_id
-        return all(me in info.servers and info.servers[me].state == ServerState.ONLINE for info in infos)
+        wrong = [
+            f"{info.uid} {info.servers[me].state.name if me in info.servers else 'absent'}"
+            for info in get_module_infos_latest(self.server.dht, uids)
+            if me not in info.servers or info.servers[me].state != ServerState.ONLINE
+        ]
+        if not wrong:
+            return None
+        return "the DHT lists our blocks as " + ", ".join(wrong[:3]) + (", ..." if len(wrong) > 3 else "")
+
+
+def get_module_infos_latest(dht, uids: list[str]) -> list:
+    """Each block's servers as their newest unexpired records say, from every replica (what clients route by).
+
+    Without ``latest`` hivemind returns the first unexpired copy of a block's record it finds, and after a
+    restart that is often a replica still holding our previous run's OFFLINE or JOINING entry: measured on a
+    3-worker loopback mesh, 2 of 15 restarts waited 65 s and over 120 s for READY (one announcement period
+    or more) while clients, who look up with ``latest``, were already being served."""
+    from petals.utils.dht import get_remote_module_infos
+
+    return get_remote_module_infos(dht, uids, latest=True, return_future=True).result(timeout=HEALTH_TIMEOUT)
+
+
+def declare_offline(dht, uids: list[str], server_info, expiration: float) -> None:
+    import dataclasses
+
+    from hivemind.utils.timed_storage import get_dht_time
+    from petals.data_structures import ServerState
+    from petals.utils.dht import declare_active_modules
+
+    offline = dataclasses.replace(server_info, state=ServerState.OFFLINE)
+    declare_active_modules(dht, uids, offline, expiration_time=get_dht_time() + expiration, wait=False).result(
+        timeout=HEALTH_TIMEOUT
+    )

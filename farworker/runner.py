@@ -38,8 +38,17 @@ HEALTH_PERIOD = 5.0  # seconds between health checks when systemd gives no watch
 # How long a start step may go without progress before the start counts as stuck and is restarted
 # (notify.StartupKeepalive). Downloads count bytes; the hub client's own read timeout usually fires first.
 DOWNLOAD_STALL_SECONDS = 600.0
-STEP_BUDGET_SECONDS = {"planning blocks": 600.0, "joining the DHT": 600.0, "loading blocks": ONLINE_TIMEOUT}
+CONFIRMING_ONLINE = "confirming online"
+# Loaded blocks are announced at once and re-announced every 60 s (petals' update period); two periods and
+# a half without the DHT listing them means the announcements do not land: restart rather than hang.
+STEP_BUDGET_SECONDS = {"planning blocks": 600.0, "joining the DHT": 600.0, "loading blocks": ONLINE_TIMEOUT,
+                       CONFIRMING_ONLINE: 150.0}
+CONFIRM_LOG_PERIOD = 15.0
 EXIT_START_STUCK = 75  # EX_TEMPFAIL: retry later (the unit restarts it; 78 would stop the retries)
+EXIT_FAULT = 70  # EX_SOFTWARE: a child process died or the server stayed unhealthy; the supervisor restarts us
+# Unhealthy this long without a fatal cause (DHT unanswered, announcements expired, a stuck runtime) ends the
+# worker too: under systemd the watchdog usually acts first; in docker and a shell nothing else would.
+UNHEALTHY_EXIT_SECONDS = 60.0
 
 
 class Worker:
@@ -59,6 +68,8 @@ class Worker:
         self.started_at = time.time()
         self.healthy = False
         self.health_reason = ""
+        self.online_problem: str | None = None  # why the DHT does not list our blocks online yet (while confirming)
+        self.fault: str | None = None  # why the worker ends itself (a child died, unhealthy too long)
         self._last_status: dict = {}
         self.identity = None
         self.stop_deadline = time.monotonic() + STOP_AFTER_DRAIN_SECONDS  # set again once the drain ends
@@ -117,6 +128,8 @@ class Worker:
         if not online:
             return False
         self.state = "online"
+        health = self.host.health()  # the first STATUS line and beat carry a verdict, not the initial blank
+        self.healthy, self.health_reason = health.ok, health.reason
         self.reporter.beat_now()  # the coordinator sees "online" and the span now, not an interval later
         if cfg.metrics_port:
             from farworker.metrics import start_metrics_server
@@ -129,12 +142,30 @@ class Worker:
         return True
 
     def _wait_online(self) -> bool:
+        """Until the blocks are loaded and the DHT lists them ONLINE under our peer id (what clients route by).
+        Loading has the loading budget; confirming has its own, and says in STATUS and the journal why it
+        waits, so a start that cannot confirm is seen and, past the budget, restarted instead of hanging."""
         deadline = time.monotonic() + ONLINE_TIMEOUT
+        told = 0.0
         while not self.stop_requested.is_set() and time.monotonic() < deadline:
-            if self.host.wait_online(timeout=2.0):
-                return True
-            if self.host.health().reason.startswith("server failed"):
+            failure = self.host.failure()
+            if failure:
+                log.error("Petals stopped before the blocks were online: %s", failure)
                 return False
+            if self.host.loaded:
+                if self.phase != CONFIRMING_ONLINE:
+                    self.phase = CONFIRMING_ONLINE
+                try:
+                    self.online_problem = self.host.announcement_problem()
+                except Exception as error:  # a DHT lookup that timed out: try again
+                    self.online_problem = f"DHT lookup failed: {error!r}"
+                if self.online_problem is None:
+                    return True
+                if time.monotonic() - told >= CONFIRM_LOG_PERIOD:
+                    told = time.monotonic()
+                    log.warning("Blocks loaded and serving, not confirmed online yet (%.0f s): %s",
+                                time.monotonic() - self._phase_since, self.online_problem)
+            self.stop_requested.wait(0.5)
         return False
 
     @property
@@ -166,6 +197,8 @@ class Worker:
         """'downloading weights: 1.20 of 13.48 GB (9%)', 'loading blocks', ..."""
         if self.phase == "downloading weights" and self.progress["total"]:
             return format_progress(self.progress["done"], self.progress["total"])
+        if self.phase == CONFIRMING_ONLINE and self.online_problem:
+            return f"{self.phase} ({self.online_problem})"
         return self.phase
 
     def _start_reporter(self) -> None:
@@ -181,16 +214,31 @@ class Worker:
 
     # -- steady state ------------------------------------------------------------------------------
     def serve_until_stopped(self) -> None:
+        """Health check every period: WATCHDOG=1 only while healthy. A dead child (handler, runtime, DHT) or
+        an unhealthy spell past UNHEALTHY_EXIT_SECONDS sets `fault` and ends the loop: the worker stops as on
+        SIGTERM (usage flushed) and exits EXIT_FAULT, so systemd or docker restarts it at once."""
         period = min(self.notifier.watchdog_interval or HEALTH_PERIOD, HEALTH_PERIOD)
+        unhealthy_since = None
         while not self.stop_requested.is_set():
             health = self.host.health()
             if health.ok:
+                unhealthy_since = None
                 self.notifier.watchdog()
                 self.notifier.status(self.summary())
-            elif self.healthy or health.reason != self.health_reason:
-                log.warning("Unhealthy, withholding watchdog pings: %s", health.reason)
+            else:
+                if self.healthy or health.reason != self.health_reason:
+                    log.warning("Unhealthy, withholding watchdog pings: %s", health.reason)
+                unhealthy_since = unhealthy_since or time.monotonic()
+                if health.fatal:
+                    self.fault = health.reason
+                elif time.monotonic() - unhealthy_since > UNHEALTHY_EXIT_SECONDS:
+                    self.fault = f"unhealthy for over {UNHEALTHY_EXIT_SECONDS:.0f} s: {health.reason}"
             self.healthy, self.health_reason = health.ok, health.reason
             self._write_status()
+            if self.fault:
+                log.error("Exiting with status %d so the service is restarted: %s", EXIT_FAULT, self.fault)
+                self.notifier.status(f"restarting: {self.fault}")
+                return
             self.stop_requested.wait(period)
 
     def stop(self) -> None:
@@ -218,11 +266,12 @@ class Worker:
         """Blocks offline first, then give the open sessions FARLABS_DRAIN_TIMEOUT to finish: a session cut
         by the shutdown breaks the client's request (petals must replay it elsewhere) and its last segment of
         usage never leaves the handler process."""
+        deadline = time.monotonic() + self.config.drain_timeout  # the announcement is part of the drain
         try:
-            self.host.announce_offline()
+            if not self.host.announce_offline(timeout=min(5.0, max(1.0, self.config.drain_timeout))):
+                log.warning("Could not announce the blocks offline within the deadline (is the DHT process alive?)")
         except Exception as err:  # the DHT may already be unreachable; the sessions still deserve their time
             log.warning("Could not announce the blocks offline: %s", err)
-        deadline = time.monotonic() + self.config.drain_timeout
         open_sessions = self.meter.snapshot().open_sessions
         if open_sessions:
             log.info("Waiting up to %d s for %d open sessions", self.config.drain_timeout, open_sessions)
@@ -287,8 +336,8 @@ class Worker:
         }
         if state == "joining":  # only then: an online worker's beats stay what coordinators before it knew
             payload["phase"] = self.phase_line()
-        elif state == "online" and not self.healthy and self.health_reason:  # a check ran and failed: the
-            # same verdict that withholds the watchdog pings
+        elif state in ("online", "draining") and not self.healthy and self.health_reason:  # a check ran and
+            # failed: the same verdict that withholds the watchdog pings
             payload.update(healthy=False, health_reason=self.health_reason[:256])
         return payload
 
@@ -319,6 +368,8 @@ class Worker:
         }
 
     def _peer_count(self) -> int | None:
+        if self.host is None or self.host.server is None or not self.host.server.dht.is_alive():
+            return None  # a dead DHT would make every status write (the stop path's too) wait out the timeout
         try:
             return len(self.host.server.dht.run_coroutine(_visible_peers, return_future=True).result(timeout=5))
         except Exception:
@@ -343,7 +394,7 @@ def run_worker(config: WorkerConfig) -> int:
     try:
         if worker.start():
             worker.serve_until_stopped()
-            code = 0
+            code = EXIT_FAULT if worker.fault else 0
         else:
             code = 0 if worker.stop_requested.is_set() else 1
     finally:
