@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -57,6 +58,8 @@ class PetalsHost:
         self.server = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._children: list = []  # (psutil.Process, name) of every child once online (watch_children)
+        self._watched_container = None
         self.visible_maddrs: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ class PetalsHost:
     def stop(self, timeout: float = 20.0) -> None:
         """Shut petals down within ``timeout``. Its own shutdown bounds the module container but then joins
         the DHT process without a limit, so it runs in a thread; what is still alive after the timeout is
-        ended by the caller (runner._end_children)."""
+        ended by the caller (process_tree.end_children)."""
         if self.server is None:
             return
         deadline = time.monotonic() + timeout
@@ -194,6 +197,30 @@ class PetalsHost:
         return self.server.dht_prefix
 
     # -- readiness and health ----------------------------------------------------------------------
+    def watch_children(self) -> None:
+        """Remember the processes serving now (DHT, both p2pd, handlers, torch_shm_manager): from here on the
+        death of any of them is fatal. petals would restart its container only after up to 2 min (its balance
+        check period), and never a dead DHT or p2pd; a fresh process is back online in seconds. (While petals
+        replaces its container on purpose, health() reports the blocks not loaded, then watches the new one.)"""
+        import psutil
+
+        self._watched_container = self.server.module_container
+        self._children = []
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                self._children.append((child, child.name()))
+
+    def dead_child(self) -> str | None:
+        """'child process p2pd (pid 123) died' for the first watched child that is gone or a zombie."""
+        import psutil
+
+        for child, name in self._children:
+            with contextlib.suppress(psutil.Error):
+                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+                    continue
+            return f"child process {name} (pid {child.pid}) died"
+        return None
+
     def failure(self) -> str | None:
         """Why the petals server thread ended, or None while it runs."""
         if self._failure is not None:
@@ -216,6 +243,11 @@ class PetalsHost:
         container = self.server.module_container
         if container is None or not container.ready.is_set():
             return Health(False, "blocks are not loaded")
+        if container is not self._watched_container:  # petals rebalanced: a new container, new handlers
+            self.watch_children()
+        dead = self.dead_child()
+        if dead:
+            return Health(False, dead, fatal=True)
         # The container thread runs the runtime loop itself (Runtime.run() is called, not start()).
         if not container.is_healthy() or not container.is_alive():
             return Health(False, "a handler process or the runtime has died", fatal=True)

@@ -11,7 +11,6 @@ wedged server (no probe answers) stops the watchdog pings so systemd restarts it
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from farworker import __version__, gpu
 from farworker.config import ConfigError, WorkerConfig
 from farworker.model_source import DownloadInterrupted, format_progress
 from farworker.notify import Notifier, StartupKeepalive
+from farworker.process_tree import end_children
 from farworker.serving_meter import Counters
 from farworker.shm_guard import check_shm
 from farworker.status_file import write_status
@@ -128,6 +128,7 @@ class Worker:
         if not online:
             return False
         self.state = "online"
+        self.host.watch_children()
         health = self.host.health()  # the first STATUS line and beat carry a verdict, not the initial blank
         self.healthy, self.health_reason = health.ok, health.reason
         self.reporter.beat_now()  # the coordinator sees "online" and the span now, not an interval later
@@ -400,31 +401,13 @@ def run_worker(config: WorkerConfig) -> int:
     finally:
         worker.stop()
         gpu.stop_xid_counter()
-        _end_children(timeout=max(1.0, worker.stop_seconds_left()))
+        end_children(timeout=max(1.0, worker.stop_seconds_left()))
     return code
 
 
 def _exit_stuck(reason: str) -> None:
     """No service manager ended the stuck start (docker, a shell): exit so the restart policy retries."""
     log.error("Start still stuck (%s): exiting with status %d", reason, EXIT_START_STUCK)
-    _end_children(timeout=5.0)
+    end_children(timeout=5.0)
     logging.shutdown()
     os._exit(EXIT_START_STUCK)
-
-
-def _end_children(timeout: float = 5.0) -> None:
-    """Stop any process petals or hivemind left behind, so the worker's exit is bounded.
-
-    Seen once in docker: "Stopped cleanly", then the interpreter's exit waited on a leftover child until
-    docker's SIGKILL. systemd would kill the cgroup anyway; docker and a shell would not.
-    """
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=timeout)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()

@@ -15,7 +15,9 @@ def block_states(initial_peers, peer_id: str, blocks=range(4)) -> list[str | Non
 
     dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True)
     try:
-        infos = get_remote_module_infos(dht, [f"{MODEL_PREFIX}.{i}" for i in blocks])
+        # latest: the newest record of each server across replicas, as petals clients route (a first-found
+        # replica can still hold an older announcement)
+        infos = get_remote_module_infos(dht, [f"{MODEL_PREFIX}.{i}" for i in blocks], latest=True)
         me = hivemind.PeerID.from_base58(peer_id)
         return [info.servers[me].state.name if info and me in info.servers else None for info in infos]
     finally:

@@ -43,6 +43,12 @@ def usage_record(tokens=10, blocks=(0, 2)):
     return make_record("sess-1", blocks, tokens=tokens, steps=2, started_at=time.time() - 2)
 
 
+def attest(coordinator, peer_id: str, blocks, tokens: int) -> None:
+    """What /v1/completions records after its petals client generated through this peer's span."""
+    route = [{"peer_id": peer_id, "worker_id": None, "blocks": list(blocks), "tokens": tokens}]
+    coordinator.store.record_completion(f"cmpl-{uuid.uuid4().hex}", time.time(), "farworker-tiny-llama", 1, 1, route)
+
+
 # --- round trip ----------------------------------------------------------------------------------------
 def test_register_heartbeat_usage_ledger(coordinator, keys):
     client = CoordinatorClient(coordinator.url, keys[0])
@@ -63,8 +69,15 @@ def test_register_heartbeat_usage_ledger(coordinator, keys):
     view = requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()
     assert view["tokens_served"] == 30
     expected = ledger.earned_far(30, share=2 / 4, reliability=1.0, far_per_token=ledger.DEFAULT_FAR_PER_TOKEN)
-    assert view["earnings_far"] == pytest.approx(expected)
-    assert view["state"] == "online" and view["blocks"] == [0, 2] and view["heartbeat_count"] == 1
+    # claims alone pay nothing: no completion of the coordinator's routed anything to this worker
+    assert view["claimed_far"] == pytest.approx(expected)
+    assert (view["earnings_far"], view["tokens_attested"], view["unattested_tokens"]) == (0, 0, 30)
+    # the coordinator's own completion saw it serve those 30 tokens on its span: now they pay
+    attest(coordinator, keys[0].peer_id, (0, 2), 30)
+    view = requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()
+    assert view["earnings_far"] == pytest.approx(expected) and view["unattested_tokens"] == 0
+    # the beat came in the registration's own interval, which the registration already counts
+    assert view["state"] == "online" and view["blocks"] == [0, 2] and view["heartbeat_count"] == 0
     assert view["last_heartbeat"]["gpus"][0]["temperature_c"] == 41.0
     assert view["last_heartbeat"]["counters"]["tokens_processed"] == 30
     assert view["peer_id"] == keys[0].peer_id
@@ -88,11 +101,33 @@ def test_uptime_formula():
 def test_fast_beats_do_not_buy_uptime(coordinator, worker):
     identity, worker_id = worker
     client = CoordinatorClient(coordinator.url, identity)
-    for _ in range(5):
+    for _ in range(5):  # all in the registration's own interval, which the registration already counts
         client.heartbeat(worker_id, heartbeat())
     view = requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()
-    assert view["heartbeat_count"] == 1
+    assert view["heartbeat_count"] == 0
     assert len(coordinator.store.heartbeats(worker_id)) == 5
+    time.sleep(coordinator.settings.heartbeat_interval_s)  # the next interval: one beat of it counts
+    for _ in range(3):
+        client.heartbeat(worker_id, heartbeat())
+    assert requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()["heartbeat_count"] == 1
+
+
+def test_uptime_is_observed_not_bought_by_beating_fast(tmp_path, keys):
+    """A worker on a 30 s interval beats every 15 s for 30 minutes, then falls silent: at the hour it was up
+    about half of it (it was 100 % when every half interval counted), and it shows offline."""
+    from farworker.coordinator.store import Store
+
+    store = Store(tmp_path / "c.sqlite")
+    t0 = 1_800_000_000.0
+    worker_id = store.register(registration(keys[0]), t0, 30.0)
+    for k in range(1, 121):
+        store.heartbeat(worker_id, heartbeat(), t0 + 15 * k)
+    row = store.worker_row(worker_id)
+    uptime = ledger.uptime_fraction(row["heartbeat_count"], row["registered_at"], t0 + 3600, 30.0)
+    assert uptime == pytest.approx(61 / 121)  # slots 0..60 of 0..120
+    assert ledger.is_offline(row["last_heartbeat_at"], t0 + 3600, 30.0)
+    assert not ledger.is_offline(row["last_heartbeat_at"], t0 + 1800 + 30, 30.0)
+    store.close()
 
 
 def test_unhealthy_beats_do_not_count_as_uptime(coordinator, worker):
@@ -270,6 +305,17 @@ def test_malformed_registration_names_the_field(coordinator, keys, change, field
             {"records": [make_record("s", (0, 2), 1, 1, 5.0, 6.0), {"id": str(uuid.uuid4())}]},
             "records.1.session_id",
         ),
+        # a dishonest or broken worker's numbers: before the bounds, 2^63 tokens was an HTTP 500 (SQLite
+        # OverflowError) and 10^12 tokens was credited 1e9 $FAR
+        ("usage", {"records": [dict(make_record("s", (0, 2), 1, 1, 5.0, 6.0), tokens=2**63)]}, "records.0.tokens"),
+        ("usage", {"records": [dict(make_record("s", (0, 2), 1, 1, 5.0, 6.0), tokens=10**12)]}, "records.0.tokens"),
+        ("usage", {"records": [dict(make_record("s", (0, 2), 1, 1, 5.0, 6.0), steps=2**70)]}, "records.0.steps"),
+        ("usage", {"records": [dict(make_record("s", (0, 2), 1, 1, 5.0, 6.0), ended_at=1e300)]}, "records.0.ended_at"),
+        (
+            "heartbeat",
+            dict(heartbeat(), counters={"requests": 0, "inference_steps": 0, "tokens_processed": 2**64, "errors": 0}),
+            "counters.tokens_processed",
+        ),
     ],
 )
 def test_malformed_worker_payloads_store_nothing(coordinator, worker, path_tail, payload, field):
@@ -348,7 +394,7 @@ def test_joining_worker_without_blocks_then_online(coordinator, keys):
     record = usage_record(10, blocks=(0, 2))
     assert client.send_usage(worker_id, [record]) == [record["id"]]
     expected = ledger.earned_far(10, share=1.0, reliability=1.0, far_per_token=ledger.DEFAULT_FAR_PER_TOKEN)
-    assert view()["earnings_far"] == pytest.approx(expected)
+    assert view()["claimed_far"] == pytest.approx(expected)
 
     client.heartbeat(worker_id, heartbeat(state="online", blocks=(0, 2)))
     online = view()
@@ -457,3 +503,35 @@ def test_a_ledger_from_before_null_blocks_opens_and_takes_joining_workers(tmp_pa
         assert len(requests.get(f"{running.url}/v1/workers", timeout=5).json()["workers"]) == 2
         with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
             running.store.add_usage("w-none", [usage_record()], time.time(), lambda s, e: 1.0, 1.0, 0.001)
+
+
+def test_a_worker_for_a_model_the_mesh_does_not_serve_is_refused(tmp_path, keys):
+    """Its usage would otherwise be paid with share 1.0 of a model nobody routes to."""
+    settings = Settings(db_path=tmp_path / "c.sqlite", model_blocks={"farworker-tiny-llama": 4})
+    with RunningCoordinator(settings) as running:
+        r = signed_post(running.url, keys[1], "/v1/workers/register",
+                        registration(keys[1], model_name="meta-llama/Llama-2-70b-chat-hf"))
+        assert r.status_code == 400, r.text
+        assert r.json()["field"] == "model_name" and "farworker-tiny-llama" in r.json()["error"]
+        assert running.store.counts()["workers"] == 0
+        ok = signed_post(running.url, keys[1], "/v1/workers/register", registration(keys[1]))
+        assert ok.status_code == 200, ok.text
+
+
+def test_a_signed_worker_is_paid_for_attested_work_only(coordinator, keys):
+    """A dishonest worker, correctly signed: registered for block 0:1, routed 10 tokens there by the
+    coordinator, it claims 10^9 tokens on blocks 0:4. Before attestation it was credited 1e6 $FAR for it."""
+    client = CoordinatorClient(coordinator.url, keys[2])
+    worker_id = client.register(registration(keys[2], blocks=(0, 1), total_blocks=4))["worker_id"]
+    client.heartbeat(worker_id, heartbeat(blocks=(0, 1)))
+    attest(coordinator, keys[2].peer_id, (0, 1), 10)
+    client.send_usage(worker_id, [usage_record(10**9, blocks=(0, 4))])
+
+    view = requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()
+    honest = ledger.earned_far(10, share=1 / 4, reliability=1.0, far_per_token=ledger.DEFAULT_FAR_PER_TOKEN)
+    assert view["claimed_far"] == pytest.approx(ledger.earned_far(10**9, 1.0, 1.0, ledger.DEFAULT_FAR_PER_TOKEN))
+    assert view["earnings_far"] == pytest.approx(honest)  # 10 tokens on one block of four, not 10^9 on four
+    assert view["unattested_tokens"] == 10**9 - 10
+    assert view["reliability"] < 1e-6 < view["uptime_pct"]  # an over-claim costs reliability, not uptime
+    rate = client.heartbeat(worker_id, heartbeat(blocks=(0, 1)))["earn_rate_far_per_hour"]
+    assert 0 < rate <= honest * 3600 / coordinator.settings.heartbeat_interval_s  # the shortest window: one interval

@@ -254,15 +254,22 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     def figures(row, now: float) -> dict:
-        reliability = uptime(row, now)
+        """Claimed, attested and paid (farworker/coordinator/ledger.py): paid never exceeds attested."""
+        observed = uptime(row, now)
         window = ledger.earn_rate_window(row["registered_at"], now, row["heartbeat_interval"])
-        tokens, earned, recent = store.ledger_totals(row["worker_id"], now - window)
+        t = store.ledger_totals(row["worker_id"], now - window)
+        paid_share = ledger.attested_fraction(t["claimed_token_blocks"], t["attested_token_blocks"])
+        over = ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"])
+        reliability = observed * (paid_share if over else 1.0)
         return {
-            "tokens_served": tokens,
-            "earnings_far": round(earned, 9),
+            "tokens_served": t["claimed_tokens"],
+            "tokens_attested": t["attested_tokens"],
+            "unattested_tokens": max(0, t["claimed_tokens"] - t["attested_tokens"]),
+            "claimed_far": round(t["claimed_far"], 9),
+            "earnings_far": round(t["claimed_far"] * paid_share, 9),
             "reliability": round(reliability, 6),
-            "uptime_pct": round(100 * reliability, 3),
-            "earn_rate_far_per_hour": round(recent * 3600 / window, 9),
+            "uptime_pct": round(100 * observed, 3),
+            "earn_rate_far_per_hour": round(t["claimed_far_recent"] * paid_share * 3600 / window, 9),
         }
 
     def view(row, now: float) -> WorkerView:
@@ -273,7 +280,8 @@ def create_app(settings: Settings) -> FastAPI:
             model_name=row["model_name"],
             blocks=None if row["block_start"] is None else [row["block_start"], row["block_end"]],
             total_blocks=total_blocks_of(row),
-            state=row["state"],
+            state="offline" if ledger.is_offline(row["last_heartbeat_at"] or row["last_registered_at"], now,
+                                                 row["heartbeat_interval"]) else row["state"],
             location=row["location"],
             version=row["farworker_version"],
             announce_maddrs=json.loads(row["announce_maddrs"]),
@@ -289,12 +297,20 @@ def create_app(settings: Settings) -> FastAPI:
         "/v1/workers/register",
         response_model=RegisterResponse,
         tags=["workers"],
-        responses={403: {"model": ErrorResponse}},
+        responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
     )
     def register(body: RegisterRequest, peer_id: str = Depends(registration_signature)) -> RegisterResponse:
         if body.peer_id != peer_id:
             raise ApiError(
                 403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id"
+            )
+        served = sorted(settings.model_blocks)
+        if served and body.model_name not in served:  # its usage would be paid against a model nobody routes to
+            raise ApiError(
+                400,
+                f"model_name {body.model_name!r} is not served by this mesh; it serves {', '.join(served)}",
+                "unknown_model",
+                "model_name",
             )
         worker_id = store.register(body.model_dump(), time.time(), settings.heartbeat_interval_s)
         span = f"{body.blocks[0]}:{body.blocks[1]}" if body.blocks else "not chosen yet"
@@ -338,6 +354,10 @@ def create_app(settings: Settings) -> FastAPI:
             reliability=uptime(row, now),
             far_per_token=settings.far_per_token,
         )
+        t = store.ledger_totals(worker_id, now)
+        if ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"]):
+            log.warning("worker %s claims %d tokens, %d attested: paid for the attested part only",
+                        worker_id, t["claimed_tokens"], t["attested_tokens"])
         return UsageResponse(accepted=accepted)
 
     @app.post(

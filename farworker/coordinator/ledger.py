@@ -8,11 +8,26 @@ For each usage record a worker reports, once (by record id)::
 
 Uptime comes from heartbeats: a worker that beat at every interval since it first registered has
 100 %; ``beats_expected = 1 + floor(elapsed / interval)`` (the "1" is the registration itself), and
-``uptime_pct = 100 × min(1, (heartbeats + 1) / beats_expected)``.
+``uptime_pct = 100 × min(1, (heartbeats + 1) / beats_expected)``, where ``heartbeats`` counts the interval
+slots after the registration's that had a healthy beat (one per slot, however fast a worker beats).
+A worker not heard from for ``OFFLINE_AFTER_INTERVALS`` intervals (+ ``OFFLINE_SLACK_S``) is shown
+``offline``, whatever state it last reported.
 
 ``total_blocks`` is the coordinator's own figure when it knows the model (its model directory's
 ``num_hidden_layers``, or ``Settings.model_blocks``); otherwise the worker's reported ``total_blocks``,
 and with neither the worker's own ``end`` (share 1 of what it claims, logged as such).
+
+**Paid is attested, never claimed alone.** A worker's usage records are its *claims*. What pays is what
+the coordinator's own petals client saw the worker serve: each completion's route (peer id, span, tokens
+per server session, retries included) is the *attestation*. Claims and attestations are compared in
+token-blocks (tokens x blocks of the span), so a claim for a wider span than the worker was routed for is
+cut too::
+
+    paid_far = claimed_far x min(1, attested token-blocks / claimed token-blocks)
+
+A claim above its attestation by more than ``max(ATTESTED_SLACK_TOKENS, ATTESTED_SLACK_SHARE x attested)``
+tokens (records and routes arrive at slightly different times) is an over-claim: logged, shown as
+``unattested_tokens``, and it scales the worker's reliability by the same attested fraction.
 
 The earn-rate estimate in heartbeat answers is what the ledger credited over the trailing hour (or since
 registration, if shorter, but at least one interval), scaled to one hour.
@@ -23,7 +38,20 @@ from __future__ import annotations
 import math
 
 DEFAULT_FAR_PER_TOKEN = 0.001
+OFFLINE_AFTER_INTERVALS = 3
+OFFLINE_SLACK_S = 10.0
 EARN_RATE_WINDOW_S = 3600.0
+
+
+def interval_slot(registered_at: float, at: float, interval: float) -> int:
+    """Which heartbeat interval since registration ``at`` falls in (0: the registration's own)."""
+    return math.floor(max(0.0, at - registered_at) / interval)
+
+
+def is_offline(last_seen: float, now: float, interval: float) -> bool:
+    """No beat (or registration) for OFFLINE_AFTER_INTERVALS intervals and some slack: the worker is gone,
+    whatever state it last reported (a worker killed while draining never says so)."""
+    return now - last_seen > OFFLINE_AFTER_INTERVALS * interval + OFFLINE_SLACK_S
 
 
 def uptime_fraction(heartbeats: int, registered_at: float, now: float, interval: float) -> float:
@@ -42,3 +70,19 @@ def earned_far(tokens: int, share: float, reliability: float, far_per_token: flo
 
 def earn_rate_window(registered_at: float, now: float, interval: float) -> float:
     return min(EARN_RATE_WINDOW_S, max(interval, now - registered_at))
+
+
+ATTESTED_SLACK_TOKENS = 64  # a worker's records may run ahead of the routes recorded (in-flight completions)
+ATTESTED_SLACK_SHARE = 0.02
+
+
+def attested_fraction(claimed_token_blocks: int, attested_token_blocks: int) -> float:
+    """The share of a worker's claims the coordinator attested (1 with nothing claimed)."""
+    if claimed_token_blocks <= 0:
+        return 1.0
+    return max(0.0, min(1.0, attested_token_blocks / claimed_token_blocks))
+
+
+def over_claimed(claimed_tokens: int, attested_tokens: int) -> bool:
+    slack = max(ATTESTED_SLACK_TOKENS, ATTESTED_SLACK_SHARE * attested_tokens)
+    return claimed_tokens - attested_tokens > slack

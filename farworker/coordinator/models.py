@@ -13,7 +13,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BlockIndex = Annotated[int, Field(ge=0, le=100_000)]
-Count = Annotated[int, Field(ge=0)]
+# Cumulative counters since a worker started: integers JSON carries exactly.
+Count = Annotated[int, Field(ge=0, le=2**53)]
+# One usage record is a session or 10 s of one: far fewer than 10^9 tokens or steps on any GPU. The bound also
+# keeps the ledger's SQLite sums (int64) from overflowing into a 500.
+RecordCount = Annotated[int, Field(ge=0, le=10**9)]
+# Unix seconds before 2100: a finite time, never inf or NaN.
+UnixTime = Annotated[float, Field(ge=0, le=4_102_444_800, allow_inf_nan=False)]
 WALLET_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{30,128}$"  # base58
 
@@ -126,7 +132,8 @@ class HeartbeatRequest(_Strict):
         "process dead, DHT announcements stale); such beats do not count toward uptime",
     )
     health_reason: str | None = Field(default=None, max_length=256, description="why it is unhealthy")
-    uptime_seconds: float = Field(ge=0, description="seconds since the worker process started")
+    uptime_seconds: float = Field(ge=0, le=10**10, allow_inf_nan=False,
+                                  description="seconds since the worker process started")
     gpus: list[GpuTelemetry] = Field(max_length=64, description="empty on a host without GPU")
     counters: Counters
 
@@ -147,10 +154,10 @@ class UsageRecord(_Strict):
     id: str = Field(description="UUID chosen by the worker; a record id counts once")
     session_id: str = Field(max_length=256, description="inference session id ('' for a lone forward pass)")
     blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)]
-    tokens: Count
-    steps: Count
-    started_at: float = Field(ge=0, description="unix seconds")
-    ended_at: float = Field(ge=0, description="unix seconds")
+    tokens: RecordCount
+    steps: RecordCount
+    started_at: UnixTime = Field(description="unix seconds")
+    ended_at: UnixTime = Field(description="unix seconds")
 
     _blocks = field_validator("blocks")(_check_span)
 
@@ -204,9 +211,12 @@ class WorkerView(BaseModel):
     last_heartbeat: dict | None = Field(
         description="the last heartbeat as sent: state, blocks, uptime, gpus, counters"
     )
-    tokens_served: int
-    earnings_far: float
-    reliability: float
+    tokens_served: int = Field(description="tokens the worker's usage records claim")
+    tokens_attested: int = Field(description="tokens the coordinator's own completions saw it serve")
+    unattested_tokens: int = Field(description="claimed and not attested: not paid")
+    claimed_far: float = Field(description="what its claims would earn if they were all attested")
+    earnings_far: float = Field(description="paid: the claims' earnings scaled to the attested share")
+    reliability: float = Field(description="observed uptime, scaled down by the attested share on an over-claim")
     uptime_pct: float
     earn_rate_far_per_hour: float
 

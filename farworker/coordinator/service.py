@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from farworker.coordinator.app import Settings, create_app
+from farworker.process_tree import end_children
 
 log = logging.getLogger("farworker.coordinator")
 
@@ -66,7 +67,13 @@ def serve(
             **settings,
         )
     )
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    try:
+        uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    finally:
+        if app.state.mesh is not None:  # bounded (mesh.CLOSE_TIMEOUT): the client's DHT and p2pd
+            app.state.mesh.close()
+        app.state.store.close()
+        end_children(timeout=5.0)  # whatever the client's shutdown left: nothing outlives the coordinator
 
 
 class RunningCoordinator:

@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS completion_route (
     block_end INTEGER NOT NULL,
     tokens INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS completion_route_peer ON completion_route(peer_id);
 """
 
 DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_route")
@@ -220,13 +221,17 @@ class Store:
     def heartbeat(self, worker_id: str, payload: dict, now: float) -> None:
         with self._tx() as conn:
             row = conn.execute(
-                "SELECT counted_beat_at, heartbeat_interval FROM workers WHERE worker_id = ?", (worker_id,)
+                "SELECT counted_beat_at, heartbeat_interval, registered_at FROM workers WHERE worker_id = ?",
+                (worker_id,),
             ).fetchone()
-            # at most one beat per half interval counts toward uptime: beating faster earns nothing; a worker
-            # that says it is unhealthy is not up
-            counts = payload.get("healthy", True) and (
-                row["counted_beat_at"] is None
-                or now - row["counted_beat_at"] >= row["heartbeat_interval"] / 2
+            # Uptime is observed per interval slot since registration: a healthy beat counts for its slot, once.
+            # Beating faster earns nothing (a worker beating twice per interval for half an hour and then
+            # silent is up half the hour, not all of it); the registration stands for slot 0; a worker that
+            # says it is unhealthy is not up.
+            slot = ledger.interval_slot(row["registered_at"], now, row["heartbeat_interval"])
+            last = row["counted_beat_at"]
+            counts = payload.get("healthy", True) and slot > (
+                0 if last is None else ledger.interval_slot(row["registered_at"], last, row["heartbeat_interval"])
             )
             updates = {
                 "state": payload["state"],
@@ -310,15 +315,31 @@ class Store:
                         accepted[r["id"]] = None
         return list(accepted)
 
-    def ledger_totals(self, worker_id: str, since: float) -> tuple[int, float, float]:
-        """(tokens served, earnings, earnings since ``since``) of one worker."""
-        row = self._read(
-            "SELECT COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(earned_far), 0) AS earned,"
+    def ledger_totals(self, worker_id: str, since: float) -> dict:
+        """One worker's claims (its usage records) and attestations (the routes of the coordinator's own
+        completions that name its peer id): tokens and token-blocks of each, claimed $FAR in all and since
+        ``since``."""
+        claimed = self._read(
+            "SELECT COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(tokens * (block_end - block_start)), 0) AS tb,"
+            " COALESCE(SUM(earned_far), 0) AS earned,"
             " COALESCE(SUM(CASE WHEN received_at >= ? THEN earned_far ELSE 0 END), 0) AS recent"
             " FROM usage WHERE worker_id = ?",
             (since, worker_id),
         )[0]
-        return int(row["tokens"]), float(row["earned"]), float(row["recent"])
+        attested = self._read(
+            "SELECT COALESCE(SUM(r.tokens), 0) AS tokens,"
+            " COALESCE(SUM(r.tokens * (r.block_end - r.block_start)), 0) AS tb"
+            " FROM completion_route r JOIN workers w ON w.peer_id = r.peer_id WHERE w.worker_id = ?",
+            (worker_id,),
+        )[0]
+        return {
+            "claimed_tokens": int(claimed["tokens"]),
+            "claimed_token_blocks": int(claimed["tb"]),
+            "claimed_far": float(claimed["earned"]),
+            "claimed_far_recent": float(claimed["recent"]),
+            "attested_tokens": int(attested["tokens"]),
+            "attested_token_blocks": int(attested["tb"]),
+        }
 
     def usage_records(self, worker_id: str | None = None) -> list[dict]:
         sql, args = "SELECT * FROM usage", ()
