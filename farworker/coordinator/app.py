@@ -60,9 +60,10 @@ it is doing, e.g. the download's progress). It registers again, keeping its work
 (the model's block count, its addresses); then heartbeats `online` with its blocks, `draining` on
 shutdown, and deregisters.
 
-**Ledger.** Each usage record counts once (by id): earned = tokens x (blocks served / model blocks) x
-reliability x FAR_PER_TOKEN, reliability = uptime share from heartbeats (see
-farworker/coordinator/ledger.py).
+**Ledger.** Each usage record counts once (by id) as a *claim*: tokens x (blocks served / model blocks) x
+reliability x FAR_PER_TOKEN, reliability = uptime share observed from heartbeats. What is *paid* is the
+claims scaled to the share the coordinator attested: the routes of its own completions (peer, span, tokens
+per server session). A worker's claims alone pay nothing (see farworker/coordinator/ledger.py).
 """
 
 
