@@ -281,7 +281,10 @@ class Reporter:
         self.last_error = None
         self._api_backoff.reset()
         self._api_retry_at = 0.0
-        log.info(heartbeat_line(payload, answer))
+        if answer.get("quarantined"):  # paid nothing and routed nothing until an operator looks
+            log.error("%s; QUARANTINED by the coordinator: %s", heartbeat_line(payload, answer), answer["quarantined"])
+        else:
+            log.info(heartbeat_line(payload, answer))
 
     def _api_failed(self) -> None:
         self._api_retry_at = time.monotonic() + self._api_backoff.next_delay()

@@ -62,6 +62,8 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
             f"{_rate(float(answer.get('earn_rate_far_per_hour') or 0))} $FAR/h, "
             f"reliability {answer.get('reliability', 0):.2f}, uptime {answer.get('uptime_pct', 0):.1f}%"
         )
+        if answer.get("quarantined"):
+            lines.append(f"QUARANTINED    by the coordinator, paid nothing: {answer['quarantined']}")
     else:
         lines.append("last heartbeat none yet (coordinator unreachable or not registered)")
     gpus = status.get("gpus") or []

@@ -46,6 +46,7 @@ class Mesh:
                 model_path=self.model,
                 model_name=TINY_MODEL_NAME,
                 initial_peers=tuple(self.peers),
+                probe_period_s=0,  # exact claims == routes here; probes are work too (test_spot_checks.py)
             ),
             port=self.port,
         ).start()

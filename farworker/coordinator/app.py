@@ -80,6 +80,7 @@ class Settings:
     initial_peers: tuple[str, ...] = ()
     dht_prefix: str | None = None
     model_blocks: dict[str, int] = field(default_factory=dict)  # model name -> block count, for the ledger
+    probe_period_s: float = 300.0  # spot checks of each online worker (with a model configured); 0: none
 
     def __post_init__(self):
         self.db_path = Path(self.db_path)
@@ -173,6 +174,17 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     app.state.settings, app.state.store, app.state.mesh = settings, store, mesh
+    app.state.spot_checks = None
+    if mesh is not None and settings.probe_period_s > 0:
+        from farworker.coordinator.spot_check import SpotChecker, SpotCheckLoop
+
+        def workers_to_probe():
+            now = time.time()
+            rows = (store.worker_row(w) for w in store.worker_ids())
+            return [r for r in rows if r["block_start"] is not None and live_state(r, now) == "online"]
+
+        app.state.spot_checks = SpotCheckLoop(SpotChecker(mesh), store, settings.probe_period_s,
+                                              workers_to_probe).start()
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(ApiError)
@@ -255,23 +267,34 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     def figures(row, now: float) -> dict:
-        """Claimed, attested and paid (farworker/coordinator/ledger.py): paid never exceeds attested."""
+        """Claimed, attested and paid (farworker/coordinator/ledger.py): paid never exceeds attested, and
+        nothing received after a quarantine pays."""
         observed = uptime(row, now)
         window = ledger.earn_rate_window(row["registered_at"], now, row["heartbeat_interval"])
         t = store.ledger_totals(row["worker_id"], now - window)
         paid_share = ledger.attested_fraction(t["claimed_token_blocks"], t["attested_token_blocks"])
         over = ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"])
         reliability = observed * (paid_share if over else 1.0)
+        quarantined = store.quarantine_of(row["worker_id"])
         return {
             "tokens_served": t["claimed_tokens"],
             "tokens_attested": t["attested_tokens"],
             "unattested_tokens": max(0, t["claimed_tokens"] - t["attested_tokens"]),
             "claimed_far": round(t["claimed_far"], 9),
-            "earnings_far": round(t["claimed_far"] * paid_share, 9),
-            "reliability": round(reliability, 6),
+            "earnings_far": round(t["payable_far"] * paid_share, 9),
+            "reliability": 0.0 if quarantined else round(reliability, 6),
             "uptime_pct": round(100 * observed, 3),
-            "earn_rate_far_per_hour": round(t["claimed_far_recent"] * paid_share * 3600 / window, 9),
+            "earn_rate_far_per_hour": round(t["payable_far_recent"] * paid_share * 3600 / window, 9),
+            "quarantined": quarantined["reason"] if quarantined else None,
+            **store.probe_summary(row["worker_id"]),
         }
+
+    def live_state(row, now: float) -> str:
+        """What the coordinator observes: quarantined, offline after missed beats, else what the worker said."""
+        if store.quarantine_of(row["worker_id"]):
+            return "quarantined"
+        last_seen = row["last_heartbeat_at"] or row["last_registered_at"]
+        return "offline" if ledger.is_offline(last_seen, now, row["heartbeat_interval"]) else row["state"]
 
     def view(row, now: float) -> WorkerView:
         return WorkerView(
@@ -281,8 +304,7 @@ def create_app(settings: Settings) -> FastAPI:
             model_name=row["model_name"],
             blocks=None if row["block_start"] is None else [row["block_start"], row["block_end"]],
             total_blocks=total_blocks_of(row),
-            state="offline" if ledger.is_offline(row["last_heartbeat_at"] or row["last_registered_at"], now,
-                                                 row["heartbeat_interval"]) else row["state"],
+            state=live_state(row, now),
             location=row["location"],
             version=row["farworker_version"],
             announce_maddrs=json.loads(row["announce_maddrs"]),
@@ -306,7 +328,10 @@ def create_app(settings: Settings) -> FastAPI:
                 403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id"
             )
         served = sorted(settings.model_blocks)
-        if served and body.model_name not in served:  # its usage would be paid against a model nobody routes to
+        # The DHT prefix is what clients find blocks by: a local checkpoint directory of the same model (same
+        # prefix) serves this mesh; spot checks verify its weights. Anything else would be paid for blocks
+        # nobody routes to.
+        if served and dht_prefix_for(body.model_name) not in {dht_prefix_for(m) for m in served}:
             raise ApiError(
                 400,
                 f"model_name {body.model_name!r} is not served by this mesh; it serves {', '.join(served)}",
@@ -335,6 +360,7 @@ def create_app(settings: Settings) -> FastAPI:
             reliability=f["reliability"],
             uptime_pct=f["uptime_pct"],
             heartbeat_interval=settings.heartbeat_interval_s,
+            quarantined=f["quarantined"],
         )
 
     @app.post(

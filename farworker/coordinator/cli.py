@@ -54,6 +54,13 @@ from farworker.config import EX_CONFIG
 )
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1024))
 @click.option(
+    "--probe-period",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(0, 86400),
+    help="Seconds between spot checks of each online worker (needs --model-path); 0 turns them off.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -70,6 +77,7 @@ def coordinator_command(
     dht_prefix,
     far_per_token,
     max_body_bytes,
+    probe_period,
     log_level,
 ):
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
@@ -94,6 +102,7 @@ def coordinator_command(
             initial_peers=peers,
             dht_prefix=dht_prefix,
             max_body_bytes=max_body_bytes,
+            probe_period_s=probe_period,
             log_level=log_level,
             **extra,
         )

@@ -204,6 +204,48 @@ class MeshClient:
 
         session._exit_server_sessions = exit_and_keep
 
+    # -- spot checks (coordinator/spot_check.py) ---------------------------------------------------------
+    def model_config(self):
+        with self._lock:
+            return self._load().config
+
+    def load_block(self, block: int):
+        """One block of the model, from the coordinator's own copy, in float32 (the reference)."""
+        import torch
+        from petals.server.from_pretrained import load_pretrained_block
+
+        return load_pretrained_block(str(self.model_path), block, config=self.model_config(), torch_dtype=torch.float32)
+
+    def forward_through(self, peer_id: str, block: int, hidden):
+        """Run ``hidden`` through ``block`` on the worker ``peer_id`` and no other (petals' rpc_forward)."""
+        import copy
+
+        import torch
+        from petals.client.remote_sequential import RemoteSequential
+        from petals.client.routing.sequence_manager import RemoteSequenceManager, SequenceManagerState
+
+        with self._lock:
+            main = self._load().transformer.h.sequence_manager
+        config = copy.copy(main.config)
+        config.allowed_servers, config.blocked_servers = [peer_id], None
+        config.max_retries = 1  # one answer from that worker or a failed probe; never another server
+        uid = f"{config.dht_prefix}.{block}"
+        manager = RemoteSequenceManager(config, (uid,), dht=main.dht, state=SequenceManagerState(p2p=main.state.p2p))
+        try:
+            with torch.inference_mode():
+                return RemoteSequential(config, sequence_manager=manager)(hidden)
+        finally:
+            manager.shutdown()
+
+    def exclude_peers(self, peer_ids: set[str]) -> None:
+        """Route nothing more to these peers (quarantined workers); petals drops them at its next update."""
+        from hivemind import PeerID
+
+        with self._lock:
+            manager = self._load().transformer.h.sequence_manager
+            manager.blocked_servers = {PeerID.from_base58(p) for p in peer_ids} or None
+        manager.update(wait=False)
+
     def close(self) -> None:
         with self._lock:
             model, self._model = self._model, None

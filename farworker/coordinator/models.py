@@ -148,6 +148,10 @@ class HeartbeatResponse(BaseModel):
     reliability: float = Field(description="0..1; uptime share from heartbeats")
     uptime_pct: float
     heartbeat_interval: float
+    quarantined: str | None = Field(
+        default=None, description="why the coordinator quarantined this worker (a failed spot check): paid "
+        "nothing and routed nothing from then on; null while in good standing"
+    )
 
 
 class UsageRecord(_Strict):
@@ -219,6 +223,11 @@ class WorkerView(BaseModel):
     reliability: float = Field(description="observed uptime, scaled down by the attested share on an over-claim")
     uptime_pct: float
     earn_rate_far_per_hour: float
+    quarantined: str | None = Field(description="why it failed a spot check; null while in good standing")
+    probes: int = Field(description="spot checks sent to it")
+    probes_passed: int
+    last_probe_at: float | None
+    last_probe_problem: str | None = Field(description="the last probe's failure: a wrong answer or no answer")
 
 
 class WorkerList(BaseModel):

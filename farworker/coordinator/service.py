@@ -70,6 +70,8 @@ def serve(
     try:
         uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
     finally:
+        if app.state.spot_checks is not None:
+            app.state.spot_checks.stop()
         if app.state.mesh is not None:  # bounded (mesh.CLOSE_TIMEOUT): the client's DHT and p2pd
             app.state.mesh.close()
         app.state.store.close()
@@ -120,6 +122,8 @@ class RunningCoordinator:
         self._server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()
+        if self.app.state.spot_checks is not None:
+            self.app.state.spot_checks.stop()
         if self.app.state.mesh is not None:
             self.app.state.mesh.close()
         self.app.state.store.close()

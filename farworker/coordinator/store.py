@@ -90,9 +90,25 @@ CREATE TABLE IF NOT EXISTS completion_route (
     tokens INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS completion_route_peer ON completion_route(peer_id);
+CREATE TABLE IF NOT EXISTS probes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
+    at REAL NOT NULL,
+    block INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,  -- positions the worker computed: attested work
+    error REAL,  -- relative L2 error against the reference; NULL: no answer
+    tolerance REAL NOT NULL,
+    problem TEXT  -- NULL: passed
+);
+CREATE INDEX IF NOT EXISTS probes_worker ON probes(worker_id, seq);
+CREATE TABLE IF NOT EXISTS quarantine (
+    worker_id TEXT PRIMARY KEY REFERENCES workers(worker_id),
+    since REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
-DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_route")
+DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_route", "probes", "quarantine")
 
 
 def _allow_unknown_blocks(conn: sqlite3.Connection) -> None:
@@ -317,29 +333,67 @@ class Store:
 
     def ledger_totals(self, worker_id: str, since: float) -> dict:
         """One worker's claims (its usage records) and attestations (the routes of the coordinator's own
-        completions that name its peer id): tokens and token-blocks of each, claimed $FAR in all and since
-        ``since``."""
+        completions that name its peer id, and its probes): tokens and token-blocks of each; claimed $FAR
+        in all, since ``since``, and before its quarantine (nothing after it pays)."""
+        quarantined = self.quarantine_of(worker_id)
+        paid_until = quarantined["since"] if quarantined else float("inf")
         claimed = self._read(
             "SELECT COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(tokens * (block_end - block_start)), 0) AS tb,"
             " COALESCE(SUM(earned_far), 0) AS earned,"
-            " COALESCE(SUM(CASE WHEN received_at >= ? THEN earned_far ELSE 0 END), 0) AS recent"
+            " COALESCE(SUM(CASE WHEN received_at < ? THEN earned_far ELSE 0 END), 0) AS payable,"
+            " COALESCE(SUM(CASE WHEN received_at >= ? AND received_at < ? THEN earned_far ELSE 0 END), 0) AS recent"
             " FROM usage WHERE worker_id = ?",
-            (since, worker_id),
+            (paid_until, since, paid_until, worker_id),
         )[0]
-        attested = self._read(
+        routed = self._read(
             "SELECT COALESCE(SUM(r.tokens), 0) AS tokens,"
             " COALESCE(SUM(r.tokens * (r.block_end - r.block_start)), 0) AS tb"
             " FROM completion_route r JOIN workers w ON w.peer_id = r.peer_id WHERE w.worker_id = ?",
             (worker_id,),
         )[0]
+        probed = self._read("SELECT COALESCE(SUM(tokens), 0) AS tokens FROM probes WHERE worker_id = ?",
+                            (worker_id,))[0]
         return {
             "claimed_tokens": int(claimed["tokens"]),
             "claimed_token_blocks": int(claimed["tb"]),
             "claimed_far": float(claimed["earned"]),
-            "claimed_far_recent": float(claimed["recent"]),
-            "attested_tokens": int(attested["tokens"]),
-            "attested_token_blocks": int(attested["tb"]),
+            "payable_far": float(claimed["payable"]),
+            "payable_far_recent": float(claimed["recent"]),
+            "attested_tokens": int(routed["tokens"]) + int(probed["tokens"]),
+            "attested_token_blocks": int(routed["tb"]) + int(probed["tokens"]),  # a probe covers one block
         }
+
+    # --- spot checks ----------------------------------------------------------------------------------
+    def record_probe(self, worker_id: str, at: float, block: int, tokens: int, error: float | None,
+                     tolerance: float, problem: str | None, quarantine: bool) -> None:
+        """One probe's outcome; a wrong answer (``quarantine``) also quarantines the worker from ``at`` on."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO probes (worker_id, at, block, tokens, error, tolerance, problem)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (worker_id, at, block, tokens, error, tolerance, problem),
+            )
+            if quarantine:
+                conn.execute("INSERT OR IGNORE INTO quarantine (worker_id, since, reason) VALUES (?, ?, ?)",
+                             (worker_id, at, problem))
+
+    def probe_summary(self, worker_id: str) -> dict:
+        row = self._read(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(problem IS NULL), 0) AS passed, MAX(at) AS last"
+            " FROM probes WHERE worker_id = ?",
+            (worker_id,),
+        )[0]
+        last = self._read("SELECT problem FROM probes WHERE worker_id = ? ORDER BY seq DESC LIMIT 1", (worker_id,))
+        return {"probes": row["n"], "probes_passed": row["passed"], "last_probe_at": row["last"],
+                "last_probe_problem": last[0]["problem"] if last else None}
+
+    def quarantine_of(self, worker_id: str) -> dict | None:
+        rows = self._read("SELECT since, reason FROM quarantine WHERE worker_id = ?", (worker_id,))
+        return dict(rows[0]) if rows else None
+
+    def quarantined_peers(self) -> set[str]:
+        rows = self._read("SELECT w.peer_id FROM quarantine q JOIN workers w ON w.worker_id = q.worker_id")
+        return {r["peer_id"] for r in rows}
 
     def usage_records(self, worker_id: str | None = None) -> list[dict]:
         sql, args = "SELECT * FROM usage", ()

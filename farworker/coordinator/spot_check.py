@@ -1,0 +1,138 @@
+"""Spot checks: the coordinator sends a probe of its own to one block of a worker's span, through that worker
+alone, and compares the activations it returns with its own computation of the same block.
+
+The coordinator loads only the block it checks (one at a time, the last one kept), so checking a 70B mesh needs
+one block's weights, not the model. The probe is random hidden states of the model's width (seeded per probe,
+scaled like real activations); the worker runs them through petals' `rpc_forward`. The comparison is the
+relative L2 error ``||worker - reference|| / ||reference||`` against a tolerance for the worker's registered
+dtype and quantization (`tolerance_for`, derivation in docs/trust.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+log = logging.getLogger("farworker.coordinator")
+
+PROBE_TOKENS = 8  # sequence length of a probe: a few positions exercise attention and the rotary embedding
+# Relative L2 error a correct block stays under, by the precision the worker computes in (docs/trust.md).
+# float32: round-off of a float32 block against a float32 reference is ~1e-6 (measured on the tiny Llama);
+# half precision ~1e-3 per block (unit round-off 4.9e-4 / 3.9e-3 for fp16 / bf16, accumulated over the
+# block's matmuls); 8-bit and 4-bit weights add their quantization error (LLM.int8 ~1e-2, NF4 ~5e-2 per block).
+TOLERANCE = {
+    ("float32", "none"): 1e-3,
+    ("float16", "none"): 2e-2,
+    ("bfloat16", "none"): 4e-2,
+    ("float16", "int8"): 8e-2,
+    ("bfloat16", "int8"): 8e-2,
+    ("float32", "int8"): 8e-2,
+    ("float16", "nf4"): 2.5e-1,
+    ("bfloat16", "nf4"): 2.5e-1,
+    ("float32", "nf4"): 2.5e-1,
+}
+
+
+def tolerance_for(torch_dtype: str, quant_type: str) -> float:
+    """The loosest tolerance among what the registration allows ('auto' quantization: NF4 on CUDA)."""
+    quant = quant_type if quant_type in ("none", "int8", "nf4") else "nf4"
+    return TOLERANCE.get((torch_dtype, quant), max(TOLERANCE.values()))
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    block: int
+    tokens: int
+    error: float | None  # relative L2 error; None when the worker did not answer
+    tolerance: float
+    problem: str | None  # why the probe failed (None: passed)
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None
+
+
+class SpotChecker:
+    """Probes a worker's span through the coordinator's mesh client (its DHT and petals' client code)."""
+
+    def __init__(self, mesh, seed: int | None = None):
+        self.mesh = mesh
+        self._rng = random.Random(seed)
+        self._reference: tuple[int, object] | None = None  # (block index, module): one block at a time
+
+    def probe(self, peer_id: str, span: tuple[int, int], torch_dtype: str, quant_type: str) -> ProbeResult:
+        import torch
+
+        block = self._rng.randrange(span[0], span[1])
+        tolerance = tolerance_for(torch_dtype, quant_type)
+        config = self.mesh.model_config()
+        generator = torch.Generator().manual_seed(self._rng.randrange(2**31))
+        hidden = torch.randn(1, PROBE_TOKENS, config.hidden_size, generator=generator)
+        with torch.inference_mode():
+            expected = self._reference_block(block)(hidden)[0]
+        try:
+            answered = self.mesh.forward_through(peer_id, block, hidden)
+        except Exception as err:  # unreachable, refused, timed out: not a wrong answer, and not a pass
+            return ProbeResult(block, 0, None, tolerance, f"no answer from the worker for block {block}: {err}")
+        if answered.shape != expected.shape or not torch.isfinite(answered).all():
+            return ProbeResult(block, PROBE_TOKENS, None, tolerance,
+                               f"block {block} returned shape {tuple(answered.shape)} or non-finite values")
+        error = float((answered.float() - expected).norm() / expected.norm().clamp_min(1e-12))
+        problem = None
+        if error > tolerance:
+            problem = f"block {block} activations differ from the reference: relative error {error:.3g} > {tolerance:g}"
+        return ProbeResult(block, PROBE_TOKENS, error, tolerance, problem)
+
+    def _reference_block(self, block: int):
+        if self._reference is None or self._reference[0] != block:
+            self._reference = None  # free the previous block's weights first
+            self._reference = (block, self.mesh.load_block(block))
+        return self._reference[1]
+
+
+class SpotCheckLoop:
+    """Every ``period`` seconds, one probe per online, unquarantined worker with a known span. A wrong answer
+    quarantines the worker (store) and the mesh client routes nothing more to it; no answer is recorded (the
+    worker's view says the coordinator cannot reach it) but is not a wrong answer."""
+
+    def __init__(self, checker: SpotChecker, store, period: float, workers_to_probe):
+        import threading
+
+        self.checker, self.store, self.period = checker, store, period
+        self._workers_to_probe = workers_to_probe  # () -> rows of online workers with known spans
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spot-checks", daemon=True)
+
+    def start(self) -> SpotCheckLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import time
+
+        excluded: set[str] = set()
+        while not self._stop.wait(self.period):
+            try:
+                quarantined = self.store.quarantined_peers()
+                if quarantined != excluded:
+                    self.checker.mesh.exclude_peers(quarantined)
+                    excluded = quarantined
+                for row in self._workers_to_probe():
+                    if self._stop.is_set() or row["peer_id"] in quarantined:
+                        continue
+                    result = self.checker.probe(row["peer_id"], (row["block_start"], row["block_end"]),
+                                                row["torch_dtype"], row["quant_type"])
+                    wrong = not result.passed and result.tokens > 0  # it answered, and wrongly
+                    self.store.record_probe(row["worker_id"], time.time(), result.block, result.tokens,
+                                            result.error, result.tolerance, result.problem, quarantine=wrong)
+                    if wrong:
+                        log.warning("worker %s quarantined: %s", row["worker_id"], result.problem)
+                    elif result.problem:
+                        log.info("probe of worker %s: %s", row["worker_id"], result.problem)
+            except Exception:  # a probe round must never end the loop (mesh not loaded yet, DHT hiccup)
+                log.exception("spot-check round failed")

@@ -1,0 +1,80 @@
+"""Spot checks against a real dishonest worker: a `farworker run` serving the tiny model's blocks with changed
+weights (a checkpoint of the same model whose blocks were altered, announced under the same DHT prefix).
+
+The coordinator probes each online worker's span through that worker alone and compares the activations with
+its own float32 computation of the block. The altered worker is quarantined (paid nothing, routed nothing, told
+why in its heartbeat answers); the honest worker passes every probe and keeps serving completions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import requests
+from polling import wait_for
+
+from farworker.coordinator.app import Settings
+from farworker.coordinator.service import RunningCoordinator
+from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME
+
+pytestmark = pytest.mark.slow
+PROBE_PERIOD = 1.0
+HONEST_PROBES = 15
+
+
+def altered_checkpoint(tiny_model, directory):
+    """The tiny checkpoint with every block's MLP output projection scaled by 1.02: a small, systematic change
+    (what a worker serving other weights, or a broken quantization, would give)."""
+    from safetensors.torch import load_file, save_file
+
+    target = directory / TINY_MODEL_NAME  # the same DHT prefix as the honest model
+    shutil.copytree(tiny_model, target)
+    weights = load_file(str(target / "model.safetensors"))
+    for block in range(TINY_CONFIG["num_hidden_layers"]):
+        name = f"model.layers.{block}.mlp.down_proj.weight"
+        weights[name] = weights[name] * 1.02
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tiny_model, bootstrap_peer,
+                                                                   start_workers):
+    settings = Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0, model_path=tiny_model,
+                        model_name=TINY_MODEL_NAME, initial_peers=tuple(bootstrap_peer), probe_period_s=PROBE_PERIOD)
+    with RunningCoordinator(settings) as coordinator:
+        honest = start_workers("honest", "0:4", bootstrap_peer, api_url=coordinator.url)
+        altered_model = altered_checkpoint(tiny_model, tmp_path / "altered")
+        altered = start_workers("altered", "0:4", bootstrap_peer, api_url=coordinator.url, env={
+            "FARLABS_MODEL_NAME": str(altered_model), "FARLABS_ALLOW_LOCAL_MODEL": "true"})
+        honest_id, altered_id = honest.wait_online()["peer_id"], altered.wait_online()["peer_id"]
+
+        def view(peer_id):
+            workers = requests.get(f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]
+            return next((w for w in workers if w["peer_id"] == peer_id), None)
+
+        online_at = time.monotonic()
+        wait_for(lambda: (view(altered_id) or {}).get("quarantined"), 60, "the altered worker quarantined")
+        bad = view(altered_id)
+        assert bad["state"] == "quarantined" and "differ from the reference" in bad["quarantined"]
+        assert time.monotonic() - online_at < 2 * PROBE_PERIOD + 30  # its first probes (workers register late)
+        # the worker hears why in its heartbeat answers and says so in its journal and `farworker status`
+        wait_for(lambda: "QUARANTINED by the coordinator" in altered.proc.log_tail(400), 30, "the worker told")
+
+        wait_for(lambda: (view(honest_id) or {}).get("probes", 0) >= HONEST_PROBES, 120,
+                 f"{HONEST_PROBES} probes of the honest worker")
+        good = view(honest_id)
+        assert good["quarantined"] is None and good["probes_passed"] == good["probes"], good
+        assert good["state"] == "online" and good["tokens_attested"] > 0
+
+        # routed nothing any more: every completion goes through the honest worker only
+        time.sleep(2 * PROBE_PERIOD)  # the mesh client drops the quarantined peer at its next update
+        for _ in range(3):
+            answer = requests.post(f"{coordinator.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4},
+                                   timeout=120)
+            assert answer.status_code == 200, answer.text
+            assert {span["peer_id"] for span in answer.json()["route"]} == {honest_id}
+        time.sleep(3)  # the workers' usage for those arrives
+        assert view(altered_id)["earnings_far"] == 0
+        assert view(honest_id)["earnings_far"] > 0
