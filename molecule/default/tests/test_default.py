@@ -199,6 +199,11 @@ def test_security_exposure_at_most_3(name):
 
 @pytest.fixture(scope="module")
 def mesh_result():
+    return run_mesh_client()
+
+
+def run_mesh_client() -> dict:
+    """A petals client on the bootstrap host generates through both workers and compares with transformers."""
     boot = host(BOOT)
     boot.ansible("copy", f"src={CLIENT} dest=/var/tmp/mesh_client.py mode=0644", check=False)
     peers = boot.check_output("cat /var/lib/farworker-bootstrap/bootstrap-maddrs.txt").split()
@@ -369,6 +374,35 @@ def test_sigstop_is_caught_by_the_watchdog():
     journal = h.check_output("journalctl -u farworker --no-pager -n 200")
     assert "Watchdog timeout" in journal
     _restarted_after(h, int(p["NRestarts"]), 120, "READY after the watchdog restart")
+
+
+# The worker's processes, from /proc (the image has no procps): the DHT process is the child with children (its
+# p2pd); a connection handler is a forked child of the same name without children.
+CHILD_OF_KIND = {
+    "dht": 'for c in $(cat /proc/{pid}/task/*/children); do [ -n "$(cat /proc/$c/task/*/children)" ] && echo $c; done',
+    "handler": 'for c in $(cat /proc/{pid}/task/*/children); do [ "$(cat /proc/$c/comm)" = "$(cat /proc/{pid}/comm)" ]'
+               ' && [ -z "$(cat /proc/$c/task/*/children)" ] && echo $c; done',
+}
+
+
+@pytest.mark.parametrize("kind", ["dht", "handler"])
+def test_a_dead_child_ends_in_a_prompt_restart_and_serving(kind):
+    """kill -9 of one of the worker's processes: seen at the next health check (5 s), usage kept, exit 70, and
+    Restart=on-failure brings it back to READY at once (not after the watchdog's or a stop timeout)."""
+    h = host(WORKERS[0])
+    h.check_output("systemctl reset-failed farworker")
+    p = props(h, "farworker", "MainPID", "NRestarts")
+    victims = h.check_output(CHILD_OF_KIND[kind].format(pid=p["MainPID"])).split()
+    assert victims, f"no {kind} process under {p['MainPID']}"
+    killed = time.monotonic()
+    h.check_output(f"kill -9 {victims[-1]}")
+    _restarted_after(h, int(p["NRestarts"]), 120, f"READY after the {kind} process died")
+    back = time.monotonic() - killed
+    journal = h.check_output("journalctl -u farworker --no-pager -n 300")
+    assert "Exiting with status 70 so the service is restarted: child process" in journal, journal[-3000:]
+    assert back < 5 + 23 + 2 + 60, f"back to READY after {back:.0f} s"  # detection + stop + RestartSec + start
+    result = run_mesh_client()
+    assert result["got"] == result["expected"], result
 
 
 def test_bad_wallet_fails_with_78_and_is_not_retried():
