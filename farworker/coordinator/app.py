@@ -373,6 +373,10 @@ def create_app(settings: Settings) -> FastAPI:
         now = time.time()
         row = store.worker_row(worker_id)
         total = total_blocks_of(row)
+        for i, record in enumerate(body.records):
+            if total and record.blocks[1] > total:
+                raise ApiError(422, f"records.{i}.blocks {record.blocks} lies outside the model's {total} blocks",
+                               "invalid_payload", f"records.{i}.blocks")
         accepted = store.add_usage(
             worker_id,
             [r.model_dump() for r in body.records],
