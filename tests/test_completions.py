@@ -78,11 +78,12 @@ def completions_stored(mesh) -> tuple[int, int]:
 
 
 def assert_refused(answer: requests.Response, status: int, field: str) -> dict:
+    """An OpenAI-shaped error naming the field: {"error": {"message", "type", "param", "code"}}."""
     assert answer.status_code == status, answer.text
-    error = answer.json()
-    assert error["field"] == field, error
-    assert error["code"] == "invalid_payload", error
-    assert field in error["error"] and "\n" not in error["error"], error
+    error = answer.json()["error"]
+    assert error["param"] == field, error
+    assert error["code"] == "invalid_payload" and error["type"] == "invalid_request_error", error
+    assert field in error["message"] and "\n" not in error["message"], error
     return error
 
 
@@ -91,17 +92,23 @@ def test_greedy_temperature_zero_and_the_default_agree_with_local_transformers(m
     default = complete(mesh, prompt=PROMPT, max_tokens=NEW_TOKENS)
     expected = generate_locally(str(mesh.model), PROMPT, NEW_TOKENS)
     assert explicit["choices"][0]["token_ids"] == default["choices"][0]["token_ids"] == expected
-    assert explicit["choices"][0]["text"] is None  # token ids in: no tokenizer involved, no text out
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(str(mesh.model)).decode(expected, skip_special_tokens=True)
+    assert explicit["choices"][0]["text"] == text  # token ids in, token ids and their text out
 
 
-def test_the_tiny_model_has_no_tokenizer_so_a_text_prompt_is_refused_naming_prompt(mesh):
-    names = {p.name for p in mesh.model.iterdir()}
-    assert not {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"} & names, names
-    before = completions_stored(mesh)
-    for text in ["Hello, mesh", " "]:
-        error = assert_refused(post(mesh, {"prompt": text, "max_tokens": 4}), 400, "prompt")
-        assert "token ids" in error["error"], error
-    assert completions_stored(mesh) == before
+def test_a_text_prompt_goes_through_the_tiny_models_tokenizer(mesh):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(mesh.model))
+    ids = tokenizer("Hello, mesh")["input_ids"]
+    assert tokenizer.decode(ids) == "Hello, mesh"  # byte-level: every text round-trips
+    body = complete(mesh, prompt="Hello, mesh", max_tokens=NEW_TOKENS)
+    expected = generate_locally(str(mesh.model), ids, NEW_TOKENS)
+    assert body["choices"][0]["token_ids"] == expected
+    assert body["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert body["usage"]["prompt_tokens"] == len(ids)
 
 
 def test_sampling_returns_valid_tokens_and_the_ledger_bills_exactly_those(mesh):
@@ -113,8 +120,8 @@ def test_sampling_returns_valid_tokens_and_the_ledger_bills_exactly_those(mesh):
     for choice in sampled:
         stopped = len(choice["token_ids"]) < NEW_TOKENS or choice["token_ids"][-1] == 2  # eos
         assert choice["finish_reason"] == ("stop" if stopped else "length"), choice
-    # The API takes no seed, so runs are not reproducible; with 6 tokens from the top 50 of a near-flat
-    # distribution, three samples all equal to the greedy answer or to each other mean no sampling.
+    # Without a seed runs are not reproducible; with 6 tokens from the top 50 of a near-flat distribution,
+    # three samples all equal to the greedy answer or to each other mean no sampling.
     runs = [tuple(c["token_ids"]) for c in sampled]
     assert len(set(runs)) > 1 and any(list(run) != greedy for run in runs), runs
     mesh.wait_ledger_matches()
@@ -136,7 +143,10 @@ def test_a_temperature_far_below_one_is_served_not_a_mesh_error(mesh):
         ({"prompt": PROMPT, "max_tokens": 4, "temperature": -0.1}, "temperature"),
         ({"prompt": PROMPT, "max_tokens": 4, "temperature": 10.5}, "temperature"),
         ({"prompt": PROMPT, "max_tokens": 4, "temperature": "hot"}, "temperature"),
-        ({"prompt": PROMPT, "max_tokens": 4, "seed": 7}, "seed"),  # no seed in this API
+        ({"prompt": PROMPT, "max_tokens": 4, "seed": -7}, "seed"),
+        ({"prompt": PROMPT, "max_tokens": 4, "n": 3}, "n"),  # one choice per request
+        ({"prompt": PROMPT, "max_tokens": 4, "top_p": 0}, "top_p"),
+        ({"prompt": PROMPT, "max_tokens": 4, "logprobs": 1}, "logprobs"),  # not supported: refused, not ignored
         ({"prompt": "", "max_tokens": 4}, "prompt"),
         ({"prompt": [], "max_tokens": 4}, "prompt"),
         ({"max_tokens": 4}, "prompt"),  # neither text nor token ids
@@ -151,7 +161,7 @@ def test_a_temperature_far_below_one_is_served_not_a_mesh_error(mesh):
 )
 def test_a_malformed_payload_is_refused_naming_the_field_and_nothing_is_stored(mesh, payload, field):
     before = completions_stored(mesh)
-    assert_refused(post(mesh, payload), 422, field)
+    assert_refused(post(mesh, payload), 400, field)
     assert completions_stored(mesh) == before
 
 

@@ -360,9 +360,10 @@ def test_client_errors_are_one_type_with_a_clear_message(coordinator, keys):
 
 def test_completions_without_a_model_is_503(coordinator):
     r = requests.post(coordinator.url + "/v1/completions", json={"prompt": [1, 2, 3]}, timeout=10)
-    assert r.status_code == 503 and r.json()["code"] == "no_model"
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_model"
     r = requests.post(coordinator.url + "/v1/completions", json={"prompt": []}, timeout=10)
-    assert r.status_code == 422 and r.json()["field"] == "prompt"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert requests.get(coordinator.url + "/v1/models", timeout=10).json() == {"object": "list", "data": []}
 
 
 # --- a worker registered before it knows its blocks ----------------------------------------------------

@@ -118,4 +118,5 @@ def test_whole_bodies(coordinator, worker, payload):
         send(coordinator, identity, f"/v1/workers/{worker_id}/{tail}", payload)
     r = requests.post(coordinator.url + "/v1/completions", data=json.dumps(payload), timeout=10,
                       headers={"Content-Type": "application/json"})
-    assert r.status_code < 500, (payload, r.text[:300])
+    # this coordinator has no model: a well-formed request gets 503 no_model, never another 5xx
+    assert r.status_code < 500 or r.json()["error"]["code"] == "no_model", (payload, r.text[:300])

@@ -64,6 +64,11 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
 
         wait_for(lambda: (view(honest_id) or {}).get("probes", 0) >= HONEST_PROBES, 120,
                  f"{HONEST_PROBES} probes of the honest worker")
+        errors = {peer: [row["error"] for row in coordinator.store._read(
+            "SELECT p.error FROM probes p JOIN workers w ON w.worker_id = p.worker_id WHERE w.peer_id = ?", (peer,))]
+            for peer in (honest_id, altered_id)}
+        # float32 on both sides: the same arithmetic (measured 0.0); the altered blocks: 5.3e-3 of the update
+        assert max(errors[honest_id]) <= 1e-6 and min(errors[altered_id]) > 1e-3, errors
         good = view(honest_id)
         assert good["quarantined"] is None and good["probes_passed"] == good["probes"], good
         assert good["state"] == "online" and good["tokens_attested"] > 0

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from farworker.coordinator import ledger
 from farworker.coordinator.models import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     DeregisterRequest,
@@ -23,12 +25,23 @@ from farworker.coordinator.models import (
     ErrorResponse,
     HeartbeatRequest,
     HeartbeatResponse,
+    ModelCard,
+    ModelList,
     RegisterRequest,
     RegisterResponse,
     UsageRequest,
     UsageResponse,
     WorkerList,
     WorkerView,
+)
+from farworker.coordinator.openai_api import (
+    OPENAI_PATHS,
+    Admission,
+    Busy,
+    StreamSpec,
+    now_s,
+    openai_error,
+    sse_stream,
 )
 from farworker.coordinator.store import Store
 from farworker.identity import HEADER_PEER_ID, SignatureError, verify_request
@@ -81,6 +94,8 @@ class Settings:
     dht_prefix: str | None = None
     model_blocks: dict[str, int] = field(default_factory=dict)  # model name -> block count, for the ledger
     probe_period_s: float = 300.0  # spot checks of each online worker (with a model configured); 0: none
+    max_active_generations: int = 8  # petals inference sessions the coordinator runs at once
+    max_queued_generations: int = 32  # requests waiting for a slot; beyond: 429 with Retry-After
 
     def __post_init__(self):
         self.db_path = Path(self.db_path)
@@ -187,8 +202,14 @@ def create_app(settings: Settings) -> FastAPI:
                                               workers_to_probe).start()
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
+    def for_openai(request: Request) -> bool:
+        return request.url.path.startswith(OPENAI_PATHS)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
+        if for_openai(request):
+            headers = {"Retry-After": "1"} if err.status == 429 else None
+            return JSONResponse(openai_error(err.status, err.message, err.code, err.field), err.status, headers)
         return _error(err.status, err.message, err.code, err.field)
 
     @app.exception_handler(RequestValidationError)
@@ -197,13 +218,14 @@ def create_app(settings: Settings) -> FastAPI:
         first = problems[0] if problems else {"loc": (), "msg": "invalid"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         name = ".".join(loc) or None
+        message = f"invalid {name or 'payload'}: {first.get('msg')}"
+        if for_openai(request):  # OpenAI answers an invalid request with 400 and its error object
+            return JSONResponse(openai_error(400, message, "invalid_payload", name), 400)
         detail = [
             {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg")}
             for e in problems
         ]
-        return _error(
-            422, f"invalid {name or 'payload'}: {first.get('msg')}", "invalid_payload", name, detail=detail
-        )
+        return _error(422, message, "invalid_payload", name, detail=detail)
 
     def _check(public_key: str, request: Request) -> str:
         try:
@@ -421,54 +443,143 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(404, f"unknown worker {worker_id}", "unknown_worker")
         return view(row, time.time())
 
+    admission = Admission(settings.max_active_generations, settings.max_queued_generations)
+    started = int(time.time())
+
+    def served_model(requested: str | None) -> str:
+        if mesh is None:
+            raise ApiError(503, "this coordinator has no model configured for completions (--model-path)", "no_model")
+        if requested and requested != settings.model_name:
+            raise ApiError(400, f"model {requested!r} is not served here; this mesh serves {settings.model_name!r}",
+                           "unknown_model", "model")
+        return settings.model_name
+
+    def generation(body, prompt_ids_of, completion_id: str):
+        """A run(on_token, cancelled) -> Generation for the request, which records the route (attested) and
+        frees its admission slot however it ends."""
+        from farworker.coordinator.mesh import MeshError
+
+        def run(on_token=None, cancelled=None):
+            try:
+                result = mesh.generate(prompt_ids_of(), body.max_tokens, body.temperature, top_p=body.top_p,
+                                       seed=body.seed, stop=body.stop_strings(), on_token=on_token,
+                                       cancelled=cancelled)
+            except MeshError as err:
+                raise ApiError(err.status, str(err), err.code, err.field) from None
+            finally:
+                admission.leave()
+            route = [dict(span, worker_id=store.worker_by_peer(span["peer_id"])) for span in result.route]
+            store.record_completion(completion_id, time.time(), settings.model_name, len(result.prompt_ids),
+                                    len(result.completion_ids), route)
+            result.route, result.id = route, completion_id
+            return result
+
+        return run
+
+    def admit() -> None:
+        try:
+            admission.enter()
+        except Busy as busy:
+            raise ApiError(429, f"the mesh is at its limit of concurrent generations ({busy}); retry shortly",
+                           "rate_limited") from None
+
+    def usage_of(result) -> dict:
+        prompt, completion = len(result.prompt_ids), len(result.completion_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def stream_response(run, spec: StreamSpec, stop: tuple[str, ...]) -> StreamingResponse:
+        def error_chunk(err: Exception) -> dict:
+            if isinstance(err, ApiError):
+                return openai_error(err.status, err.message, err.code, err.field)
+            return openai_error(503, f"the mesh could not serve the request: {err}", "mesh_unavailable", None)
+
+        return StreamingResponse(sse_stream(run, spec, error_chunk, mesh.decode, stop), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/models", response_model=ModelList, tags=["inference"])
+    def list_models() -> ModelList:
+        names = [settings.model_name] if mesh is not None else []
+        return ModelList(data=[ModelCard(id=name, created=started) for name in names])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["inference"],
+             responses={404: {"model": ErrorResponse}})
+    def get_model(model_id: str) -> ModelCard:
+        if mesh is None or model_id != settings.model_name:
+            raise ApiError(404, f"model {model_id!r} is not served here", "unknown_model", "model")
+        return ModelCard(id=model_id, created=started)
+
     @app.post(
         "/v1/completions",
         response_model=CompletionResponse,
         tags=["inference"],
-        responses={400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
     )
-    def completions(body: CompletionRequest) -> CompletionResponse:
-        if mesh is None:
-            raise ApiError(
-                503, "this coordinator has no model configured for completions (--model-path)", "no_model"
-            )
-        if body.model and body.model != settings.model_name:
-            raise ApiError(
-                400,
-                f"model {body.model!r} is not served here; this mesh serves {settings.model_name!r}",
-                "unknown_model",
-                "model",
-            )
+    def completions(body: CompletionRequest):
+        model = served_model(body.model)
+        run_id = f"cmpl-{uuid.uuid4().hex}"
+        run = generation(body, lambda: body.prompt, run_id)
+        admit()
+        if body.stream:
+            def piece(text: str, token: int) -> dict:
+                choice = {"index": 0, "text": text, "token_ids": [token] if token >= 0 else [], "finish_reason": None}
+                return {"id": run_id, "object": "text_completion", "created": now_s(), "model": model,
+                        "choices": [choice]}
+
+            def last(result) -> dict:
+                return {"id": run_id, "object": "text_completion", "created": now_s(), "model": model,
+                        "choices": [{"index": 0, "text": "", "token_ids": [], "finish_reason": result.finish_reason}],
+                        "usage": usage_of(result), "route": result.route}
+
+            return stream_response(run, StreamSpec(lambda: None, piece, last), body.stop_strings())
+        result = run()
+        return CompletionResponse(
+            id=result.id,
+            created=now_s(),
+            model=model,
+            choices=[{"index": 0, "text": result.text, "token_ids": result.completion_ids,
+                      "finish_reason": result.finish_reason}],
+            usage=usage_of(result),
+            route=result.route,
+        )
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        tags=["inference"],
+        responses={400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    )
+    def chat_completions(body: ChatCompletionRequest):
         from farworker.coordinator.mesh import MeshError
 
-        try:
-            result = mesh.generate(body.prompt, body.max_tokens, body.temperature)
+        model = served_model(body.model)
+        try:  # the template's refusals (roles out of order, no tokenizer) before any slot is taken
+            prompt_ids = mesh.chat_prompt_ids([m.model_dump() for m in body.messages])
         except MeshError as err:
             raise ApiError(err.status, str(err), err.code, err.field) from None
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        route = [dict(span, worker_id=store.worker_by_peer(span["peer_id"])) for span in result.route]
-        now = time.time()
-        store.record_completion(
-            completion_id, now, settings.model_name, len(result.prompt_ids), len(result.completion_ids), route
-        )
-        return CompletionResponse(
-            id=completion_id,
-            created=int(now),
-            model=settings.model_name,
-            choices=[
-                {
-                    "index": 0,
-                    "text": result.text,
-                    "token_ids": result.completion_ids,
-                    "finish_reason": result.finish_reason,
-                }
-            ],
-            usage={
-                "prompt_tokens": len(result.prompt_ids),
-                "completion_tokens": len(result.completion_ids),
-                "total_tokens": len(result.prompt_ids) + len(result.completion_ids),
-            },
-            route=route,
+        run_id = f"chatcmpl-{uuid.uuid4().hex}"
+        run = generation(body, lambda: prompt_ids, run_id)
+        admit()
+
+        def chunk(delta: dict, finish: str | None) -> dict:
+            return {"id": run_id, "object": "chat.completion.chunk", "created": now_s(), "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        if body.stream:
+            def last(result) -> dict:
+                return {**chunk({}, result.finish_reason), "usage": usage_of(result), "route": result.route}
+
+            spec = StreamSpec(lambda: chunk({"role": "assistant", "content": ""}, None),
+                              lambda text, _token: chunk({"content": text}, None), last)
+            return stream_response(run, spec, body.stop_strings())
+        result = run()
+        return ChatCompletionResponse(
+            id=result.id,
+            created=now_s(),
+            model=model,
+            choices=[{"index": 0, "message": {"role": "assistant", "content": result.text or ""},
+                      "finish_reason": result.finish_reason}],
+            usage=usage_of(result),
+            route=result.route,
         )
 
     _document_signatures(app)

@@ -54,10 +54,12 @@ class Generation:
     text: str | None
     finish_reason: str
     route: list[dict]  # {"peer_id", "blocks": [start, end], "tokens"}
+    id: str = ""  # the coordinator's id for the request, once recorded
 
 
 class MeshClient:
-    """One petals client per coordinator, loaded on first use; requests run one at a time."""
+    """One petals client per coordinator, loaded on first use; each request runs in its own inference session,
+    several at once (the coordinator bounds how many)."""
 
     def __init__(self, model_path: Path, initial_peers: list[str], dht_prefix: str | None, **client_options):
         self.model_path = Path(model_path)
@@ -106,13 +108,7 @@ class MeshClient:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            if self._tokenizer is None:
-                raise MeshError(
-                    "this model has no tokenizer; send the prompt as a list of token ids",
-                    400,
-                    "invalid_payload",
-                    "prompt",
-                )
+            self._need_tokenizer("prompt")
             ids = self._tokenizer(prompt)["input_ids"]
         else:
             ids = list(prompt)
@@ -126,45 +122,77 @@ class MeshClient:
             )
         return ids
 
-    def generate(self, prompt: str | list[int], max_tokens: int, temperature: float) -> Generation:
+    def _need_tokenizer(self, field: str) -> None:
+        if self._tokenizer is None:
+            raise MeshError("this model has no tokenizer; send the prompt as a list of token ids", 400,
+                            "invalid_payload", field)
 
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The conversation in the model's own chat template (Llama-2 chat: [INST] ... [/INST], <<SYS>>)."""
         with self._lock:
-            model = self._load()
-            ids = self._prompt_ids(prompt)
-            limit = getattr(self._config, "max_position_embeddings", None)
-            if limit and len(ids) + max_tokens > limit:
-                raise MeshError(
-                    f"prompt + max_tokens = {len(ids) + max_tokens} exceeds the model's {limit} positions",
-                    400,
-                    "invalid_payload",
-                    "max_tokens",
-                )
-            sampling = (
-                {"do_sample": True, "temperature": temperature}
-                if temperature >= GREEDY_BELOW_TEMPERATURE
-                else {"do_sample": False}
+            self._load()
+        self._need_tokenizer("messages")
+        try:
+            return list(self._tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except Exception as err:  # the template's own checks (roles must alternate user/assistant)
+            raise MeshError(f"messages: {err}", 400, "invalid_payload", "messages") from None
+
+    def decode(self, ids: list[int]) -> str | None:
+        return self._tokenizer.decode(ids, skip_special_tokens=True) if self._tokenizer else None
+
+    def generate(self, prompt: str | list[int], max_tokens: int, temperature: float, *, top_p: float = 1.0,
+                 seed: int | None = None, stop: tuple[str, ...] = (), on_token=None,
+                 cancelled: threading.Event | None = None) -> Generation:
+        """One completion in its own petals inference session; many may run at once (one per thread).
+
+        ``on_token(token_id)`` is called as each new token arrives (streaming); ``cancelled`` set ends the
+        generation at the next token (a client that went away): what was served so far is still routed
+        and returned. ``stop`` strings end it once the decoded completion contains one (the text is cut
+        before it)."""
+        with self._lock:
+            self._load()
+        ids = self._prompt_ids(prompt)
+        if stop:
+            self._need_tokenizer("stop")
+        limit = getattr(self._config, "max_position_embeddings", None)
+        if limit and len(ids) + max_tokens > limit:
+            raise MeshError(
+                f"prompt + max_tokens = {len(ids) + max_tokens} exceeds the model's {limit} positions",
+                400,
+                "invalid_payload",
+                "max_tokens",
             )
-            seen: list = []  # every server session of every attempt: each one's tokens were served and billed
-            for attempt in range(1, GENERATION_ATTEMPTS + 1):
-                try:
-                    output = self._generate_once(model, ids, max_tokens, sampling, seen)
-                    break
-                except Exception as err:
-                    if attempt < GENERATION_ATTEMPTS:
-                        # petals re-routes a step itself, but a replacement server that cannot rebuild the
-                        # cache ("Broken input cache", a worker draining mid-session) ends the session.
-                        log.warning("completion failed in the mesh, retrying in a fresh session: %s", err)
-                        continue
-                    log.warning("completion failed in the mesh: %s", err)
-                    raise MeshError(f"the mesh could not serve the request: {err}") from None
-        completion = output[0, len(ids) :].tolist()
-        eos = getattr(self._config, "eos_token_id", None)
-        finish = (
-            "stop"
-            if len(completion) < max_tokens or (eos is not None and completion[-1:] == [eos])
-            else "length"
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            if temperature >= GREEDY_BELOW_TEMPERATURE
+            else {"do_sample": False}
         )
-        text = self._tokenizer.decode(completion, skip_special_tokens=True) if self._tokenizer else None
+        watcher = _TokenWatcher(self, stop, on_token, cancelled)
+        seen: list = []  # every server session of every attempt: each one's tokens were served and billed
+        for attempt in range(1, GENERATION_ATTEMPTS + 1):
+            try:
+                output = self._generate_once(ids, max_tokens, sampling, seed, watcher, seen)
+                break
+            except _Cancelled:
+                output = None
+                break
+            except Exception as err:
+                # petals re-routes a step itself, but a replacement server that cannot rebuild the cache
+                # ("Broken input cache", a worker draining mid-session) ends the session. A stream that already
+                # sent tokens cannot take them back: it is retried only if a retry repeats them (greedy).
+                if attempt < GENERATION_ATTEMPTS and (not watcher.tokens or not sampling["do_sample"]):
+                    log.warning("completion failed in the mesh, retrying in a fresh session: %s", err)
+                    watcher.restart()
+                    continue
+                log.warning("completion failed in the mesh: %s", err)
+                raise MeshError(f"the mesh could not serve the request: {err}") from None
+        completion = watcher.tokens if output is None or watcher.stopped else output[0, len(ids):].tolist()
+        eos = getattr(self._config, "eos_token_id", None)
+        if watcher.stopped or output is None:
+            finish = "stop"
+        else:
+            finish = ("stop" if len(completion) < max_tokens or (eos is not None and completion[-1:] == [eos])
+                      else "length")
         route = [
             {
                 "peer_id": s.span.peer_id.to_base58(),
@@ -174,20 +202,24 @@ class MeshClient:
             for s in seen
             if s._position > 0
         ]
-        return Generation(ids, completion, text, finish, route)
+        return Generation(ids, completion, watcher.text(completion), finish, route)
 
-    def _generate_once(self, model, ids: list[int], max_tokens: int, sampling: dict, seen: list):
+    def _generate_once(self, ids: list[int], max_tokens: int, sampling: dict, seed: int | None, watcher, seen: list):
         import torch
 
+        model = self._model
         with model.inference_session(max_length=len(ids) + max_tokens) as session:
             self._track(session, seen)
             try:
+                if seed is not None and sampling["do_sample"]:
+                    torch.manual_seed(seed)  # per thread's generator would be better; torch has one global CPU RNG
                 with torch.inference_mode():
                     return model.generate(
                         torch.tensor([ids]),
                         max_new_tokens=max_tokens,
                         session=session,
                         pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
+                        streamer=watcher,
                         **sampling,
                     )
             finally:
@@ -281,3 +313,49 @@ def _keep(seen: list, server_sessions) -> None:
     for server_session in server_sessions:
         if not any(server_session is known for known in seen):
             seen.append(server_session)
+
+
+class _Cancelled(Exception):
+    """Raised inside generate (from the streamer) to end a generation the client no longer waits for."""
+
+
+class _TokenWatcher:
+    """transformers' streamer interface: sees each new token as it is generated, feeds ``on_token``, ends the
+    generation on a stop string or a cancellation."""
+
+    def __init__(self, mesh: MeshClient, stop: tuple[str, ...], on_token, cancelled: threading.Event | None):
+        self.mesh, self.stop, self.on_token, self.cancelled = mesh, stop, on_token, cancelled
+        self.tokens: list[int] = []
+        self.stopped = False  # a stop string appeared
+        self._prompt_seen = False
+        self._replay = 0  # tokens a retry regenerates that were passed on already
+
+    def restart(self) -> None:
+        """A retry regenerates from the prompt; tokens already passed on are not passed on again."""
+        self._prompt_seen = False
+        self._replay = len(self.tokens)
+        self.tokens = []
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first hands the streamer the prompt
+            self._prompt_seen = True
+            return
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise _Cancelled()
+        for token in value.reshape(-1).tolist():
+            self.tokens.append(int(token))
+            if len(self.tokens) > self._replay and self.on_token is not None:
+                self.on_token(int(token))
+        if self.stop and any(s in (self.mesh.decode(self.tokens) or "") for s in self.stop):
+            self.stopped = True
+            raise _Cancelled()
+
+    def end(self) -> None:
+        pass
+
+    def text(self, completion: list[int]) -> str | None:
+        text = self.mesh.decode(completion)
+        if text is not None and self.stopped:
+            cut = min((text.find(s) for s in self.stop if s in text), default=len(text))
+            text = text[:cut]
+        return text

@@ -4,8 +4,8 @@ alone, and compares the activations it returns with its own computation of the s
 The coordinator loads only the block it checks (one at a time, the last one kept), so checking a 70B mesh needs
 one block's weights, not the model. The probe is random hidden states of the model's width (seeded per probe,
 scaled like real activations); the worker runs them through petals' `rpc_forward`. The comparison is the
-relative L2 error ``||worker - reference|| / ||reference||`` against a tolerance for the worker's registered
-dtype and quantization (`tolerance_for`, derivation in docs/trust.md).
+L2 error relative to the block's own update, ``||worker - reference|| / ||reference - input||``, against a
+tolerance for the worker's registered dtype and quantization (`tolerance_for`, derivation in docs/trust.md).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class SpotChecker:
         if answered.shape != expected.shape or not torch.isfinite(answered).all():
             return ProbeResult(block, PROBE_TOKENS, None, tolerance,
                                f"block {block} returned shape {tuple(answered.shape)} or non-finite values")
-        error = float((answered.float() - expected).norm() / expected.norm().clamp_min(1e-12))
+        # Relative to the block's own update (output - input), not to its output: the residual stream passes
+        # the input through unchanged and would hide a wrong update under its own size.
+        error = float((answered.float() - expected).norm() / (expected - hidden).norm().clamp_min(1e-12))
         problem = None
         if error > tolerance:
             problem = f"block {block} activations differ from the reference: relative error {error:.3g} > {tolerance:g}"

@@ -1,0 +1,176 @@
+"""The coordinator as the official `openai` Python client sees it: models, completions and chat completions,
+streamed and not, errors in OpenAI's shape, many requests at once, a bounded queue (429), and a client that
+goes away mid-stream. Runs on test_mesh_ledger's mesh (two `farworker run` workers splitting the tiny model,
+which has a byte-level tokenizer and Llama-2 chat's template); every answer is compared with local
+transformers' greedy output on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import openai
+import pytest
+import requests
+import test_mesh_ledger
+from polling import wait_for
+
+from farworker.coordinator.app import Settings
+from farworker.coordinator.service import RunningCoordinator
+from farworker.local_reference import generate_locally
+from farworker.tiny_model import TINY_MODEL_NAME
+
+pytestmark = test_mesh_ledger.pytestmark
+mesh = test_mesh_ledger.mesh  # the same fixture: one mesh for this module
+NEW_TOKENS = 8
+CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
+OTHER_COORDINATORS_ROUTES: Counter = Counter()  # served through the same workers by a test's own coordinator
+
+
+@pytest.fixture(scope="module")
+def client(mesh):
+    return openai.OpenAI(base_url=f"{mesh.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(mesh):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(mesh.model))
+
+
+def local_text(mesh, tokenizer, ids: list[int], n: int = NEW_TOKENS) -> str:
+    return tokenizer.decode(generate_locally(str(mesh.model), ids, n), skip_special_tokens=True)
+
+
+def test_models_lists_the_mesh_model(client):
+    assert [m.id for m in client.models.list()] == [TINY_MODEL_NAME]
+    assert client.models.retrieve(TINY_MODEL_NAME).id == TINY_MODEL_NAME
+
+
+def test_text_completion_plain_and_streamed_equal_local_transformers(mesh, client, tokenizer):
+    expected = local_text(mesh, tokenizer, tokenizer("Hello mesh")["input_ids"])
+    plain = client.completions.create(model=TINY_MODEL_NAME, prompt="Hello mesh", max_tokens=NEW_TOKENS,
+                                      temperature=0)
+    assert plain.choices[0].text == expected and plain.usage.completion_tokens == NEW_TOKENS
+    chunks = list(client.completions.create(model=TINY_MODEL_NAME, prompt="Hello mesh", max_tokens=NEW_TOKENS,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_plain_and_streamed_use_the_chat_template(mesh, client, tokenizer):
+    ids = list(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
+    assert tokenizer.decode(ids).startswith("<s>[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nName a colour. [/INST]")
+    expected = local_text(mesh, tokenizer, ids)
+    plain = client.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, max_tokens=NEW_TOKENS, temperature=0)
+    assert plain.choices[0].message.role == "assistant" and plain.choices[0].message.content == expected
+    assert plain.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, max_tokens=NEW_TOKENS,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_ends_the_text_before_the_stop_string(mesh, client, tokenizer):
+    full = local_text(mesh, tokenizer, tokenizer("12345")["input_ids"], 16)  # '{{\ufffdR\ufffdKsKsKsK'
+    stop = "Ks"
+    assert full.find(stop) > 3, full  # the greedy completion reaches it after a few characters
+    cut = full[: full.find(stop)]
+    plain = client.completions.create(model=TINY_MODEL_NAME, prompt="12345", max_tokens=16, temperature=0,
+                                      stop=[stop, "never"])
+    assert plain.choices[0].text == cut and plain.choices[0].finish_reason == "stop"
+    assert plain.usage.completion_tokens < 16  # it stopped generating, not only cut the text
+    streamed = client.completions.create(model=TINY_MODEL_NAME, prompt="12345", max_tokens=16, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut
+
+
+def test_sampling_with_a_seed_repeats(client):
+    def sample():
+        return client.completions.create(model=TINY_MODEL_NAME, prompt=[1, 5, 9], max_tokens=6, temperature=1.0,
+                                         top_p=0.9, seed=1234).choices[0].model_extra["token_ids"]
+
+    assert sample() == sample()
+
+
+@pytest.mark.parametrize("call,param", [
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", n=2), "n"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", logprobs=2), "logprobs"),
+    (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "tool", "content": "x"}]),
+     "messages.0.role"),
+    (lambda c: c.chat.completions.create(model="gpt-4", messages=CHAT), "model"),
+    (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT[1:] * 2), "messages"),
+])
+def test_unsupported_or_bad_fields_are_a_clear_400(client, call, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        call(client)
+    error = refused.value.body
+    assert refused.value.status_code == 400 and error["param"] == param, error
+    assert param.split(".")[0] in error["message"] and "\n" not in error["message"]
+
+
+def test_many_requests_at_once_each_get_their_own_answer(mesh, client, tokenizer):
+    prompts = [[1, 3 + i, 40 + 7 * i] for i in range(6)]
+    answers: dict[int, list[int]] = {}
+
+    def ask(i):
+        answer = client.completions.create(model=TINY_MODEL_NAME, prompt=prompts[i], max_tokens=NEW_TOKENS,
+                                           temperature=0)
+        answers[i] = answer.choices[0].model_extra["token_ids"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert sorted(answers) == list(range(len(prompts)))
+    for i, prompt in enumerate(prompts):
+        assert answers[i] == generate_locally(str(mesh.model), prompt, NEW_TOKENS), i
+
+
+def test_beyond_the_queue_a_request_gets_429_with_retry_after(mesh, tmp_path):
+    settings = Settings(db_path=tmp_path / "busy.sqlite3", heartbeat_interval_s=2.0, model_path=mesh.model,
+                        model_name=TINY_MODEL_NAME, initial_peers=tuple(mesh.peers), probe_period_s=0,
+                        max_active_generations=1, max_queued_generations=0)
+    with RunningCoordinator(settings) as busy:
+        url = f"{busy.url}/v1/completions"
+        long = requests.post(url, json={"prompt": [1, 2], "max_tokens": 200, "stream": True}, stream=True, timeout=120)
+        next(long.iter_lines())  # the first token: the only slot is taken
+        refused = requests.post(url, json={"prompt": [1, 2], "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        long.close()
+        # the slot comes back once the cancelled stream's generation ends
+        wait_for(lambda: requests.post(url, json={"prompt": [1, 2], "max_tokens": 2}, timeout=60).status_code == 200,
+                 60, "a slot free again")
+        for row in busy.store.completion_routes():  # the workers bill these to the mesh's coordinator
+            OTHER_COORDINATORS_ROUTES[row["peer_id"]] += row["tokens"]
+
+
+def test_a_client_that_leaves_mid_stream_cancels_and_the_served_part_is_attested(mesh):
+    answer = requests.post(f"{mesh.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 300, "stream": True},
+                           stream=True, timeout=120)
+    lines = answer.iter_lines()
+    first = next(line for line in lines if line.startswith(b"data: "))
+    completion_id = __import__("json").loads(first[6:])["id"]
+    for _ in range(3):
+        next(lines)
+    answer.close()
+
+    def stored_route():
+        return [r for r in mesh.coordinator.store.completion_routes() if r["completion_id"] == completion_id]
+
+    route = wait_for(stored_route, 60, "the cancelled completion's route stored")
+    tokens = {r["tokens"] for r in route}
+    assert len(tokens) == 1 and 3 < tokens.pop() < 3 + 300 - 1, route  # cut short, but what was served counts
+
+
+def test_the_ledger_equals_every_route_including_streams_and_cancellations(mesh):
+    routed = Counter(OTHER_COORDINATORS_ROUTES)
+    for row in mesh.coordinator.store.completion_routes():
+        routed[row["peer_id"]] += row["tokens"]
+    wait_for(lambda: mesh.ledger() == dict(routed), 60, f"ledger == routes {dict(routed)} (now {mesh.ledger()})")
