@@ -103,6 +103,55 @@ def _tokens_of(request) -> int:
     return int(size[0]) * int(size[1])
 
 
+def _metered_unary(original):
+    """An RPC answered in one message: on success, one record of the tokens its request carried."""
+
+    # hivemind registers rpc_* methods by their annotations, so the wrapper carries the original's.
+    @functools.wraps(original)
+    async def metered(handler, request, context):
+        sink = type(handler)._farworker_events
+        started = time.time()
+        try:
+            response = await original(handler, request, context)
+        except BaseException:
+            sink.put(("error", None))
+            raise
+        record = make_record("", _block_span(request.uid.split(" ")), _tokens_of(request), 1, started)
+        _store(sink, type(handler)._farworker_outbox_path, "forward", record)
+        return response
+
+    return metered
+
+
+def _metered_stream(original):
+    """An RPC whose request comes in parts (a large tensor split for streaming): the first part carries the
+    uids and the first tensor's shape; one record once the answer has gone out."""
+
+    @functools.wraps(original)
+    async def metered(handler, requests, context):
+        sink = type(handler)._farworker_events
+        started = time.time()
+        first = []
+
+        async def watched():
+            async for request in requests:
+                if not first:
+                    first.append(request)
+                yield request
+
+        try:
+            async for response in original(handler, watched(), context):
+                yield response
+        except BaseException:
+            sink.put(("error", None))
+            raise
+        if first:
+            record = make_record("", _block_span(first[0].uid.split(" ")), _tokens_of(first[0]), 1, started)
+            _store(sink, type(handler)._farworker_outbox_path, "forward", record)
+
+    return metered
+
+
 class ServingMeter:
     """Install once per process, before the Petals server forks its handlers."""
 
@@ -143,7 +192,6 @@ class ServingMeter:
         if getattr(TransformerConnectionHandler, "_farworker_metered", False):
             return
         original_steps = TransformerConnectionHandler._iterate_inference_steps
-        original_forward = TransformerConnectionHandler.rpc_forward
 
         async def metered_steps(handler, first_request, requests, session_id, requested_uids, context):
             sink, path = type(handler)._farworker_events, type(handler)._farworker_outbox_path
@@ -183,22 +231,13 @@ class ServingMeter:
                 report_segment()
                 sink.put(("close", failed))
 
-        # hivemind registers rpc_* methods by their annotations, so the wrapper carries the original's.
-        @functools.wraps(original_forward)
-        async def metered_forward(handler, request, context):
-            sink = type(handler)._farworker_events
-            started = time.time()
-            try:
-                response = await original_forward(handler, request, context)
-            except BaseException:
-                sink.put(("error", None))
-                raise
-            record = make_record("", _block_span(request.uid.split(" ")), _tokens_of(request), 1, started)
-            _store(sink, type(handler)._farworker_outbox_path, "forward", record)
-            return response
-
         TransformerConnectionHandler._iterate_inference_steps = metered_steps
-        TransformerConnectionHandler.rpc_forward = metered_forward
+        # Every other RPC that computes is billed by the tokens it processes, like a forward pass: rpc_forward,
+        # rpc_forward_stream (a forward over petals' unary size), and backward passes (fine-tuning traffic).
+        for name in ("rpc_forward", "rpc_backward"):
+            setattr(TransformerConnectionHandler, name, _metered_unary(getattr(TransformerConnectionHandler, name)))
+        for name in ("rpc_forward_stream", "rpc_backward_stream"):
+            setattr(TransformerConnectionHandler, name, _metered_stream(getattr(TransformerConnectionHandler, name)))
         TransformerConnectionHandler._farworker_metered = True
 
     def _drain(self) -> None:

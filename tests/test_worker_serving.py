@@ -166,3 +166,35 @@ def test_sigkill_mid_session_bills_every_answered_step_once(start_workers, boots
     assert records[0]["steps"] == 1 + len(later_tokens)
     assert "Recovered 1 usage segments of sessions open when the last run stopped" in restarted.proc.log_tail(200)
     assert held_tokens() == 0
+
+
+def test_every_rpc_that_computes_is_metered(start_workers, bootstrap_peer, tiny_model):
+    """Forward and backward passes, unary and streamed (a request over 1 MiB comes in parts): each is a usage
+    record of the tokens it processed. Before, only rpc_forward and inference steps were billed."""
+    import torch
+
+    worker = start_workers("trainer", "0:4", bootstrap_peer)
+    worker.wait_online()
+    client = MeshClient(tiny_model, bootstrap_peer, "farworker-tiny-llama")
+    hidden_size = 128
+    small, large = (1, 10), (8, 300)  # 5 KB (unary) and 1.2 MB (streamed) of float32 activations
+    try:
+        client.warm()
+        blocks = client._model.transformer.h
+        for batch, seq in (small, large):
+            hidden = torch.randn(batch, seq, hidden_size, requires_grad=True)
+            blocks(hidden).sum().backward()  # rpc_forward(_stream), then rpc_backward(_stream)
+            assert hidden.grad is not None and hidden.grad.shape == hidden.shape
+    finally:
+        client.close()
+    expected = 2 * (small[0] * small[1] + large[0] * large[1])  # every token forward and backward
+
+    def billed() -> int:
+        return sum(r["tokens"] for r in Outbox(worker.state_dir / "outbox.sqlite3").pending())
+
+    wait_for(lambda: billed() == expected, 20, f"{expected} tokens billed (now {billed()})")
+    records = Outbox(worker.state_dir / "outbox.sqlite3").pending()
+    tokens = sorted(r["tokens"] for r in records)
+    # the small pass is one request each way; petals' client sends the large one in sub-batches
+    assert tokens[:2] == [10, 10] and sum(tokens[2:]) == 2 * 2400 and min(tokens[2:]) > 10, tokens
+    assert all(r["blocks"] == [0, 4] for r in records)
