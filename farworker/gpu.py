@@ -57,6 +57,32 @@ def driver_info() -> DriverInfo | None:
     return DriverInfo(str(_text(nvml.nvmlSystemGetDriverVersion())), f"{cuda // 1000}.{cuda % 1000 // 10}")
 
 
+def persistence_modes() -> dict[int, bool]:
+    """GPU index -> persistence mode on (empty without NVML)."""
+    nvml = _nvml()
+    if nvml is None:
+        return {}
+    modes = {}
+    for index in range(nvml.nvmlDeviceGetCount()):
+        mode = _try(lambda i=index: nvml.nvmlDeviceGetPersistenceMode(nvml.nvmlDeviceGetHandleByIndex(i)))
+        if mode is not None:
+            modes[index] = mode == nvml.NVML_FEATURE_ENABLED
+    return modes
+
+
+def kernel_module_version(path: str = "/proc/driver/nvidia/version") -> str | None:
+    """The loaded kernel module's version (e.g. 580.65.06), which NVML's user-space library must equal."""
+    import re
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?: for \S+)?\s+([0-9]+(?:\.[0-9]+)+)", text)
+    return match.group(1) if match else None
+
+
 def list_gpus() -> list[GpuInfo]:
     nvml = _nvml()
     if nvml is None:

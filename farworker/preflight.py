@@ -43,7 +43,7 @@ def run_preflight(overrides: dict, config_only: bool = False) -> int:
     click.echo("OK   configuration: valid")
     if config_only:
         return 0
-    results = [check(config) for check in CHECKS]
+    results = [check(config) for check in CHECKS] + check_driver_stack(config)
     for result in results:
         click.echo(result.line())
     return 1 if any(r.level == "FAIL" for r in results) else 0
@@ -62,6 +62,58 @@ def check_gpu(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result
     names = ", ".join(f"{g.index}: {g.name}" for g in gpus)
     versions = f"driver {driver.driver_version}, CUDA {driver.cuda_version}" if driver else "driver unknown"
     return Result("OK", "GPU", f"{names}; {versions}")
+
+
+def driver_stack_results(driver, torch_cuda: str | None, kernel_module: str | None,
+                         persistence: dict[int, bool]) -> list[Result]:
+    """The driver against what runs on it: the CUDA version torch was built for (CUDA 13 needs driver branch
+    580+), the kernel module NVML talks to (a driver upgraded without a reboot or module reload: "Driver/
+    library version mismatch"), and persistence mode (without it each process start re-initialises the GPU)."""
+    results = []
+    if torch_cuda:
+        if _version(driver.cuda_version) < _version(torch_cuda):
+            results.append(Result("FAIL", "driver vs CUDA", f"driver {driver.driver_version} supports CUDA "
+                                  f"{driver.cuda_version}, torch needs CUDA {torch_cuda}: install driver branch "
+                                  f"{MIN_DRIVER_BRANCH.get(torch_cuda.split('.')[0], 'newer')} or newer "
+                                  "(nvidia_driver_branch)"))
+        else:
+            results.append(Result("OK", "driver vs CUDA", f"driver supports CUDA {driver.cuda_version}, torch "
+                                  f"built for {torch_cuda}"))
+    if kernel_module is None:
+        results.append(Result("WARN", "kernel module", "/proc/driver/nvidia/version not readable (a container "
+                              "without it, or no module loaded)"))
+    elif kernel_module != driver.driver_version:
+        results.append(Result("FAIL", "kernel module", f"loaded module {kernel_module}, user-space driver "
+                              f"{driver.driver_version} (Driver/library version mismatch): reboot, or reload "
+                              "the nvidia modules"))
+    else:
+        results.append(Result("OK", "kernel module", f"{kernel_module}, the same as the user-space driver"))
+    off = sorted(index for index, on in persistence.items() if not on)
+    if off:
+        results.append(Result("WARN", "persistence mode", f"off on GPU {', '.join(map(str, off))}: "
+                              "`nvidia-smi -pm 1` or the nvidia-persistenced service (roles/nvidia_driver)"))
+    elif persistence:
+        results.append(Result("OK", "persistence mode", "on"))
+    return results
+
+
+# The oldest driver branch each CUDA major version runs on (NVIDIA's compatibility table).
+MIN_DRIVER_BRANCH = {"11": "450", "12": "525", "13": "580"}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+def check_driver_stack(config: WorkerConfig) -> list[Result]:
+    from farworker import gpu
+
+    driver = gpu.driver_info()
+    if driver is None:
+        return []  # check_gpu already says there is no driver
+    import torch
+
+    return driver_stack_results(driver, torch.version.cuda, gpu.kernel_module_version(), gpu.persistence_modes())
 
 
 def check_vram(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result:

@@ -188,3 +188,54 @@ def test_bootstrap_peers_unreachable_fail_because_run_cannot_join(tmp_path, list
     assert check(closed_port()).line().startswith("FAIL bootstrap peers: 0 of 1 reachable")
     quic = check(f"/ip4/127.0.0.1/udp/{closed_port()}/quic/p2p/{PEER}")
     assert quic.level == "WARN" and "not checked" in quic.detail, quic.line()
+
+
+# --- the driver against what runs on it (issue: driver/CUDA mismatches after upgrades) --------------------
+def _driver(version="580.65.06", cuda="13.0"):
+    from farworker.gpu import DriverInfo
+
+    return DriverInfo(version, cuda)
+
+
+def _levels(results) -> dict[str, str]:
+    return {r.item: r.level for r in results}
+
+
+def test_a_driver_too_old_for_torchs_cuda_fails_naming_the_branch():
+    from farworker.preflight import driver_stack_results
+
+    results = driver_stack_results(_driver("550.54.15", "12.4"), "13.0", "550.54.15", {0: True})
+    assert _levels(results) == {"driver vs CUDA": "FAIL", "kernel module": "OK", "persistence mode": "OK"}
+    assert "branch 580 or newer" in results[0].detail and "CUDA 12.4" in results[0].detail
+    ok = driver_stack_results(_driver(), "13.0", "580.65.06", {0: True, 1: True})
+    assert all(r.level == "OK" for r in ok), ok
+    assert "driver vs CUDA" not in _levels(driver_stack_results(_driver(), None, "580.65.06", {}))  # CPU torch
+
+
+def test_a_kernel_module_other_than_the_library_is_the_version_mismatch():
+    from farworker.preflight import driver_stack_results
+
+    results = driver_stack_results(_driver("580.82.07"), "13.0", "580.65.06", {0: True})
+    mismatch = next(r for r in results if r.item == "kernel module")
+    assert mismatch.level == "FAIL" and "Driver/library version mismatch" in mismatch.detail
+    assert _levels(driver_stack_results(_driver(), "13.0", None, {}))["kernel module"] == "WARN"
+
+
+def test_persistence_mode_off_is_a_warning_naming_the_gpus():
+    from farworker.preflight import driver_stack_results
+
+    results = driver_stack_results(_driver(), "13.0", "580.65.06", {0: True, 1: False, 3: False})
+    off = next(r for r in results if r.item == "persistence mode")
+    assert off.level == "WARN" and "GPU 1, 3" in off.detail
+
+
+def test_the_kernel_module_version_is_read_from_both_module_flavours(tmp_path):
+    from farworker.gpu import kernel_module_version
+
+    proprietary = tmp_path / "proprietary"
+    proprietary.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n")
+    open_module = tmp_path / "open"
+    open_module.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build\n")
+    assert kernel_module_version(str(proprietary)) == "550.54.15"
+    assert kernel_module_version(str(open_module)) == "580.65.06"
+    assert kernel_module_version(str(tmp_path / "missing")) is None
