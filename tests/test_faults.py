@@ -16,6 +16,7 @@ import time
 import psutil
 import pytest
 from notify_listener import NotifyListener
+from open_session import open_session_after_steps
 from polling import wait_for
 
 from farworker.coordinator.mesh import MeshClient
@@ -84,8 +85,6 @@ def test_a_handler_killed_mid_session_loses_no_usage_and_the_restart_serves(star
                                                                             tiny_model):
     """kill -9 of every connection handler while a client's session is open: the worker exits 70, every step
     the client got an answer for is on disk (held or in the outbox), and the next start serves again."""
-    import torch
-
     env = {"FARLABS_DRAIN_TIMEOUT": "3", "FARWORKER_USAGE_SEGMENT_SECONDS": "3600"}
     worker = start_workers("faulty", "0:4", bootstrap_peer, env=env)
     worker.wait_online()
@@ -99,15 +98,7 @@ def test_a_handler_killed_mid_session_loses_no_usage_and_the_restart_serves(star
         return sum(r["tokens"] for r in outbox.pending()) + sum(s["tokens"] for s in outbox.open_segments())
 
     try:
-        client.warm()
-        model = client._model
-        embed = model.get_input_embeddings()
-        opened = model.inference_session(max_length=answered)
-        session = opened.__enter__()
-        with torch.inference_mode():
-            session.step(embed(torch.tensor([PROMPT])))
-            for token in later_tokens:
-                session.step(embed(torch.tensor([[token]])))
+        opened = open_session_after_steps(client, PROMPT, later_tokens)  # noqa: F841 - kept open until the kill
         wait_for(lambda: billed() == answered, 10, f"{answered} tokens on disk (now {billed()})")
         handlers = [c for c in psutil.Process(worker.proc.process.pid).children()
                     if c.name().startswith("python") and not c.children()]

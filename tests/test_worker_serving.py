@@ -8,6 +8,7 @@ import sys
 import pytest
 import requests
 from dht_lookup import block_states
+from open_session import open_session_after_steps
 from polling import wait_for
 
 from farworker.coordinator.mesh import MeshClient
@@ -128,7 +129,6 @@ def test_sigterm_lets_an_open_session_finish_and_bills_all_of_it(start_workers, 
 def test_sigkill_mid_session_bills_every_answered_step_once(start_workers, bootstrap_peer, tiny_model):
     """kill -9 while a session is open and its usage segment is not due yet (segments of an hour): every step
     the client got an answer for is held on disk, and the next start moves it to the outbox, once."""
-    import torch
 
     worker = start_workers("crasher", "0:4", bootstrap_peer, env={"FARWORKER_USAGE_SEGMENT_SECONDS": "3600"})
     worker.wait_online()
@@ -141,17 +141,8 @@ def test_sigkill_mid_session_bills_every_answered_step_once(start_workers, boots
         return sum(segment["tokens"] for segment in Outbox(outbox_path).open_segments())
 
     try:
-        client.warm()
-        model = client._model
-        embed = model.get_input_embeddings()
-        # entered, never exited: the worker dies with the session open (the reference keeps the context
-        # manager's generator from being collected, which would close the session)
-        opened = model.inference_session(max_length=answered)
-        session = opened.__enter__()
-        with torch.inference_mode():
-            session.step(embed(torch.tensor([PROMPT])))
-            for token in later_tokens:
-                assert session.step(embed(torch.tensor([[token]]))).shape[:2] == (1, 1)
+        # entered, never exited: the worker dies with the session open
+        opened = open_session_after_steps(client, PROMPT, later_tokens)  # noqa: F841 - kept open until the kill
         # The handler holds a step right after sending its answer: allow it that moment, then kill.
         wait_for(lambda: held_tokens() == answered, 10, f"{answered} tokens held (now {held_tokens()})")
         worker.proc.kill()  # SIGKILL to the whole process group: the worker, its handlers, p2pd
