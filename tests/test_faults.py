@@ -147,3 +147,42 @@ def test_a_restart_after_a_crash_withdraws_the_records_it_left(start_workers, bo
     wait_for(lambda: "Withdrew 4 block records a previous run left" in restarted.proc.log_tail(200), 60,
              "the stale records withdrawn")
     assert restarted.wait_online()["peer_id"] == peer_id
+
+
+def test_the_coordinator_ends_its_own_children_on_sigterm(tmp_path, start_workers, bootstrap_peer, tiny_model):
+    """After a completion its petals client runs a DHT process and p2pd. Before, uvicorn finished on SIGTERM and
+    those two lived on, reparented to init, ignoring a further SIGTERM."""
+    import socket
+    import subprocess
+
+    import requests
+
+    from farworker.local_mesh import base_env, farworker_command
+
+    start_workers("served", "0:4", bootstrap_peer).wait_online()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    coordinator = subprocess.Popen(
+        farworker_command("coordinator", "--port", str(port), "--db", str(tmp_path / "c.sqlite"), "--model-path",
+                          str(tiny_model), "--initial-peer", bootstrap_peer[0], "--probe-period", "0"),
+        env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        wait_for(lambda: _answers(requests, url), 60, "the coordinator answering")
+        children = psutil.Process(coordinator.pid).children(recursive=True)
+        assert any(c.name() == "p2pd" for c in children), children  # its petals client is up
+        coordinator.send_signal(signal.SIGTERM)
+        assert coordinator.wait(timeout=STOP_BOUND) == 0
+        alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], f"left running: {[(c.pid, c.name()) for c in alive]}"
+    finally:
+        if coordinator.poll() is None:
+            os.killpg(coordinator.pid, signal.SIGKILL)
+
+
+def _answers(requests, url) -> bool:
+    try:
+        return requests.post(url, json={"prompt": [1, 2, 3], "max_tokens": 2}, timeout=30).status_code == 200
+    except requests.ConnectionError:
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -67,6 +68,12 @@ def serve(
             **settings,
         )
     )
+    # uvicorn re-raises the SIGTERM/SIGINT it caught once it has finished, with the handlers it found installed:
+    # with Python's defaults that killed the process there, before the cleanup below, and the petals client's
+    # DHT process and p2pd lived on. Handlers that only note the signal let the cleanup run.
+    stop_signals: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop_signals.append(signum))
     try:
         uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
     finally:
