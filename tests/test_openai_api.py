@@ -169,6 +169,47 @@ def test_a_client_that_leaves_mid_stream_cancels_and_the_served_part_is_attested
     assert len(tokens) == 1 and 3 < tokens.pop() < 3 + 300 - 1, route  # cut short, but what was served counts
 
 
+def test_api_keys_guard_the_api_and_count_usage_per_key(mesh, tokenizer, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# name key\nalice sk-alice-0123456789abcdef\nbob sk-bob-0123456789abcdef0\n")
+    from farworker.coordinator.cli import read_api_keys
+
+    settings = Settings(db_path=tmp_path / "keys.sqlite3", heartbeat_interval_s=2.0, model_path=mesh.model,
+                        model_name=TINY_MODEL_NAME, initial_peers=tuple(mesh.peers), probe_period_s=0,
+                        api_keys=read_api_keys(keys_file))
+    with RunningCoordinator(settings) as guarded:
+        def client_with(key):
+            return openai.OpenAI(base_url=f"{guarded.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client_with("sk-nobody-0123456789abcdef").completions.create(model=TINY_MODEL_NAME, prompt=[1, 2],
+                                                                          max_tokens=2)
+        assert refused.value.body["code"] == "invalid_api_key"
+        assert requests.get(f"{guarded.url}/v1/models", timeout=10).status_code == 401
+        client_with("sk-alice-0123456789abcdef").completions.create(model=TINY_MODEL_NAME, prompt=[1, 2, 3],
+                                                                     max_tokens=4)
+        client_with("sk-alice-0123456789abcdef").chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT,
+                                                                          max_tokens=2)
+        client_with("sk-bob-0123456789abcdef0").completions.create(model=TINY_MODEL_NAME, prompt=[1], max_tokens=3)
+        usage = {k["key_name"]: k for k in requests.get(f"{guarded.url}/v1/usage", timeout=10).json()["keys"]}
+        chat_prompt = len(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
+        assert usage["alice"]["completions"] == 2 and usage["alice"]["completion_tokens"] == 4 + 2
+        assert usage["alice"]["prompt_tokens"] == 3 + chat_prompt
+        assert (usage["bob"]["completions"], usage["bob"]["prompt_tokens"], usage["bob"]["completion_tokens"]) == (
+            1, 1, 3)
+        for row in guarded.store.completion_routes():
+            OTHER_COORDINATORS_ROUTES[row["peer_id"]] += row["tokens"]
+
+
+def test_a_bad_api_keys_file_is_one_line_naming_the_line(tmp_path):
+    from farworker.coordinator.cli import read_api_keys
+
+    bad = tmp_path / "keys"
+    bad.write_text("alice sk-alice-0123456789abcdef\nbob short\n")
+    with pytest.raises(ValueError, match="line 2: expected 'NAME KEY'"):
+        read_api_keys(bad)
+
+
 def test_the_ledger_equals_every_route_including_streams_and_cancellations(mesh):
     routed = Counter(OTHER_COORDINATORS_ROUTES)
     for row in mesh.coordinator.store.completion_routes():

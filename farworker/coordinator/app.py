@@ -3,6 +3,7 @@ the earnings ledger, and OpenAI-style completions routed through the mesh."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from farworker.coordinator.models import (
     ErrorResponse,
     HeartbeatRequest,
     HeartbeatResponse,
+    KeyUsageList,
     ModelCard,
     ModelList,
     RegisterRequest,
@@ -96,6 +98,7 @@ class Settings:
     probe_period_s: float = 300.0  # spot checks of each online worker (with a model configured); 0: none
     max_active_generations: int = 8  # petals inference sessions the coordinator runs at once
     max_queued_generations: int = 32  # requests waiting for a slot; beyond: 429 with Retry-After
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> its name; empty: the inference API is open
 
     def __post_init__(self):
         self.db_path = Path(self.db_path)
@@ -454,7 +457,18 @@ def create_app(settings: Settings) -> FastAPI:
                            "unknown_model", "model")
         return settings.model_name
 
-    def generation(body, prompt_ids_of, completion_id: str):
+    def caller(request: Request) -> str | None:
+        """The name of the API key the request carries (Authorization: Bearer KEY); None when no keys are set."""
+        if not settings.api_keys:
+            return None
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        for key, name in settings.api_keys.items():
+            if token and hmac.compare_digest(token.encode(), key.encode()):
+                return name
+        raise ApiError(401, "this mesh needs an API key: send Authorization: Bearer <key>", "invalid_api_key")
+
+    def generation(body, prompt_ids_of, completion_id: str, key_name: str | None = None):
         """A run(on_token, cancelled) -> Generation for the request, which records the route (attested) and
         frees its admission slot however it ends."""
         from farworker.coordinator.mesh import MeshError
@@ -470,7 +484,7 @@ def create_app(settings: Settings) -> FastAPI:
                 admission.leave()
             route = [dict(span, worker_id=store.worker_by_peer(span["peer_id"])) for span in result.route]
             store.record_completion(completion_id, time.time(), settings.model_name, len(result.prompt_ids),
-                                    len(result.completion_ids), route)
+                                    len(result.completion_ids), route, key_name)
             result.route, result.id = route, completion_id
             return result
 
@@ -496,14 +510,21 @@ def create_app(settings: Settings) -> FastAPI:
         return StreamingResponse(sse_stream(run, spec, error_chunk, mesh.decode, stop), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    @app.get("/v1/usage", response_model=KeyUsageList, tags=["ledger"])
+    def key_usage() -> KeyUsageList:
+        """Completions and tokens per API key (empty while the API is open)."""
+        return KeyUsageList(keys=store.key_usage())
+
     @app.get("/v1/models", response_model=ModelList, tags=["inference"])
-    def list_models() -> ModelList:
+    def list_models(request: Request) -> ModelList:
+        caller(request)
         names = [settings.model_name] if mesh is not None else []
         return ModelList(data=[ModelCard(id=name, created=started) for name in names])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["inference"],
              responses={404: {"model": ErrorResponse}})
-    def get_model(model_id: str) -> ModelCard:
+    def get_model(model_id: str, request: Request) -> ModelCard:
+        caller(request)
         if mesh is None or model_id != settings.model_name:
             raise ApiError(404, f"model {model_id!r} is not served here", "unknown_model", "model")
         return ModelCard(id=model_id, created=started)
@@ -512,12 +533,14 @@ def create_app(settings: Settings) -> FastAPI:
         "/v1/completions",
         response_model=CompletionResponse,
         tags=["inference"],
-        responses={400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+                   503: {"model": ErrorResponse}},
     )
-    def completions(body: CompletionRequest):
+    def completions(body: CompletionRequest, request: Request):
+        key_name = caller(request)
         model = served_model(body.model)
         run_id = f"cmpl-{uuid.uuid4().hex}"
-        run = generation(body, lambda: body.prompt, run_id)
+        run = generation(body, lambda: body.prompt, run_id, key_name)
         admit()
         if body.stream:
             def piece(text: str, token: int) -> dict:
@@ -546,18 +569,20 @@ def create_app(settings: Settings) -> FastAPI:
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
         tags=["inference"],
-        responses={400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+                   503: {"model": ErrorResponse}},
     )
-    def chat_completions(body: ChatCompletionRequest):
+    def chat_completions(body: ChatCompletionRequest, request: Request):
         from farworker.coordinator.mesh import MeshError
 
+        key_name = caller(request)
         model = served_model(body.model)
         try:  # the template's refusals (roles out of order, no tokenizer) before any slot is taken
             prompt_ids = mesh.chat_prompt_ids([m.model_dump() for m in body.messages])
         except MeshError as err:
             raise ApiError(err.status, str(err), err.code, err.field) from None
         run_id = f"chatcmpl-{uuid.uuid4().hex}"
-        run = generation(body, lambda: prompt_ids, run_id)
+        run = generation(body, lambda: prompt_ids, run_id, key_name)
         admit()
 
         def chunk(delta: dict, finish: str | None) -> dict:

@@ -54,6 +54,14 @@ from farworker.config import EX_CONFIG
 )
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1024))
 @click.option(
+    "--api-keys",
+    "api_keys_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File of API keys, one 'NAME KEY' per line: the inference API then needs Authorization: Bearer KEY, "
+    "and counts usage per NAME (GET /v1/usage). Without it the API is open.",
+)
+@click.option(
     "--probe-period",
     default=300.0,
     show_default=True,
@@ -77,6 +85,7 @@ def coordinator_command(
     dht_prefix,
     far_per_token,
     max_body_bytes,
+    api_keys_file,
     probe_period,
     log_level,
 ):
@@ -91,6 +100,12 @@ def coordinator_command(
         sys.exit(EX_CONFIG)
     peers = tuple(p for raw in initial_peers for p in raw.replace(",", " ").split())
     extra = {"far_per_token": far_per_token} if far_per_token is not None else {}
+    if api_keys_file is not None:
+        try:
+            extra["api_keys"] = read_api_keys(api_keys_file)
+        except ValueError as err:
+            click.echo(f"--api-keys {api_keys_file}: {err}", err=True)
+            sys.exit(EX_CONFIG)
     try:
         serve(
             host,
@@ -109,3 +124,21 @@ def coordinator_command(
     except OSError as err:
         click.echo(f"cannot serve on {host}:{port} with database {db_path}: {err.strerror or err}", err=True)
         sys.exit(EX_CONFIG)
+
+
+def read_api_keys(path: Path) -> dict[str, str]:
+    """'NAME KEY' lines (blank lines and # comments skipped) -> {key: name}; a bad line names its number."""
+    keys: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 2 or len(fields[1]) < 16:
+            raise ValueError(f"line {number}: expected 'NAME KEY' with a key of at least 16 characters")
+        name, key = fields
+        if key in keys:
+            raise ValueError(f"line {number}: the key of {name!r} is already given to {keys[key]!r}")
+        keys[key] = name
+    if not keys:
+        raise ValueError("no keys in the file")
+    return keys

@@ -346,6 +346,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class KeyUsage(BaseModel):
+    key_name: str
+    completions: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class KeyUsageList(BaseModel):
+    keys: list[KeyUsage]
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(description="one line: what is wrong and what is accepted")
     field: str | None = Field(default=None, description="the offending field, dotted (records.0.tokens)")

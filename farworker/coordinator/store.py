@@ -81,6 +81,10 @@ CREATE TABLE IF NOT EXISTS completions (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS completion_keys (  -- which API key asked for a completion (keys configured)
+    completion_id TEXT PRIMARY KEY REFERENCES completions(id),
+    key_name TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS completion_route (
     completion_id TEXT NOT NULL REFERENCES completions(id),
     peer_id TEXT NOT NULL,
@@ -108,7 +112,8 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
-DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_route", "probes", "quarantine")
+DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_keys", "completion_route", "probes",
+               "quarantine")
 
 
 def _allow_unknown_blocks(conn: sqlite3.Connection) -> None:
@@ -410,6 +415,7 @@ class Store:
         prompt_tokens: int,
         completion_tokens: int,
         route: list[dict],
+        key_name: str | None = None,
     ) -> None:
         with self._tx() as conn:
             conn.execute(
@@ -417,6 +423,9 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?)",
                 (completion_id, now, model, prompt_tokens, completion_tokens),
             )
+            if key_name is not None:
+                conn.execute("INSERT INTO completion_keys (completion_id, key_name) VALUES (?, ?)",
+                             (completion_id, key_name))
             conn.executemany(
                 "INSERT INTO completion_route"
                 " (completion_id, peer_id, worker_id, block_start, block_end, tokens)"
@@ -426,6 +435,15 @@ class Store:
                     for s in route
                 ],
             )
+
+    def key_usage(self) -> list[dict]:
+        """Per API key: completions asked for and their tokens (the paying side of the ledger)."""
+        rows = self._read(
+            "SELECT k.key_name, COUNT(*) AS completions, SUM(c.prompt_tokens) AS prompt_tokens,"
+            " SUM(c.completion_tokens) AS completion_tokens FROM completion_keys k"
+            " JOIN completions c ON c.id = k.completion_id GROUP BY k.key_name ORDER BY k.key_name"
+        )
+        return [dict(r) for r in rows]
 
     def completion_routes(self) -> list[dict]:
         return [dict(r) for r in self._read("SELECT * FROM completion_route ORDER BY rowid")]
