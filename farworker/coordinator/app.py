@@ -97,7 +97,9 @@ class Settings:
     model_blocks: dict[str, int] = field(default_factory=dict)  # model name -> block count, for the ledger
     probe_period_s: float = 300.0  # spot checks of each online worker (with a model configured); 0: none
     max_active_generations: int = 8  # petals inference sessions the coordinator runs at once
-    max_queued_generations: int = 32  # requests waiting for a slot; beyond: 429 with Retry-After
+    # Requests waiting for a slot; beyond: 429 with Retry-After. A waiting (or running) non-streamed request holds
+    # one of the server's 40 request threads, which the workers' heartbeats need too: 8 + 16 leaves them 16.
+    max_queued_generations: int = 16
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> its name; empty: the inference API is open
 
     def __post_init__(self):

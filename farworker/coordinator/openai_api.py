@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
-STREAM_POLL_S = 0.5  # how often a stream waiting for the next token checks that its generation still runs
 
 
 class Busy(Exception):
@@ -103,27 +101,27 @@ async def sse_stream(run: Callable[..., object], spec: StreamSpec, on_error: Cal
                      decode, stop: tuple[str, ...]) -> AsyncIterator[str]:
     """Runs ``run(on_token=..., cancelled=...)`` in a thread and yields its tokens as server-sent events, then
     ``data: [DONE]``. A client that disconnects cancels the generation at its next token."""
-    events: queue.Queue = queue.Queue()
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()  # filled from the generation thread; awaiting it holds no thread
     cancelled = threading.Event()
     deltas = TextDeltas(decode, stop)
 
+    def put(item) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
     def generate():
         try:
-            events.put(("done", run(on_token=lambda t: events.put(("token", t)), cancelled=cancelled)))
+            put(("done", run(on_token=lambda t: put(("token", t)), cancelled=cancelled)))
         except Exception as err:  # MeshError, Busy: one error event, then the end of the stream
-            events.put(("error", err))
+            put(("error", err))
 
     threading.Thread(target=generate, name="stream-generation", daemon=True).start()
-    loop = asyncio.get_running_loop()
     try:
         first = spec.first()
         if first is not None:
             yield _event(first)
         while True:
-            try:
-                kind, value = await loop.run_in_executor(None, events.get, True, STREAM_POLL_S)
-            except queue.Empty:
-                continue
+            kind, value = await events.get()
             if kind == "token":
                 piece = deltas.push(value)
                 yield _event(spec.piece(piece, value))
