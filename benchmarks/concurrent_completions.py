@@ -1,0 +1,112 @@
+"""Benchmark 8: completions from many clients at once, through the coordinator and a two-worker tiny mesh.
+
+The same mesh (a bootstrap peer, two `farworker run` workers splitting the tiny model) is served by two
+coordinators side by side: one that runs one generation at a time (`max_active_generations=1`, what the old
+global lock did) and one that runs up to 8 (the default). For each concurrency level, each coordinator gets
+``level`` client threads sending greedy completions of ``--new-tokens`` tokens back to back for ``--seconds``;
+levels and coordinators alternate (A/B, B/A, ...). Reported: aggregate completion tokens/s and mean latency.
+
+    python benchmarks/concurrent_completions.py --levels 1,4,8 --seconds 20 \
+        --out benchmarks/results/concurrent_completions.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import requests  # noqa: E402
+
+from farworker.coordinator.app import Settings  # noqa: E402
+from farworker.coordinator.service import RunningCoordinator  # noqa: E402
+from farworker.local_mesh import shared_cache_dir, start_bootstrap_peer, start_worker  # noqa: E402
+from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint  # noqa: E402
+
+
+def load(url: str, level: int, seconds: float, new_tokens: int) -> dict:
+    latencies: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        prompt = [1, 5 + index, 40 + index]
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            answer = requests.post(url, json={"prompt": prompt, "max_tokens": new_tokens}, timeout=300)
+            answer.raise_for_status()
+            with lock:
+                latencies.append(time.monotonic() - started)
+                tokens[0] += answer.json()["usage"]["completion_tokens"]
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(level)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - began
+    return {"tokens_per_s": round(tokens[0] / elapsed, 2), "mean_latency_s": round(statistics.mean(latencies), 3),
+            "requests": len(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,4,8")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    model = ensure_tiny_checkpoint(shared_cache_dir())
+    work = Path(tempfile.mkdtemp(prefix="fw-concurrency-"))
+    boot, peers = start_bootstrap_peer(work)
+    workers = [start_worker(work, f"w{i}", "http://127.0.0.1:9", peers, span) for i, span in enumerate(("0:2", "2:4"))]
+    coordinators = {}
+    results: dict[str, dict[int, list[dict]]] = {"one_at_a_time": {}, "concurrent": {}}
+    try:
+        for w in workers:
+            w.wait_online(180)
+        for name, active in (("one_at_a_time", 1), ("concurrent", 8)):
+            settings = Settings(db_path=work / f"{name}.sqlite3", model_path=model, model_name=TINY_MODEL_NAME,
+                                initial_peers=tuple(peers), probe_period_s=0, max_active_generations=active)
+            coordinators[name] = RunningCoordinator(settings).start()
+            load(f"{coordinators[name].url}/v1/completions", 1, 3, args.new_tokens)  # warm the petals client
+        order = list(coordinators)
+        for level in levels + levels[::-1]:
+            for name in order:
+                run = load(f"{coordinators[name].url}/v1/completions", level, args.seconds, args.new_tokens)
+                results[name].setdefault(level, []).append(run)
+                print(json.dumps({"coordinator": name, "level": level, **run}), flush=True)
+            order.reverse()
+    finally:
+        for c in coordinators.values():
+            c.stop()
+        for w in workers:
+            w.proc.stop(30)
+        boot.stop()
+    summary = {}
+    for level in levels:
+        one = statistics.median(r["tokens_per_s"] for r in results["one_at_a_time"][level])
+        many = statistics.median(r["tokens_per_s"] for r in results["concurrent"][level])
+        summary[level] = {
+            "one_at_a_time_tok_s": one, "concurrent_tok_s": many, "ratio": round(many / one, 2),
+            "one_at_a_time_latency_s": statistics.median(r["mean_latency_s"] for r in results["one_at_a_time"][level]),
+            "concurrent_latency_s": statistics.median(r["mean_latency_s"] for r in results["concurrent"][level]),
+        }
+    out = {"summary": summary, "runs": results, "load_average": os.getloadavg(), "new_tokens": args.new_tokens}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
