@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("farworker.coordinator")
@@ -99,8 +101,6 @@ class SpotCheckLoop:
     worker's view says the coordinator cannot reach it) but is not a wrong answer."""
 
     def __init__(self, checker: SpotChecker, store, period: float, workers_to_probe):
-        import threading
-
         self.checker, self.store, self.period = checker, store, period
         self._workers_to_probe = workers_to_probe  # () -> rows of online workers with known spans
         self._stop = threading.Event()
@@ -115,13 +115,11 @@ class SpotCheckLoop:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        import time
-
         excluded: set[str] = set()
         while not self._stop.wait(self.period):
             try:
                 quarantined = self.store.quarantined_peers()
-                if quarantined != excluded:
+                if quarantined != excluded:  # a coordinator restarted with quarantined workers on its ledger
                     self.checker.mesh.exclude_peers(quarantined)
                     excluded = quarantined
                 for row in self._workers_to_probe():
@@ -134,6 +132,8 @@ class SpotCheckLoop:
                                             result.error, result.tolerance, result.problem, quarantine=wrong)
                     if wrong:
                         log.warning("worker %s quarantined: %s", row["worker_id"], result.problem)
+                        excluded = quarantined = self.store.quarantined_peers()
+                        self.checker.mesh.exclude_peers(excluded)  # now, not a probe period later
                     elif result.problem:
                         log.info("probe of worker %s: %s", row["worker_id"], result.problem)
             except Exception:  # a probe round must never end the loop (mesh not loaded yet, DHT hiccup)
