@@ -378,10 +378,12 @@ def test_sigstop_is_caught_by_the_watchdog():
 
 # The worker's processes, from /proc (the image has no procps): the DHT process is the child with children (its
 # p2pd); a connection handler is a forked child of the same name without children.
+# (`; true`: the loop's status is its last test's, false whenever the last child is not of the kind.)
 CHILD_OF_KIND = {
-    "dht": 'for c in $(cat /proc/{pid}/task/*/children); do [ -n "$(cat /proc/$c/task/*/children)" ] && echo $c; done',
+    "dht": 'for c in $(cat /proc/{pid}/task/*/children); do [ -n "$(cat /proc/$c/task/*/children)" ] && echo $c;'
+           ' done; true',
     "handler": 'for c in $(cat /proc/{pid}/task/*/children); do [ "$(cat /proc/$c/comm)" = "$(cat /proc/{pid}/comm)" ]'
-               ' && [ -z "$(cat /proc/$c/task/*/children)" ] && echo $c; done',
+               ' && [ -z "$(cat /proc/$c/task/*/children)" ] && echo $c; done; true',
 }
 
 
