@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -83,6 +84,11 @@ def serve(
             app.state.mesh.close()
         app.state.store.close()
         end_children(timeout=5.0)  # whatever the client's shutdown left: nothing outlives the coordinator
+    if stop_signals:
+        # Stopped by a signal and cleaned up: exit now. hivemind's client leaves non-daemon threads behind, and
+        # the interpreter's exit would wait on them until systemd's SIGKILL (a 90 s coordinator restart).
+        logging.shutdown()
+        os._exit(0)
 
 
 class RunningCoordinator:
