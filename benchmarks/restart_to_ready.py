@@ -54,7 +54,8 @@ def main() -> None:
                 workers[name].wait_online(args.ready_timeout)
                 rounds.append({"worker": name, "ready_s": round(time.monotonic() - started, 2)})
             except MeshProcessError as stuck:
-                rounds.append({"worker": name, "stuck": str(stuck)[-2000:]})
+                # the log tail, with this machine's home directory written as ~ (results are committed)
+                rounds.append({"worker": name, "stuck": str(stuck)[-2000:].replace(str(Path.home()), "~")})
                 break
             print(json.dumps(rounds[-1]), flush=True)
     finally:
