@@ -238,11 +238,12 @@ class PetalsHost:
     def health(self) -> Health:
         if self._thread is None:
             return Health(False, "server thread is not running")
-        if self.failure():
-            return Health(False, self.failure(), fatal=True)
-        container = self.server.module_container
-        if container is None or not container.ready.is_set():
+        failure = self.failure()
+        if failure:
+            return Health(False, failure, fatal=True)
+        if not self.loaded:
             return Health(False, "blocks are not loaded")
+        container = self.server.module_container
         if container is not self._watched_container:  # petals rebalanced: a new container, new handlers
             self.watch_children()
         dead = self.dead_child()

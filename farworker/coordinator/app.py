@@ -302,7 +302,7 @@ def create_app(settings: Settings) -> FastAPI:
         paid_share = ledger.attested_fraction(t["claimed_token_blocks"], t["attested_token_blocks"])
         over = ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"])
         reliability = observed * (paid_share if over else 1.0)
-        quarantined = store.quarantine_of(row["worker_id"])
+        quarantined = t["quarantine"]
         return {
             "tokens_served": t["claimed_tokens"],
             "tokens_attested": t["attested_tokens"],
@@ -545,17 +545,15 @@ def create_app(settings: Settings) -> FastAPI:
         run = generation(body, lambda: body.prompt, run_id, key_name)
         admit()
         if body.stream:
-            def piece(text: str, token: int) -> dict:
-                choice = {"index": 0, "text": text, "token_ids": [token] if token >= 0 else [], "finish_reason": None}
+            def chunk(text: str, token_ids: list[int], finish: str | None) -> dict:
                 return {"id": run_id, "object": "text_completion", "created": now_s(), "model": model,
-                        "choices": [choice]}
+                        "choices": [{"index": 0, "text": text, "token_ids": token_ids, "finish_reason": finish}]}
 
             def last(result) -> dict:
-                return {"id": run_id, "object": "text_completion", "created": now_s(), "model": model,
-                        "choices": [{"index": 0, "text": "", "token_ids": [], "finish_reason": result.finish_reason}],
-                        "usage": usage_of(result), "route": result.route}
+                return {**chunk("", [], result.finish_reason), "usage": usage_of(result), "route": result.route}
 
-            return stream_response(run, StreamSpec(lambda: None, piece, last), body.stop_strings())
+            spec = StreamSpec(lambda: None, lambda text, token: chunk(text, [token] if token >= 0 else [], None), last)
+            return stream_response(run, spec, body.stop_strings())
         result = run()
         return CompletionResponse(
             id=result.id,

@@ -359,6 +359,7 @@ class Store:
         probed = self._read("SELECT COALESCE(SUM(tokens), 0) AS tokens FROM probes WHERE worker_id = ?",
                             (worker_id,))[0]
         return {
+            "quarantine": quarantined,  # {"since", "reason"} or None
             "claimed_tokens": int(claimed["tokens"]),
             "claimed_token_blocks": int(claimed["tb"]),
             "claimed_far": float(claimed["earned"]),
