@@ -1,7 +1,8 @@
 """`farworker render-unit`: the systemd unit and env file for a host without Ansible.
 
-The templates are the ones roles/farworker uses (top-level templates/, shipped inside the wheel as
-farworker/templates): one source, so a hand-installed host runs the same unit as the fleet.
+The templates are the ones the Ansible roles install (roles/farworker/templates and
+roles/mesh_bootstrap/templates, shipped inside the wheel as farworker/templates): one source, so a
+hand-installed host runs the same unit as the fleet.
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ UNIT_TEMPLATES = {"farworker.service": "farworker.service.j2", "farworker.env.ex
                   "farworker-bootstrap.service": "farworker-bootstrap.service.j2"}
 
 
-def templates_dir() -> Path:
+# Where each template lives in a checkout (an editable install); a wheel carries them all in farworker/templates.
+ROLE_TEMPLATE_DIRS = ("roles/farworker/templates", "roles/mesh_bootstrap/templates")
+
+
+def templates_dirs() -> list[Path]:
     packaged = Path(__file__).with_name("templates")  # inside an installed wheel
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "templates"
+    if packaged.is_dir():
+        return [packaged]
+    checkout = Path(__file__).resolve().parent.parent
+    return [checkout / d for d in ROLE_TEMPLATE_DIRS]
 
 
 def example_env() -> dict[str, str]:
@@ -31,7 +39,7 @@ def example_env() -> dict[str, str]:
 
 
 def render_files(output_dir: str, *, venv_dir: str, user: str) -> list[Path]:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dirs()), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, keep_trailing_newline=True)  # as Ansible renders templates
     values = {"farworker_venv_dir": venv_dir, "farworker_user": user, "farworker_group": user,
               "farworker_env": example_env(), "mesh_bootstrap_announce_maddrs": []}

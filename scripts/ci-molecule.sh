@@ -83,7 +83,8 @@ if printf '%s\n' "${scenarios[@]}" | grep -qx fleet; then
     rm -rf "$FARWORKER_FLEET_WHEELHOUSE" "$cache/fleet-src"
     cp -al "$cache/wheelhouse" "$FARWORKER_FLEET_WHEELHOUSE"
     mkdir -p "$cache/fleet-src"
-    cp -r pyproject.toml farworker templates "$cache/fleet-src/"
+    cp -r pyproject.toml farworker "$cache/fleet-src/"
+    cp -r --parents roles/farworker/templates roles/mesh_bootstrap/templates "$cache/fleet-src/"  # the wheel's templates
     for f in README.md LICENSE; do [[ -e $f ]] && cp "$f" "$cache/fleet-src/"; done
     sed -i "s/^version = \"$version\"$/version = \"$FLEET_UPGRADE_VERSION\"/" "$cache/fleet-src/pyproject.toml"
     sed -i "s/^__version__ = \"$version\"$/__version__ = \"$FLEET_UPGRADE_VERSION\"/" "$cache/fleet-src/farworker/__init__.py"

@@ -4,10 +4,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from farworker.config import SETTINGS
+from farworker.unit_render import ROLE_TEMPLATE_DIRS, UNIT_TEMPLATES
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def render(tmp_path):
@@ -43,3 +48,14 @@ def test_security_exposure_is_at_most_3(tmp_path):
     match = re.search(r"Overall exposure level for farworker.service: ([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 3.0
+
+
+def test_the_wheel_ships_the_roles_own_templates():
+    """render-unit without a checkout reads farworker/templates from the wheel: the same files as the roles."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    for template in UNIT_TEMPLATES.values():
+        sources = [f"{d}/{template}" for d in ROLE_TEMPLATE_DIRS if (REPO / d / template).is_file()]
+        assert len(sources) == 1, f"{template}: expected in exactly one role, found in {sources}"
+        assert shipped.get(sources[0]) == f"farworker/templates/{template}", f"{sources[0]} is not in the wheel"
+    assert not (REPO / "templates").exists(), "templates/ moved into the roles; a second copy would drift"
