@@ -343,6 +343,50 @@ def test_package_change_checks_the_config_before_restarting():
     assert props(h, "farworker", "ActiveState")["ActiveState"] == "active"
 
 
+REQUIREMENT_FILE = "/opt/farworker/farworker.txt"  # written by the install tasks (farworker_install_dir)
+
+
+def test_configure_tag_pushes_an_env_change_without_touching_the_venv():
+    """`--tags farworker_configure`: the new value reaches the env file and the restarted worker; no install task runs.
+
+    The marker line in the install tasks' requirement file would be rewritten by any install task that ran."""
+    name = WORKERS[1]
+    h = host(name)
+    marker = "# left alone by --tags farworker_configure"
+    original = h.check_output(f"cat {REQUIREMENT_FILE}")
+    h.check_output(f"cp -p {REQUIREMENT_FILE} {REQUIREMENT_FILE}.orig && echo '{marker}' >> {REQUIREMENT_FILE}")
+    venv_before = h.check_output("find /opt/farworker/venv -newer /opt/farworker/farworker.txt | wc -l")
+    env_before = env_file_state(h)
+    peers = re.search(r'^FARLABS_DHT_BOOTSTRAP="(.*)"$', h.file(ENV_FILE).content_string, re.M).group(1)
+    interval = int(setting(name, "farworker_heartbeat_interval"))
+    p = props(h, "farworker", "MainPID", "InvocationID")
+    try:
+        rc, out = ansible_playbook(PROJECT / "playbooks" / "site.yml", "--limit", name, "--tags", "farworker_configure",
+                                   "-e", f"farworker_heartbeat_interval={interval + 1}",
+                                   "-e", json.dumps({"farworker_dht_bootstrap": peers.split(",")}))
+        assert rc == 0, out[-4000:]
+        tasks = re.findall(r"^TASK \[([^\]]+)\]", out, re.M)
+        assert "farworker : Write the env file" in tasks, tasks
+        assert not [t for t in tasks if re.search(r"Install|wheelhouse|pinned runtime|requirements", t)], tasks
+        assert "changed: [" in section(out, "TASK [farworker : Write the env file]")
+        assert "changed: [" in section(out, "RUNNING HANDLER [farworker : Restart farworker]")
+        assert f'FARLABS_HEARTBEAT_INTERVAL="{interval + 1}"' in h.file(ENV_FILE).content_string
+        assert h.check_output(f"tail -n 1 {REQUIREMENT_FILE}") == marker, "an install task rewrote the requirements"
+        assert h.check_output("find /opt/farworker/venv -newer /opt/farworker/farworker.txt | wc -l") == venv_before
+        q = props(h, "farworker", "ActiveState", "MainPID", "InvocationID")
+        assert q["ActiveState"] == "active" and q["InvocationID"] != p["InvocationID"], (p, q)
+        running = h.check_output(f"cat /proc/{q['MainPID']}/environ | tr '\\0' '\\n'")
+        assert f"FARLABS_HEARTBEAT_INTERVAL={interval + 1}" in running.splitlines()
+    finally:
+        h.check_output(f"mv {REQUIREMENT_FILE}.orig {REQUIREMENT_FILE}")
+        rc, out = ansible_playbook(PROJECT / "playbooks" / "site.yml", "--limit", name, "--tags", "farworker_configure",
+                                   "-e", json.dumps({"farworker_dht_bootstrap": peers.split(",")}))
+        assert rc == 0, out[-4000:]
+    assert h.check_output(f"cat {REQUIREMENT_FILE}") == original
+    assert env_file_state(h).split()[-2] == env_before.split()[-2]  # the same content (sha256) as before
+    assert props(h, "farworker", "ActiveState")["ActiveState"] == "active"
+
+
 def _restarted_after(h, before, timeout, what):
     def ready_again():
         p = props(h, "farworker", "NRestarts", "ActiveState")
