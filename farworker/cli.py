@@ -142,6 +142,51 @@ def bootstrap(host_maddrs, announce_maddrs, identity, state_dir, initial_peers):
 def render_unit(output_dir, venv_dir, user):
     """Render the systemd unit and env file from the same templates the Ansible role uses."""
     from farworker.unit_render import render_files
+@main.command()
+@click.option("--coordinator", "coordinator_url", required=True, metavar="URL",
+              help="Coordinator the signed receipts go to (POST /v1/receipts).")
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False),
+              help="This client's Ed25519 key (PEM), created if missing; its public half must be in the "
+                   "coordinator's --client-keys file (see `farworker client-key`).")
+@click.option("--initial-peers", envvar="FARLABS_DHT_BOOTSTRAP", required=True,
+              help="Mesh DHT multiaddrs, comma separated [env FARLABS_DHT_BOOTSTRAP].")
+@click.option("--model-path", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Local copy of the model's config, tokenizer and embeddings (the client's part).")
+@click.option("--model-name", default=None, help="Model name the workers serve [default: model dir name].")
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 10),
+              help="0: greedy.")
+@click.argument("prompt")
+def generate(coordinator_url, key_file, initial_peers, model_path, model_name, max_tokens, temperature, prompt):
+    """Generate through the mesh directly and vouch for the workers that served it with signed receipts.
+
+    Prints the completion; exit 78 on a bad key or option, 69 when the mesh cannot serve, 75 when the receipts
+    could not be delivered (the completion is printed anyway).
+    """
+    from farworker.threading_policy import apply_requested_policy
+
+    apply_requested_policy(None)  # before torch loads: OpenMP must not spin on cores the mesh needs
+    _setup_logging("WARNING")
+    from farworker.direct_generation import run_generate
+
+    sys.exit(run_generate(coordinator_url, key_file, initial_peers, model_path, model_name, max_tokens,
+                          temperature, prompt))
+
+
+@main.command("client-key")
+@click.argument("key_file", type=click.Path(dir_okay=False))
+@click.option("--name", default="client", show_default=True, help="Name for the coordinator's allowlist line.")
+def client_key(key_file, name):
+    """Print the 'NAME PUBLIC_KEY' line for a coordinator's --client-keys file (the key is created if missing)."""
+    from farworker.receipts import ClientKeyError, load_or_create
+
+    try:
+        click.echo(f"{name} {load_or_create(key_file).public_key_b64}")
+    except ClientKeyError as err:
+        click.echo(f"client key error: {err}", err=True)
+        sys.exit(EX_CONFIG)
+
+
 
     for path in render_files(output_dir, venv_dir=venv_dir, user=user):
         click.echo(f"wrote {path}")

@@ -31,6 +31,8 @@ from farworker.coordinator.models import (
     ModelList,
     RegisterRequest,
     RegisterResponse,
+    ReceiptsRequest,
+    ReceiptsResponse,
     UsageRequest,
     UsageResponse,
     WorkerList,
@@ -78,7 +80,9 @@ shutdown, and deregisters.
 **Ledger.** Each usage record counts once (by id) as a *claim*: tokens x (blocks served / model blocks) x
 reliability x FAR_PER_TOKEN, reliability = uptime share observed from heartbeats. What is *paid* is the
 claims scaled to the share the coordinator attested: the routes of its own completions (peer, span, tokens
-per server session). A worker's claims alone pay nothing (see farworker/coordinator/ledger.py).
+per server session) and direct clients' signed receipts (`POST /v1/receipts`, one per server session, from a
+client key the operator registered). A worker's claims alone pay nothing, unless the operator sets a rate for
+unvouched traffic (see farworker/coordinator/ledger.py and docs/trust.md).
 """
 
 
@@ -103,6 +107,9 @@ class Settings:
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> its name; empty: the inference API is open
 
     def __post_init__(self):
+    # direct clients whose receipts vouch for traffic: key id -> (name, Ed25519 public key, base64); empty: none
+    client_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    pay_unvouched_rate: float = 0.0  # share of claims nobody attested or vouched for that is paid anyway (0..1)
         self.db_path = Path(self.db_path)
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
@@ -299,16 +306,21 @@ def create_app(settings: Settings) -> FastAPI:
         observed = uptime(row, now)
         window = ledger.earn_rate_window(row["registered_at"], now, row["heartbeat_interval"])
         t = store.ledger_totals(row["worker_id"], now - window)
-        paid_share = ledger.attested_fraction(t["claimed_token_blocks"], t["attested_token_blocks"])
-        over = ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"])
-        reliability = observed * (paid_share if over else 1.0)
+        covered_tb = t["attested_token_blocks"] + t["vouched_token_blocks"]
+        covered_share = ledger.attested_fraction(t["claimed_token_blocks"], covered_tb)
+        paid = ledger.paid_far(t["payable_by_price"], t["claimed_token_blocks"], covered_tb, settings.pay_unvouched_rate)
+        paid_share = paid / t["payable_far"] if t["payable_far"] > 0 else 0.0
+        over = ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"] + t["vouched_tokens"])
+        reliability = observed * (covered_share if over else 1.0)
         quarantined = t["quarantine"]
         return {
             "tokens_served": t["claimed_tokens"],
             "tokens_attested": t["attested_tokens"],
             "unattested_tokens": max(0, t["claimed_tokens"] - t["attested_tokens"]),
             "claimed_far": round(t["claimed_far"], 9),
-            "earnings_far": round(t["payable_far"] * paid_share, 9),
+            "earnings_far": round(paid, 9),
+            "tokens_vouched": t["vouched_tokens"],
+            "unvouched_tokens": max(0, t["claimed_tokens"] - t["attested_tokens"] - t["vouched_tokens"]),
             "reliability": 0.0 if quarantined else round(reliability, 6),
             "uptime_pct": round(100 * observed, 3),
             "earn_rate_far_per_hour": round(t["payable_far_recent"] * paid_share * 3600 / window, 9),
@@ -413,9 +425,10 @@ def create_app(settings: Settings) -> FastAPI:
             far_per_token=settings.far_per_token,
         )
         t = store.ledger_totals(worker_id, now)
-        if ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"]):
-            log.warning("worker %s claims %d tokens, %d attested: paid for the attested part only",
-                        worker_id, t["claimed_tokens"], t["attested_tokens"])
+        if ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"] + t["vouched_tokens"]):
+            log.warning("worker %s claims %d tokens, %d attested, %d vouched: the rest is paid at the unvouched "
+                        "rate %g", worker_id, t["claimed_tokens"], t["attested_tokens"], t["vouched_tokens"],
+                        settings.pay_unvouched_rate)
         return UsageResponse(accepted=accepted)
 
     @app.post(
@@ -424,6 +437,41 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["workers"],
         responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
     )
+    @app.post(
+        "/v1/receipts",
+        response_model=ReceiptsResponse,
+        tags=["ledger"],
+        responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    )
+    def receipts(body: ReceiptsRequest) -> ReceiptsResponse:
+        """Direct clients vouch for the server sessions workers ran for them (farworker/receipts.py). Each
+        receipt must come from a registered client key and verify; the batch is refused whole, naming the first
+        bad receipt, and nothing is stored. A receipt counts once, and only for the peer it names."""
+        from farworker.receipts import public_key_from_b64, verifies
+
+        checked = []
+        for i, receipt in enumerate(body.receipts):
+            r = receipt.model_dump()
+            registered = settings.client_keys.get(r["client_key_id"])
+            if registered is None:
+                raise ApiError(403, f"receipts.{i}.client_key_id {r['client_key_id']} is not a client key registered "
+                               "with this coordinator (--client-keys)", "unregistered_client",
+                               f"receipts.{i}.client_key_id")
+            if not verifies(r, public_key_from_b64(registered[1])):
+                raise ApiError(401, f"receipts.{i}.signature does not verify with client key {registered[0]!r}: the "
+                               "receipt was changed after signing, or signed by another key", "bad_signature",
+                               f"receipts.{i}.signature")
+            total = settings.model_blocks.get(r["model"])
+            if settings.model_blocks and total is None:
+                raise ApiError(400, f"receipts.{i}.model {r['model']!r} is not served by this mesh; it serves "
+                               f"{', '.join(sorted(settings.model_blocks))}", "unknown_model", f"receipts.{i}.model")
+            if total and r["blocks"][1] > total:
+                raise ApiError(422, f"receipts.{i}.blocks {r['blocks']} lies outside the model's {total} blocks",
+                               "invalid_payload", f"receipts.{i}.blocks")
+            checked.append(r)
+        accepted, duplicates = store.add_receipts(checked, time.time())
+        return ReceiptsResponse(accepted=accepted, duplicates=duplicates)
+
     def deregister(
         worker_id: str, body: DeregisterRequest | None = None, _: str = Depends(worker_signature)
     ) -> DeregisterResponse:

@@ -62,6 +62,21 @@ from farworker.config import EX_CONFIG
     "and counts usage per NAME (GET /v1/usage). Without it the API is open.",
 )
 @click.option(
+    "--client-keys",
+    "client_keys_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File of direct clients' keys, one 'NAME PUBLIC_KEY' per line (base64 Ed25519, as `farworker client-key` "
+    "prints it): their signed receipts (POST /v1/receipts) vouch for direct traffic, which is then paid.",
+)
+@click.option(
+    "--pay-unvouched-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of claims nobody attested or vouched for (direct traffic without receipts) that is paid anyway.",
+)
+@click.option(
     "--probe-period",
     default=300.0,
     show_default=True,
@@ -86,6 +101,8 @@ def coordinator_command(
     far_per_token,
     max_body_bytes,
     api_keys_file,
+    client_keys_file,
+    pay_unvouched_rate,
     probe_period,
     log_level,
 ):
@@ -106,6 +123,14 @@ def coordinator_command(
         except ValueError as err:
             click.echo(f"--api-keys {api_keys_file}: {err}", err=True)
             sys.exit(EX_CONFIG)
+    if client_keys_file is not None:
+        from farworker.receipts import ClientKeyError, read_client_keys
+
+        try:
+            extra["client_keys"] = read_client_keys(client_keys_file)
+        except ClientKeyError as err:
+            click.echo(f"--client-keys {client_keys_file}: {err}", err=True)
+            sys.exit(EX_CONFIG)
     try:
         serve(
             host,
@@ -118,6 +143,7 @@ def coordinator_command(
             dht_prefix=dht_prefix,
             max_body_bytes=max_body_bytes,
             probe_period_s=probe_period,
+            pay_unvouched_rate=pay_unvouched_rate,
             log_level=log_level,
             **extra,
         )

@@ -25,9 +25,22 @@ cut too::
 
     paid_far = claimed_far x min(1, attested token-blocks / claimed token-blocks)
 
-A claim above its attestation by more than ``max(ATTESTED_SLACK_TOKENS, ATTESTED_SLACK_SHARE x attested)``
-tokens (records and routes arrive at slightly different times) is an over-claim: logged, shown as
-``unattested_tokens``, and it scales the worker's reliability by the same attested fraction.
+**Direct traffic is paid when a client vouches for it.** Petals clients that use the mesh without the
+coordinator sign a receipt per server session (peer id, span, tokens, session id) with a key the operator
+registered (``--client-keys``); a receipt counts once and only for the peer it names. Vouched token-blocks
+count like attested ones::
+
+    covered  = min(1, (attested + vouched token-blocks) / claimed token-blocks)
+    paid_far = claimed_far of the cheapest covered x claimed token-blocks
+               + unvouched_rate x the rest of claimed_far
+
+``unvouched_rate`` (``--pay-unvouched-rate``, 0..1) is 0 by default: claims nobody attested or vouched for
+(direct traffic without receipts) are shown as ``unvouched_tokens`` and not paid.
+
+A claim above what was attested and vouched for by more than
+``max(ATTESTED_SLACK_TOKENS, ATTESTED_SLACK_SHARE x covered)`` tokens (records and routes arrive at slightly
+different times) is an over-claim: logged, shown as ``unvouched_tokens``, and it scales the worker's
+reliability by the same covered fraction.
 
 The earn-rate estimate in heartbeat answers is what the ledger credited over the trailing hour (or since
 registration, if shorter, but at least one interval), scaled to one hour.
@@ -81,6 +94,28 @@ def attested_fraction(claimed_token_blocks: int, attested_token_blocks: int) -> 
     if claimed_token_blocks <= 0:
         return 1.0
     return max(0.0, min(1.0, attested_token_blocks / claimed_token_blocks))
+
+
+def paid_far(payable_by_price: list[tuple[int, float]], claimed_token_blocks: int, covered_token_blocks: int,
+             unvouched_rate: float = 0.0) -> float:
+    """What a worker is paid: its payable claims' $FAR for the covered (attested or vouched) share of its claimed
+    token-blocks, those valued cheapest first, and the rest of its payable claims at ``unvouched_rate``.
+
+    ``payable_by_price`` is [(token-blocks, $FAR)] of the claims that may pay (not after a quarantine), cheapest
+    $FAR per token-block first. Claims differ in worth per token-block (the reliability when each arrived);
+    valuing the covered ones cheapest first means a claim nobody vouched for, added at a better reliability,
+    never raises what the covered ones pay."""
+    payable_tb = sum(tb for tb, _ in payable_by_price)
+    payable = sum(far for _, far in payable_by_price)
+    budget = attested_fraction(claimed_token_blocks, covered_token_blocks) * payable_tb
+    covered_far = 0.0
+    for tb, far in payable_by_price:
+        take = min(tb, budget)
+        if take <= 0:
+            break
+        covered_far += far * take / tb
+        budget -= take
+    return covered_far + max(0.0, min(1.0, unvouched_rate)) * (payable - covered_far)
 
 
 def over_claimed(claimed_tokens: int, attested_tokens: int) -> bool:

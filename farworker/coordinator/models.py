@@ -202,6 +202,51 @@ class WorkerView(BaseModel):
     peer_id: str
     wallet_address: str
     model_name: str
+CLIENT_KEY_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class Receipt(_Strict):
+    """A direct client's word that one worker served one server session of its generation: what vouches for
+    direct traffic (docs/trust.md). Signed with the client's Ed25519 key over ``farworker.receipts.signed_bytes``
+    (every field but ``signature``); the coordinator counts a receipt once, for the peer it names, from a key it
+    has registered."""
+
+    id: str = Field(description="UUID chosen by the client; a receipt id counts once")
+    peer_id: str = Field(pattern=PEER_ID_PATTERN, description="the worker that served the session (base58 peer id)")
+    blocks: Annotated[list[BlockIndex], Field(min_length=2, max_length=2)] = Field(
+        description="[start, end): the span the session ran on"
+    )
+    tokens: RecordCount = Field(description="token positions the session processed")
+    session_id: str = Field(min_length=1, max_length=256,
+                            description="petals' server session id (the worker's usage records carry it too)")
+    model: str = Field(min_length=1, max_length=256)
+    client_key_id: str = Field(pattern=CLIENT_KEY_ID_PATTERN,
+                               description="hex SHA-256 of the client's raw Ed25519 public key, first 16 bytes")
+    created_at: int = Field(ge=0, le=4_102_444_800, description="integer unix seconds")
+    signature: str = Field(min_length=1, max_length=128, description="base64 Ed25519 signature")
+
+    _blocks = field_validator("blocks")(_check_span)
+
+    @field_validator("id")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            raise ValueError("id must be a UUID") from None
+
+
+class ReceiptsRequest(_Strict):
+    receipts: list[Receipt] = Field(min_length=1, max_length=1000)
+
+
+class ReceiptsResponse(BaseModel):
+    accepted: list[str] = Field(description="receipt ids now on the ledger (new ones and ones already counted)")
+    duplicates: list[str] = Field(
+        description="receipt ids not counted: another receipt already vouches for the same server session"
+    )
+
+
     blocks: list[int] | None = Field(description="[start, end); null until the worker reports its span")
     total_blocks: int | None
     state: str
@@ -217,9 +262,14 @@ class WorkerView(BaseModel):
     )
     tokens_served: int = Field(description="tokens the worker's usage records claim")
     tokens_attested: int = Field(description="tokens the coordinator's own completions saw it serve")
-    unattested_tokens: int = Field(description="claimed and not attested: not paid")
+    unattested_tokens: int = Field(description="claimed and not attested by the coordinator's own completions")
+    tokens_vouched: int = Field(description="tokens direct clients' signed receipts say it served")
+    unvouched_tokens: int = Field(
+        description="claimed and neither attested nor vouched (direct traffic without receipts): paid at the "
+        "coordinator's --pay-unvouched-rate, 0 by default"
+    )
     claimed_far: float = Field(description="what its claims would earn if they were all attested")
-    earnings_far: float = Field(description="paid: the claims' earnings scaled to the attested share")
+    earnings_far: float = Field(description="paid: the claims' earnings scaled to the attested + vouched share")
     reliability: float = Field(description="observed uptime, scaled down by the attested share on an over-claim")
     uptime_pct: float
     earn_rate_far_per_hour: float

@@ -108,12 +108,26 @@ CREATE INDEX IF NOT EXISTS probes_worker ON probes(worker_id, seq);
 CREATE TABLE IF NOT EXISTS quarantine (
     worker_id TEXT PRIMARY KEY REFERENCES workers(worker_id),
     since REAL NOT NULL,
+CREATE TABLE IF NOT EXISTS receipts (  -- direct clients' signed receipts: what vouches for direct traffic
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL UNIQUE,  -- a server session is vouched for once, whatever receipts name it
+    peer_id TEXT NOT NULL,  -- pays only the worker of this peer id
+    block_start INTEGER NOT NULL,
+    block_end INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    client_key_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    received_at REAL NOT NULL,
+    receipt TEXT NOT NULL  -- as signed, for audits
+);
+CREATE INDEX IF NOT EXISTS receipts_peer ON receipts(peer_id);
     reason TEXT NOT NULL
 );
 """
 
 DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_keys", "completion_route", "probes",
-               "quarantine")
+               "quarantine", "receipts")
 
 
 def _allow_unknown_blocks(conn: sqlite3.Connection) -> None:
@@ -337,9 +351,10 @@ class Store:
         return list(accepted)
 
     def ledger_totals(self, worker_id: str, since: float) -> dict:
-        """One worker's claims (its usage records) and attestations (the routes of the coordinator's own
-        completions that name its peer id, and its probes): tokens and token-blocks of each; claimed $FAR
-        in all, since ``since``, and before its quarantine (nothing after it pays)."""
+        """One worker's claims (its usage records), attestations (the routes of the coordinator's own
+        completions that name its peer id, and its probes) and vouchers (direct clients' receipts that name
+        its peer id): tokens and token-blocks of each; claimed $FAR in all, since ``since``, and before its
+        quarantine (nothing after it pays)."""
         quarantined = self.quarantine_of(worker_id)
         paid_until = quarantined["since"] if quarantined else float("inf")
         claimed = self._read(
@@ -379,6 +394,21 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (worker_id, at, block, tokens, error, tolerance, problem),
             )
+        # What a covered token-block is worth differs per record (the reliability when it arrived): paid
+        # token-blocks are valued cheapest first, so claims added beside covered ones never raise their worth.
+        payable_by_price = self._read(
+            "SELECT SUM(tokens * (block_end - block_start)) AS tb, SUM(earned_far) AS far FROM usage"
+            " WHERE worker_id = ? AND received_at < ? AND tokens > 0 AND block_end > block_start"
+            " GROUP BY ROUND(earned_far / (tokens * (block_end - block_start)), 15) ORDER BY SUM(earned_far) / SUM("
+            "tokens * (block_end - block_start))",
+            (worker_id, paid_until),
+        )
+        vouched = self._read(
+            "SELECT COALESCE(SUM(r.tokens), 0) AS tokens,"
+            " COALESCE(SUM(r.tokens * (r.block_end - r.block_start)), 0) AS tb"
+            " FROM receipts r JOIN workers w ON w.peer_id = r.peer_id WHERE w.worker_id = ?",
+            (worker_id,),
+        )[0]
             if quarantine:
                 conn.execute("INSERT OR IGNORE INTO quarantine (worker_id, since, reason) VALUES (?, ?, ?)",
                              (worker_id, at, problem))
@@ -388,6 +418,9 @@ class Store:
             "SELECT COUNT(*) AS n, COALESCE(SUM(problem IS NULL), 0) AS passed, MAX(at) AS last"
             " FROM probes WHERE worker_id = ?",
             (worker_id,),
+            "payable_by_price": [(int(r["tb"]), float(r["far"])) for r in payable_by_price],  # cheapest first
+            "vouched_tokens": int(vouched["tokens"]),
+            "vouched_token_blocks": int(vouched["tb"]),
         )[0]
         last = self._read("SELECT problem FROM probes WHERE worker_id = ? ORDER BY seq DESC LIMIT 1", (worker_id,))
         return {"probes": row["n"], "probes_passed": row["passed"], "last_probe_at": row["last"],
@@ -433,6 +466,30 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (completion_id, s["peer_id"], s["worker_id"], s["blocks"][0], s["blocks"][1], s["tokens"])
+    # --- receipts -----------------------------------------------------------------------------------
+    def add_receipts(self, receipts: list[dict], now: float) -> tuple[list[str], list[str]]:
+        """Store verified receipts, each once: returns (ids on the ledger, new or seen before; ids not counted
+        because another receipt already vouches for their server session)."""
+        accepted: dict[str, None] = {}
+        duplicates: dict[str, None] = {}
+        with self._tx() as conn:
+            for r in receipts:
+                known = conn.execute("SELECT id FROM receipts WHERE id = ? OR session_id = ?",
+                                     (r["id"], r["session_id"])).fetchall()
+                if any(row["id"] == r["id"] for row in known):
+                    accepted[r["id"]] = None  # delivered again: counted once already
+                elif known:
+                    duplicates[r["id"]] = None
+                else:
+                    conn.execute(
+                        "INSERT INTO receipts (id, session_id, peer_id, block_start, block_end, tokens, model,"
+                        " client_key_id, created_at, received_at, receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (r["id"], r["session_id"], r["peer_id"], r["blocks"][0], r["blocks"][1], r["tokens"],
+                         r["model"], r["client_key_id"], r["created_at"], now, json.dumps(r, sort_keys=True)),
+                    )
+                    accepted[r["id"]] = None
+        return list(accepted), list(duplicates)
+
                     for s in route
                 ],
             )

@@ -1,0 +1,323 @@
+"""A petals client that generates through the mesh and says who served it: one client path for everyone.
+
+The coordinator uses it for the completions it routes (their routes are *attested*), and any direct client
+uses it through ``farworker.vouching_client`` (their routes become signed *receipts*). The route comes from
+petals' own inference session: each ``_ServerInferenceSession`` holds the span (peer id, start, end) it ran
+on, its session id (the one the worker meters its usage under) and how many token positions it processed.
+A span replaced mid-request (a worker died, petals re-routed) is recorded too, with the tokens it had
+processed when it was dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("farworker.mesh_client")
+
+# Bounded retries: petals' default is to retry forever, which would hang an HTTP request.
+CLIENT_OPTIONS = {
+    "max_retries": 3,
+    "min_backoff": 0.5,
+    "max_backoff": 5.0,
+    "connect_timeout": 5.0,
+    "request_timeout": 60.0,
+    "update_period": 10.0,
+    "ban_timeout": 5.0,
+    "show_route": False,
+}
+
+
+# Below this temperature a request is answered greedily: sampling there only differs from the argmax on
+# logits tied within ~1e-5, and far below it logits / temperature overflow float32 (inf, then NaN
+# probabilities, and a request that fails after the workers served it).
+GREEDY_BELOW_TEMPERATURE = 1e-6
+
+# A generation whose session broke is run once more from the start in a fresh session.
+GENERATION_ATTEMPTS = 2
+
+CLOSE_TIMEOUT = 15.0  # seconds the client's shutdown may take before the process moves on
+
+
+class MeshError(Exception):
+    def __init__(
+        self, message: str, status: int = 503, code: str = "mesh_unavailable", field: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.code, self.field = status, code, field
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str | None
+    finish_reason: str
+    route: list[dict]  # {"peer_id", "blocks": [start, end], "tokens", "session_id"}: one per server session
+    id: str = ""  # the coordinator's id for the request, once recorded
+
+
+class MeshClient:
+    """One petals client, loaded on first use; each request runs in its own inference session, several at once
+    (the coordinator bounds how many)."""
+
+    def __init__(self, model_path: Path, initial_peers: list[str], dht_prefix: str | None, **client_options):
+        self.model_path = Path(model_path)
+        self.initial_peers = list(initial_peers)
+        self.dht_prefix = dht_prefix
+        self.client_options = {**CLIENT_OPTIONS, **client_options}
+        self._lock = threading.Lock()
+        self._model = None
+        self._tokenizer = None
+        self._config = None
+
+    def _load(self):
+        if self._model is not None:
+            return self._model
+        if not self.initial_peers:
+            raise MeshError("no initial peers configured for the mesh (--initial-peer)", code="no_mesh")
+        from farworker.petals_compat import import_petals
+
+        petals = import_petals()
+        import torch
+
+        try:
+            model = petals.AutoDistributedModelForCausalLM.from_pretrained(
+                str(self.model_path),
+                initial_peers=self.initial_peers,
+                dht_prefix=self.dht_prefix,
+                torch_dtype=torch.float32,
+                **self.client_options,
+            )
+        except Exception as err:
+            raise MeshError(f"cannot start the mesh client for {self.model_path}: {err}") from None
+        self._config = model.config
+        if any(
+            (self.model_path / name).is_file()
+            for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        ):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self._model = model
+        return model
+
+    def warm(self) -> None:
+        with self._lock:
+            self._load()
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            self._need_tokenizer("prompt")
+            ids = self._tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+        vocab = getattr(self._config, "vocab_size", None)
+        if vocab and any(i >= vocab for i in ids):
+            raise MeshError(
+                f"prompt token ids must be below the vocabulary size {vocab}, got {max(ids)}",
+                400,
+                "invalid_payload",
+                "prompt",
+            )
+        return ids
+
+    def _need_tokenizer(self, field: str) -> None:
+        if self._tokenizer is None:
+            raise MeshError("this model has no tokenizer; send the prompt as a list of token ids", 400,
+                            "invalid_payload", field)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The conversation in the model's own chat template (Llama-2 chat: [INST] ... [/INST], <<SYS>>)."""
+        with self._lock:
+            self._load()
+        self._need_tokenizer("messages")
+        try:
+            return list(self._tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except Exception as err:  # the template's own checks (roles must alternate user/assistant)
+            raise MeshError(f"messages: {err}", 400, "invalid_payload", "messages") from None
+
+    def decode(self, ids: list[int]) -> str | None:
+        return self._tokenizer.decode(ids, skip_special_tokens=True) if self._tokenizer else None
+
+    def generate(self, prompt: str | list[int], max_tokens: int, temperature: float, *, top_p: float = 1.0,
+                 seed: int | None = None, stop: tuple[str, ...] = (), on_token=None,
+                 cancelled: threading.Event | None = None) -> Generation:
+        """One completion in its own petals inference session; many may run at once (one per thread).
+
+        ``on_token(token_id)`` is called as each new token arrives (streaming); ``cancelled`` set ends the
+        generation at the next token (a client that went away): what was served so far is still routed
+        and returned. ``stop`` strings end it once the decoded completion contains one (the text is cut
+        before it)."""
+        with self._lock:
+            self._load()
+        ids = self._prompt_ids(prompt)
+        if stop:
+            self._need_tokenizer("stop")
+        limit = getattr(self._config, "max_position_embeddings", None)
+        if limit and len(ids) + max_tokens > limit:
+            raise MeshError(
+                f"prompt + max_tokens = {len(ids) + max_tokens} exceeds the model's {limit} positions",
+                400,
+                "invalid_payload",
+                "max_tokens",
+            )
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            if temperature >= GREEDY_BELOW_TEMPERATURE
+            else {"do_sample": False}
+        )
+        watcher = _TokenWatcher(self, stop, on_token, cancelled)
+        seen: list = []  # every server session of every attempt: each one's tokens were served and billed
+        for attempt in range(1, GENERATION_ATTEMPTS + 1):
+            try:
+                output = self._generate_once(ids, max_tokens, sampling, seed, watcher, seen)
+                break
+            except _Cancelled:
+                output = None
+                break
+            except Exception as err:
+                # petals re-routes a step itself, but a replacement server that cannot rebuild the cache
+                # ("Broken input cache", a worker draining mid-session) ends the session. A stream that already
+                # sent tokens cannot take them back: it is retried only if a retry repeats them (greedy).
+                if attempt < GENERATION_ATTEMPTS and (not watcher.tokens or not sampling["do_sample"]):
+                    log.warning("completion failed in the mesh, retrying in a fresh session: %s", err)
+                    watcher.restart()
+                    continue
+                log.warning("completion failed in the mesh: %s", err)
+                raise MeshError(f"the mesh could not serve the request: {err}") from None
+        completion = watcher.tokens if output is None or watcher.stopped else output[0, len(ids):].tolist()
+        eos = getattr(self._config, "eos_token_id", None)
+        if watcher.stopped or output is None:
+            finish = "stop"
+        else:
+            finish = ("stop" if len(completion) < max_tokens or (eos is not None and completion[-1:] == [eos])
+                      else "length")
+        route = [
+            {
+                "peer_id": s.span.peer_id.to_base58(),
+                "blocks": [int(s.span.start), int(s.span.end)],
+                "tokens": int(s._position),
+                "session_id": str(s.session_id),  # the id the worker's usage records carry
+            }
+            for s in seen
+            if s._position > 0
+        ]
+        return Generation(ids, completion, watcher.text(completion), finish, route)
+
+    def _generate_once(self, ids: list[int], max_tokens: int, sampling: dict, seed: int | None, watcher, seen: list):
+        import torch
+
+        model = self._model
+        with model.inference_session(max_length=len(ids) + max_tokens) as session:
+            self._track(session, seen)
+            try:
+                if seed is not None and sampling["do_sample"]:
+                    torch.manual_seed(seed)  # per thread's generator would be better; torch has one global CPU RNG
+                with torch.inference_mode():
+                    return model.generate(
+                        torch.tensor([ids]),
+                        max_new_tokens=max_tokens,
+                        session=session,
+                        pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
+                        streamer=watcher,
+                        **sampling,
+                    )
+            finally:
+                _keep(seen, session._server_sessions)
+
+    @staticmethod
+    def _track(session, seen: list) -> None:
+        """Keep each server session petals drops while re-routing after a failure, to count its tokens."""
+        original = session._exit_server_sessions
+
+        def exit_and_keep(server_sessions):
+            _keep(seen, server_sessions)
+            return original(server_sessions)
+
+        session._exit_server_sessions = exit_and_keep
+
+    def close(self) -> None:
+        with self._lock:
+            model, self._model = self._model, None
+        if model is not None:
+            manager = model.transformer.h.sequence_manager
+
+            def shut_down():
+                with contextlib.suppress(Exception):  # best effort: stop the route updates, then the DHT and p2pd
+                    manager.shutdown()
+                with contextlib.suppress(Exception):
+                    manager.dht.shutdown()
+
+            # petals joins its route-update thread without a timeout; that thread may be inside a DHT query
+            # to peers that are already gone. A shutdown must not hang the coordinator's exit.
+            closer = threading.Thread(target=shut_down, name="mesh-client-close", daemon=True)
+            closer.start()
+            closer.join(CLOSE_TIMEOUT)
+            _give_this_thread_an_event_loop()
+
+
+def _give_this_thread_an_event_loop() -> None:
+    """hivemind's p2pd client objects, collected later in this thread, look up its event loop in __del__;
+    under uvloop's policy a thread without one raises there and prints a traceback at exit."""
+    import asyncio
+
+    try:
+        asyncio.get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+def _keep(seen: list, server_sessions) -> None:
+    for server_session in server_sessions:
+        if not any(server_session is known for known in seen):
+            seen.append(server_session)
+
+
+class _Cancelled(Exception):
+    """Raised inside generate (from the streamer) to end a generation the client no longer waits for."""
+
+
+class _TokenWatcher:
+    """transformers' streamer interface: sees each new token as it is generated, feeds ``on_token``, ends the
+    generation on a stop string or a cancellation."""
+
+    def __init__(self, mesh: MeshClient, stop: tuple[str, ...], on_token, cancelled: threading.Event | None):
+        self.mesh, self.stop, self.on_token, self.cancelled = mesh, stop, on_token, cancelled
+        self.tokens: list[int] = []
+        self.stopped = False  # a stop string appeared
+        self._prompt_seen = False
+        self._replay = 0  # tokens a retry regenerates that were passed on already
+
+    def restart(self) -> None:
+        """A retry regenerates from the prompt; tokens already passed on are not passed on again."""
+        self._prompt_seen = False
+        self._replay = len(self.tokens)
+        self.tokens = []
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first hands the streamer the prompt
+            self._prompt_seen = True
+            return
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise _Cancelled()
+        for token in value.reshape(-1).tolist():
+            self.tokens.append(int(token))
+            if len(self.tokens) > self._replay and self.on_token is not None:
+                self.on_token(int(token))
+        if self.stop and any(s in (self.mesh.decode(self.tokens) or "") for s in self.stop):
+            self.stopped = True
+            raise _Cancelled()
+
+    def end(self) -> None:
+        pass
+
+    def text(self, completion: list[int]) -> str | None:
+        text = self.mesh.decode(completion)
+        if text is not None and self.stopped:
+            cut = min((text.find(s) for s in self.stop if s in text), default=len(text))
+            text = text[:cut]
+        return text
