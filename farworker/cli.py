@@ -134,14 +134,6 @@ def bootstrap(host_maddrs, announce_maddrs, identity, state_dir, initial_peers):
     sys.exit(run_bootstrap_peer(host_maddrs, announce_maddrs, identity, state_dir, initial_peers))
 
 
-@main.command("render-unit")
-@click.option("--output-dir", type=click.Path(file_okay=False), default=".", show_default=True,
-              help="Where farworker.service and farworker.env.example are written.")
-@click.option("--venv-dir", default=sys.prefix, show_default=True, help="The venv farworker is installed in.")
-@click.option("--user", default="farworker", show_default=True, help="Service user.")
-def render_unit(output_dir, venv_dir, user):
-    """Render the systemd unit and env file from the same templates the Ansible role uses."""
-    from farworker.unit_render import render_files
 @main.command()
 @click.option("--coordinator", "coordinator_url", required=True, metavar="URL",
               help="Coordinator the signed receipts go to (POST /v1/receipts).")
@@ -187,6 +179,14 @@ def client_key(key_file, name):
         sys.exit(EX_CONFIG)
 
 
+@main.command("render-unit")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where farworker.service and farworker.env.example are written.")
+@click.option("--venv-dir", default=sys.prefix, show_default=True, help="The venv farworker is installed in.")
+@click.option("--user", default="farworker", show_default=True, help="Service user.")
+def render_unit(output_dir, venv_dir, user):
+    """Render the systemd unit and env file from the same templates the Ansible role uses."""
+    from farworker.unit_render import render_files
 
     for path in render_files(output_dir, venv_dir=venv_dir, user=user):
         click.echo(f"wrote {path}")

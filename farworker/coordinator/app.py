@@ -29,10 +29,10 @@ from farworker.coordinator.models import (
     KeyUsageList,
     ModelCard,
     ModelList,
-    RegisterRequest,
-    RegisterResponse,
     ReceiptsRequest,
     ReceiptsResponse,
+    RegisterRequest,
+    RegisterResponse,
     UsageRequest,
     UsageResponse,
     WorkerList,
@@ -105,11 +105,11 @@ class Settings:
     # one of the server's 40 request threads, which the workers' heartbeats need too: 8 + 16 leaves them 16.
     max_queued_generations: int = 16
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> its name; empty: the inference API is open
-
-    def __post_init__(self):
     # direct clients whose receipts vouch for traffic: key id -> (name, Ed25519 public key, base64); empty: none
     client_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
     pay_unvouched_rate: float = 0.0  # share of claims nobody attested or vouched for that is paid anyway (0..1)
+
+    def __post_init__(self):
         self.db_path = Path(self.db_path)
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
@@ -317,10 +317,10 @@ def create_app(settings: Settings) -> FastAPI:
             "tokens_served": t["claimed_tokens"],
             "tokens_attested": t["attested_tokens"],
             "unattested_tokens": max(0, t["claimed_tokens"] - t["attested_tokens"]),
-            "claimed_far": round(t["claimed_far"], 9),
-            "earnings_far": round(paid, 9),
             "tokens_vouched": t["vouched_tokens"],
             "unvouched_tokens": max(0, t["claimed_tokens"] - t["attested_tokens"] - t["vouched_tokens"]),
+            "claimed_far": round(t["claimed_far"], 9),
+            "earnings_far": round(paid, 9),
             "reliability": 0.0 if quarantined else round(reliability, 6),
             "uptime_pct": round(100 * observed, 3),
             "earn_rate_far_per_hour": round(t["payable_far_recent"] * paid_share * 3600 / window, 9),
@@ -432,12 +432,6 @@ def create_app(settings: Settings) -> FastAPI:
         return UsageResponse(accepted=accepted)
 
     @app.post(
-        "/v1/workers/{worker_id}/deregister",
-        response_model=DeregisterResponse,
-        tags=["workers"],
-        responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
-    )
-    @app.post(
         "/v1/receipts",
         response_model=ReceiptsResponse,
         tags=["ledger"],
@@ -472,6 +466,12 @@ def create_app(settings: Settings) -> FastAPI:
         accepted, duplicates = store.add_receipts(checked, time.time())
         return ReceiptsResponse(accepted=accepted, duplicates=duplicates)
 
+    @app.post(
+        "/v1/workers/{worker_id}/deregister",
+        response_model=DeregisterResponse,
+        tags=["workers"],
+        responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    )
     def deregister(
         worker_id: str, body: DeregisterRequest | None = None, _: str = Depends(worker_signature)
     ) -> DeregisterResponse:

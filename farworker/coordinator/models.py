@@ -188,20 +188,6 @@ class UsageResponse(BaseModel):
     accepted: list[str] = Field(description="ids now on the ledger (new ones and ones already counted)")
 
 
-class DeregisterRequest(_Strict):
-    reason: str = Field(default="shutdown", max_length=256)
-
-
-class DeregisterResponse(BaseModel):
-    worker_id: str
-    state: str
-
-
-class WorkerView(BaseModel):
-    worker_id: str
-    peer_id: str
-    wallet_address: str
-    model_name: str
 CLIENT_KEY_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
@@ -247,6 +233,20 @@ class ReceiptsResponse(BaseModel):
     )
 
 
+class DeregisterRequest(_Strict):
+    reason: str = Field(default="shutdown", max_length=256)
+
+
+class DeregisterResponse(BaseModel):
+    worker_id: str
+    state: str
+
+
+class WorkerView(BaseModel):
+    worker_id: str
+    peer_id: str
+    wallet_address: str
+    model_name: str
     blocks: list[int] | None = Field(description="[start, end); null until the worker reports its span")
     total_blocks: int | None
     state: str

@@ -105,9 +105,6 @@ CREATE TABLE IF NOT EXISTS probes (
     problem TEXT  -- NULL: passed
 );
 CREATE INDEX IF NOT EXISTS probes_worker ON probes(worker_id, seq);
-CREATE TABLE IF NOT EXISTS quarantine (
-    worker_id TEXT PRIMARY KEY REFERENCES workers(worker_id),
-    since REAL NOT NULL,
 CREATE TABLE IF NOT EXISTS receipts (  -- direct clients' signed receipts: what vouches for direct traffic
     id TEXT PRIMARY KEY,
     session_id TEXT NOT NULL UNIQUE,  -- a server session is vouched for once, whatever receipts name it
@@ -122,6 +119,9 @@ CREATE TABLE IF NOT EXISTS receipts (  -- direct clients' signed receipts: what 
     receipt TEXT NOT NULL  -- as signed, for audits
 );
 CREATE INDEX IF NOT EXISTS receipts_peer ON receipts(peer_id);
+CREATE TABLE IF NOT EXISTS quarantine (
+    worker_id TEXT PRIMARY KEY REFERENCES workers(worker_id),
+    since REAL NOT NULL,
     reason TEXT NOT NULL
 );
 """
@@ -373,27 +373,6 @@ class Store:
         )[0]
         probed = self._read("SELECT COALESCE(SUM(tokens), 0) AS tokens FROM probes WHERE worker_id = ?",
                             (worker_id,))[0]
-        return {
-            "quarantine": quarantined,  # {"since", "reason"} or None
-            "claimed_tokens": int(claimed["tokens"]),
-            "claimed_token_blocks": int(claimed["tb"]),
-            "claimed_far": float(claimed["earned"]),
-            "payable_far": float(claimed["payable"]),
-            "payable_far_recent": float(claimed["recent"]),
-            "attested_tokens": int(routed["tokens"]) + int(probed["tokens"]),
-            "attested_token_blocks": int(routed["tb"]) + int(probed["tokens"]),  # a probe covers one block
-        }
-
-    # --- spot checks ----------------------------------------------------------------------------------
-    def record_probe(self, worker_id: str, at: float, block: int, tokens: int, error: float | None,
-                     tolerance: float, problem: str | None, quarantine: bool) -> None:
-        """One probe's outcome; a wrong answer (``quarantine``) also quarantines the worker from ``at`` on."""
-        with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO probes (worker_id, at, block, tokens, error, tolerance, problem)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (worker_id, at, block, tokens, error, tolerance, problem),
-            )
         # What a covered token-block is worth differs per record (the reliability when it arrived): paid
         # token-blocks are valued cheapest first, so claims added beside covered ones never raise their worth.
         payable_by_price = self._read(
@@ -409,6 +388,30 @@ class Store:
             " FROM receipts r JOIN workers w ON w.peer_id = r.peer_id WHERE w.worker_id = ?",
             (worker_id,),
         )[0]
+        return {
+            "quarantine": quarantined,  # {"since", "reason"} or None
+            "claimed_tokens": int(claimed["tokens"]),
+            "claimed_token_blocks": int(claimed["tb"]),
+            "claimed_far": float(claimed["earned"]),
+            "payable_far": float(claimed["payable"]),
+            "payable_far_recent": float(claimed["recent"]),
+            "attested_tokens": int(routed["tokens"]) + int(probed["tokens"]),
+            "attested_token_blocks": int(routed["tb"]) + int(probed["tokens"]),  # a probe covers one block
+            "payable_by_price": [(int(r["tb"]), float(r["far"])) for r in payable_by_price],  # cheapest first
+            "vouched_tokens": int(vouched["tokens"]),
+            "vouched_token_blocks": int(vouched["tb"]),
+        }
+
+    # --- spot checks ----------------------------------------------------------------------------------
+    def record_probe(self, worker_id: str, at: float, block: int, tokens: int, error: float | None,
+                     tolerance: float, problem: str | None, quarantine: bool) -> None:
+        """One probe's outcome; a wrong answer (``quarantine``) also quarantines the worker from ``at`` on."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO probes (worker_id, at, block, tokens, error, tolerance, problem)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (worker_id, at, block, tokens, error, tolerance, problem),
+            )
             if quarantine:
                 conn.execute("INSERT OR IGNORE INTO quarantine (worker_id, since, reason) VALUES (?, ?, ?)",
                              (worker_id, at, problem))
@@ -418,9 +421,6 @@ class Store:
             "SELECT COUNT(*) AS n, COALESCE(SUM(problem IS NULL), 0) AS passed, MAX(at) AS last"
             " FROM probes WHERE worker_id = ?",
             (worker_id,),
-            "payable_by_price": [(int(r["tb"]), float(r["far"])) for r in payable_by_price],  # cheapest first
-            "vouched_tokens": int(vouched["tokens"]),
-            "vouched_token_blocks": int(vouched["tb"]),
         )[0]
         last = self._read("SELECT problem FROM probes WHERE worker_id = ? ORDER BY seq DESC LIMIT 1", (worker_id,))
         return {"probes": row["n"], "probes_passed": row["passed"], "last_probe_at": row["last"],
@@ -439,6 +439,30 @@ class Store:
         if worker_id:
             sql, args = sql + " WHERE worker_id = ?", (worker_id,)
         return [dict(r) for r in self._read(sql + " ORDER BY received_at, id", args)]
+
+    # --- receipts -----------------------------------------------------------------------------------
+    def add_receipts(self, receipts: list[dict], now: float) -> tuple[list[str], list[str]]:
+        """Store verified receipts, each once: returns (ids on the ledger, new or seen before; ids not counted
+        because another receipt already vouches for their server session)."""
+        accepted: dict[str, None] = {}
+        duplicates: dict[str, None] = {}
+        with self._tx() as conn:
+            for r in receipts:
+                known = conn.execute("SELECT id FROM receipts WHERE id = ? OR session_id = ?",
+                                     (r["id"], r["session_id"])).fetchall()
+                if any(row["id"] == r["id"] for row in known):
+                    accepted[r["id"]] = None  # delivered again: counted once already
+                elif known:
+                    duplicates[r["id"]] = None
+                else:
+                    conn.execute(
+                        "INSERT INTO receipts (id, session_id, peer_id, block_start, block_end, tokens, model,"
+                        " client_key_id, created_at, received_at, receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (r["id"], r["session_id"], r["peer_id"], r["blocks"][0], r["blocks"][1], r["tokens"],
+                         r["model"], r["client_key_id"], r["created_at"], now, json.dumps(r, sort_keys=True)),
+                    )
+                    accepted[r["id"]] = None
+        return list(accepted), list(duplicates)
 
     # --- completions --------------------------------------------------------------------------------
     def record_completion(
@@ -466,30 +490,6 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (completion_id, s["peer_id"], s["worker_id"], s["blocks"][0], s["blocks"][1], s["tokens"])
-    # --- receipts -----------------------------------------------------------------------------------
-    def add_receipts(self, receipts: list[dict], now: float) -> tuple[list[str], list[str]]:
-        """Store verified receipts, each once: returns (ids on the ledger, new or seen before; ids not counted
-        because another receipt already vouches for their server session)."""
-        accepted: dict[str, None] = {}
-        duplicates: dict[str, None] = {}
-        with self._tx() as conn:
-            for r in receipts:
-                known = conn.execute("SELECT id FROM receipts WHERE id = ? OR session_id = ?",
-                                     (r["id"], r["session_id"])).fetchall()
-                if any(row["id"] == r["id"] for row in known):
-                    accepted[r["id"]] = None  # delivered again: counted once already
-                elif known:
-                    duplicates[r["id"]] = None
-                else:
-                    conn.execute(
-                        "INSERT INTO receipts (id, session_id, peer_id, block_start, block_end, tokens, model,"
-                        " client_key_id, created_at, received_at, receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (r["id"], r["session_id"], r["peer_id"], r["blocks"][0], r["blocks"][1], r["tokens"],
-                         r["model"], r["client_key_id"], r["created_at"], now, json.dumps(r, sort_keys=True)),
-                    )
-                    accepted[r["id"]] = None
-        return list(accepted), list(duplicates)
-
                     for s in route
                 ],
             )
