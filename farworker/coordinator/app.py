@@ -308,7 +308,8 @@ def create_app(settings: Settings) -> FastAPI:
         t = store.ledger_totals(row["worker_id"], now - window)
         covered_tb = t["attested_token_blocks"] + t["vouched_token_blocks"]
         covered_share = ledger.attested_fraction(t["claimed_token_blocks"], covered_tb)
-        paid = ledger.paid_far(t["payable_by_price"], t["claimed_token_blocks"], covered_tb, settings.pay_unvouched_rate)
+        paid = ledger.paid_far(t["payable_by_price"], t["claimed_token_blocks"], covered_tb,
+                               settings.pay_unvouched_rate)
         paid_share = paid / t["payable_far"] if t["payable_far"] > 0 else 0.0
         over = ledger.over_claimed(t["claimed_tokens"], t["attested_tokens"] + t["vouched_tokens"])
         reliability = observed * (covered_share if over else 1.0)
