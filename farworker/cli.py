@@ -63,6 +63,9 @@ def run(**kwargs):
 
     apply_requested_policy(kwargs.get("thread_policy"))  # before torch loads: libgomp reads it once
     config = load_config(overrides=_overrides(kwargs))  # ConfigError: one line per problem, exit 78
+    from farworker.instances import pin_gpu
+
+    pin_gpu(config)  # FARLABS_GPU: before torch initialises CUDA; an unknown GPU is a ConfigError too
     apply_thread_policy(config.thread_policy)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     _setup_logging()
@@ -91,11 +94,16 @@ def check(config_only, **kwargs):
 @click.option("--state-dir", envvar="FARLABS_STATE_DIR", type=click.Path(file_okay=False), default=None,
               help="State directory of the running worker [env FARLABS_STATE_DIR].")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status document.")
-def status(state_dir, as_json):
-    """Show the running worker: state, blocks, peers, sessions, last heartbeat, outbox, GPUs."""
+@click.option("--instance", type=click.IntRange(0, 63), default=None,
+              help="On a multi-GPU host: show instance N (farworker@N) in full.")
+def status(state_dir, as_json, instance):
+    """Show the running worker: state, blocks, peers, sessions, last heartbeat, outbox, GPUs.
+
+    On a multi-GPU host (one worker per GPU): one line per instance, plus totals.
+    """
     from farworker.status_view import show_status
 
-    sys.exit(show_status(state_dir, as_json))
+    sys.exit(show_status(state_dir, as_json, instance))
 
 
 @main.command()

@@ -205,6 +205,34 @@ def _text(max_len: int) -> Callable[[str], str]:
     return parse
 
 
+# A GPU as nvidia-smi and NVML name it: its index in NVML's (PCI bus) order, or its UUID (MIG devices too).
+_GPU_UUID = re.compile(r"(GPU|MIG)-[0-9a-fA-F-]{8,64}")
+
+
+def _gpu(raw: str) -> str:
+    value = raw.strip()
+    if value.lower() in ("", "cpu"):
+        return value.lower()
+    if value.isdigit() and int(value) < 64:
+        return str(int(value))
+    if not _GPU_UUID.fullmatch(value):
+        raise _Invalid
+    return value
+
+
+def _instance(raw: str) -> int | None:
+    if not raw.strip():
+        return None
+    return _int_range(0, 63)(raw)
+
+
+def _host_id(raw: str) -> str:
+    value = raw.strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise _Invalid
+    return value
+
+
 def _model(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -278,10 +306,20 @@ SETTINGS: tuple[Setting, ...] = (
             help="Identity key, usage outbox and status file (default: ~/.local/state/farworker)."),
     Setting("thread_policy", "FARLABS_THREAD_POLICY", _choice(THREAD_POLICIES), ", ".join(THREAD_POLICIES),
             "single", help="OpenMP threads: single (1 per process), passive (no spin-wait) or spin (torch default)."),
+    Setting("step_batching", "FARLABS_STEP_BATCHING", _bool, "true or false", "true",
+            help="Run concurrent decode steps of different sessions over our blocks as one call (Llama blocks)."),
     Setting("network_mbps", "FARLABS_NETWORK_MBPS", _positive_float, "a positive number of megabits per second",
             "100", help="Upload bandwidth used for the throughput announced to clients (no speedtest is run)."),
     Setting("metrics_port", "FARLABS_METRICS_PORT", _int_range(0, 65535), "a port from 0 to 65535 (0 = off)", "0",
             help="Prometheus /metrics on 127.0.0.1 (0 = off)."),
+    Setting("instance", "FARLABS_INSTANCE", _instance, "a whole number from 0 to 63, or empty", "",
+            help="This worker's index on a multi-GPU host (farworker@N.service): its state dir is STATE_DIR/N, "
+            "its ports and metrics port are the configured ones plus N (see farworker/instances.py)."),
+    Setting("gpu", "FARLABS_GPU", _gpu, "a GPU index from 0 to 63, a GPU UUID (GPU-... or MIG-...), cpu, or empty",
+            "", help="The one GPU this worker uses (CUDA_VISIBLE_DEVICES is set to its UUID); cpu hides every GPU; "
+            "empty = no pinning."),
+    Setting("host_id", "FARLABS_HOST_ID", _host_id, "up to 64 letters, digits, '.', '_' or '-', or empty", "",
+            help="Groups this host's workers in the coordinator's ledger (default: derived from /etc/machine-id)."),
     Setting("hf_token", "HF_TOKEN", _text(512), "a Hugging Face access token", "", secret=True,
             help="Hugging Face token, needed for gated models such as Llama-2."),
 )
@@ -312,8 +350,12 @@ class WorkerConfig:
     max_disk_space: int | None
     state_dir: Path
     thread_policy: str
+    step_batching: bool
     network_mbps: float
     metrics_port: int
+    instance: int | None
+    gpu: str
+    host_id: str
     hf_token: str = field(repr=False)
 
     @property
@@ -386,6 +428,9 @@ def load_config(
     problems += _cross_checks(values, invalid, required)
     if problems:
         raise ConfigError(problems)
+    from farworker.instances import apply_instance
+
+    values = apply_instance(values)  # FARLABS_INSTANCE: this instance's own state dir and ports
     values["dht_bootstrap"] = values["dht_bootstrap"] or ()
     return WorkerConfig(**values)  # type: ignore[arg-type]
 
@@ -412,4 +457,14 @@ def _cross_checks(values: dict[str, object], invalid: set[str], required: bool) 
             problems.append(f"FARLABS_MODEL_NAME={model!r} is not a directory: expected a local checkpoint directory")
     if values["num_blocks"] is not None and values["block_indices"] is not None:
         problems.append("FARLABS_NUM_BLOCKS and FARLABS_BLOCK_INDICES conflict: expected only one of them")
+    device, pinned = values["device"], values["gpu"]
+    if pinned == "cpu" and isinstance(device, str) and device.startswith("cuda"):
+        problems.append(f"FARLABS_GPU=cpu and FARLABS_DEVICE={device} conflict: expected FARLABS_DEVICE auto or cpu")
+    elif pinned and pinned != "cpu" and device not in (None, "auto", "cuda", "cuda:0"):
+        # the pinned GPU is the only one CUDA sees: it is cuda:0 inside the process
+        problems.append(f"FARLABS_GPU={pinned} and FARLABS_DEVICE={device} conflict: expected FARLABS_DEVICE "
+                        "auto, cuda or cuda:0 (the pinned GPU is the process's only CUDA device)")
+    from farworker.instances import instance_port_problems
+
+    problems += instance_port_problems(values)
     return problems

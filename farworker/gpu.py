@@ -16,6 +16,19 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _initialized: bool | None = None
 _xid_counter = None  # a gpu_xid.XidCounter while `farworker run` counts Xid errors
+# The UUIDs of the GPUs this worker owns (instances.pin_gpu); None = every GPU NVML lists. NVML ignores
+# CUDA_VISIBLE_DEVICES, so a worker pinned to one GPU of eight would otherwise report all eight.
+_own_uuids: frozenset[str] | None = None
+
+
+def own_gpus(uuids: list[str] | None) -> None:
+    """Report only these GPUs in telemetry and registration (None: all of them)."""
+    global _own_uuids
+    _own_uuids = None if uuids is None else frozenset(u.lower() for u in uuids)
+
+
+def owned(gpus: list[GpuInfo]) -> list[GpuInfo]:
+    return gpus if _own_uuids is None else [g for g in gpus if g.uuid.lower() in _own_uuids]
 
 
 def _nvml():
@@ -106,7 +119,7 @@ def telemetry() -> list[dict]:
         return []
     xids = _xid_counter
     readings = []
-    for gpu in list_gpus():
+    for gpu in owned(list_gpus()):
         handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
         utilization = _try(lambda h=handle: nvml.nvmlDeviceGetUtilizationRates(h))
         memory = nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -161,7 +174,7 @@ def hardware_summary() -> dict:
 
     import psutil
 
-    gpus = list_gpus()
+    gpus = owned(list_gpus())
     driver = driver_info()
     return {
         "gpus": [{k: v for k, v in asdict(g).items() if k != "memory_free_bytes"} for g in gpus],

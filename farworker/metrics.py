@@ -40,6 +40,26 @@ DCGM_GAUGES = {
 }
 
 
+def worker_labels(status: dict) -> tuple[list[str], list[str]]:
+    """The labels of the worker's own series: the model, and on a multi-GPU host (FARLABS_INSTANCE set) the
+    instance and its GPU, so one host's instances stay apart wherever their series meet. A single worker's
+    series keep the labels they always had. `worker_instance`: Prometheus' own `instance` is the scrape target."""
+    names, values = ["model"], [status.get("model_name") or ""]
+    if status.get("instance") is not None:
+        names += ["worker_instance", "gpu_uuid"]
+        values += [_instance_label(status), _gpu_uuid(status)]
+    return names, values
+
+
+def _instance_label(status: dict) -> str:
+    return "" if status.get("instance") is None else str(status["instance"])
+
+
+def _gpu_uuid(status: dict) -> str:
+    gpus = [] if status.get("gpu") == "cpu" else status.get("gpus") or []
+    return ",".join(str(g.get("uuid")) for g in gpus) or "cpu"
+
+
 class WorkerCollector:
     """Reads a snapshot callable at scrape time: nothing is computed between scrapes."""
 
@@ -48,8 +68,12 @@ class WorkerCollector:
 
     def collect(self):
         status = self._snapshot()
-        labels = ["model"]
-        model = [status.get("model_name") or ""]
+        labels, model = worker_labels(status)
+        instance = GaugeMetricFamily(
+            "farworker_instance_info", "This worker's instance on its host and the GPU it serves on (cpu for none).",
+            labels=["worker_instance", "gpu_uuid", "host_id"])
+        instance.add_metric([_instance_label(status), _gpu_uuid(status), str(status.get("host_id") or "")], 1.0)
+        yield instance
         up = GaugeMetricFamily("farworker_healthy", "1 while the server passes its health checks.", labels=labels)
         up.add_metric(model, 1.0 if status.get("healthy") else 0.0)
         yield up
@@ -67,13 +91,14 @@ class WorkerCollector:
             family = CounterMetricFamily(f"farworker_{name}", help_text, labels=labels)
             family.add_metric(model, counters.get(name, 0))
             yield family
+        own, own_values = labels[1:], model[1:]  # the instance's labels, none for a single worker
         for name, value, help_text in (
             ("farworker_open_sessions", status.get("open_sessions", 0), "Open inference sessions."),
             ("farworker_outbox_depth", status.get("outbox_depth", 0), "Usage records waiting for the coordinator."),
             ("farworker_peers", status.get("peers") or 0, "DHT peers in the routing table."),
         ):
-            gauge = GaugeMetricFamily(name, help_text)
-            gauge.add_metric([], value)
+            gauge = GaugeMetricFamily(name, help_text, labels=own)
+            gauge.add_metric(own_values, value)
             yield gauge
         beat = status.get("last_heartbeat")
         if beat:
@@ -83,11 +108,12 @@ class WorkerCollector:
                 ("farworker_reliability", "reliability", "Coordinator's reliability score (0-1)."),
                 ("farworker_uptime_pct", "uptime_pct", "Coordinator's uptime percentage from heartbeats."),
             ):
-                gauge = GaugeMetricFamily(name, help_text)
-                gauge.add_metric([], float(answer.get(key) or 0))
+                gauge = GaugeMetricFamily(name, help_text, labels=own)
+                gauge.add_metric(own_values, float(answer.get(key) or 0))
                 yield gauge
-            last = GaugeMetricFamily("farworker_last_heartbeat_timestamp_seconds", "Unix time of the last heartbeat.")
-            last.add_metric([], float(beat.get("at") or 0))
+            last = GaugeMetricFamily("farworker_last_heartbeat_timestamp_seconds", "Unix time of the last heartbeat.",
+                                     labels=own)
+            last.add_metric(own_values, float(beat.get("at") or 0))
             yield last
         gpu_labels = ["gpu", "UUID", "modelName"]
         for metric, (read, help_text) in DCGM_GAUGES.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -43,7 +43,7 @@ def run_preflight(overrides: dict, config_only: bool = False) -> int:
     click.echo("OK   configuration: valid")
     if config_only:
         return 0
-    results = [check(config) for check in CHECKS] + check_driver_stack(config)
+    results = [check(config) for check in CHECKS] + check_every_gpu(config) + check_driver_stack(config)
     for result in results:
         click.echo(result.line())
     return 1 if any(r.level == "FAIL" for r in results) else 0
@@ -54,8 +54,9 @@ def check_gpu(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result
 
     gpus = gpu.list_gpus() if gpus is None else gpus
     if not gpus:
-        if config.device == "cpu":
-            return Result("OK", "GPU", "none needed: FARLABS_DEVICE=cpu")
+        if config.device == "cpu" or config.gpu == "cpu":
+            return Result("OK", "GPU", "none needed: " + ("FARLABS_DEVICE=cpu" if config.device == "cpu" else
+                                                            "FARLABS_GPU=cpu"))
         return Result("FAIL", "GPU", "no NVIDIA GPU visible through NVML; install the driver (roles/nvidia_driver) "
                       "or set FARLABS_DEVICE=cpu for a CPU test worker")
     driver = gpu.driver_info()
@@ -114,6 +115,30 @@ def check_driver_stack(config: WorkerConfig) -> list[Result]:
     import torch
 
     return driver_stack_results(driver, torch.version.cuda, gpu.kernel_module_version(), gpu.persistence_modes())
+
+
+def check_every_gpu(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> list[Result]:
+    """VRAM and the blocks `run` would serve, for each GPU a worker would serve on: FARLABS_GPU's when pinned,
+    else every GPU NVML lists when there are several (a multi-GPU host runs one worker per GPU, farworker@N,
+    each planned on its own card), else the one FARLABS_DEVICE picks."""
+    from farworker import gpu
+    from farworker.instances import resolve_gpu
+
+    gpus = gpu.list_gpus() if gpus is None else gpus
+    if config.gpu == "cpu":
+        return [check_vram(replace(config, device="cpu"), gpus)]
+    if config.device == "cpu" or (not config.gpu and len(gpus) < 2):
+        return [check_vram(config, gpus)]
+    if config.gpu:
+        try:
+            uuid = resolve_gpu(config.gpu, gpus)
+        except ConfigError as error:
+            return [Result("FAIL", "GPU", error.problems[0])]
+        serving = [g for g in gpus if g.uuid == uuid]
+    else:
+        serving = gpus
+    return [replace(check_vram(replace(config, device=f"cuda:{g.index}"), gpus), item=f"VRAM GPU {g.index}")
+            for g in serving]
 
 
 def check_vram(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result:
@@ -295,5 +320,5 @@ def _existing_parent(path: Path) -> Path:
 
 
 CHECKS: tuple[Callable[[WorkerConfig], Result], ...] = (
-    check_gpu, check_vram, check_disk, check_shm, check_bootstrap, check_api,
-)
+    check_gpu, check_disk, check_shm, check_bootstrap, check_api,
+)  # and check_every_gpu (VRAM per GPU), check_driver_stack: several lines each

@@ -72,6 +72,9 @@ class Worker:
         self.fault: str | None = None  # why the worker ends itself (a child died, unhealthy too long)
         self._last_status: dict = {}
         self.identity = None
+        from farworker.instances import host_id
+
+        self.host_id = host_id(config)  # the same on every instance of this host: the ledger groups by it
         self.stop_deadline = time.monotonic() + STOP_AFTER_DRAIN_SECONDS  # set again once the drain ends
 
     # -- start -------------------------------------------------------------------------------------
@@ -79,6 +82,7 @@ class Worker:
         """Bring the server online; False if a stop was requested or the server failed first."""
         from farworker.block_plan import plan_blocks
         from farworker.identity import load_or_create
+        from farworker.instances import adopt_single_unit_state
         from farworker.model_source import resolve_model
         from farworker.outbox import Outbox
         from farworker.petals_compat import import_petals
@@ -89,6 +93,9 @@ class Worker:
         problem = check_shm()
         if problem:  # petals would fail the first large request instead
             raise ConfigError([problem])
+        moved = adopt_single_unit_state(cfg.state_dir, cfg.instance)
+        if moved:
+            log.info("Instance 0 took over the single-unit worker's %s from %s", ", ".join(moved), cfg.state_dir.parent)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity = load_or_create(cfg.identity_path)
         self._write_status()  # replaces a previous run's file: nobody may read it as this run's health
@@ -323,6 +330,8 @@ class Worker:
             "version": __version__,
             "announce_maddrs": self.host.visible_maddrs if self.host else [],
             "hardware": gpu.hardware_summary(),
+            "host_id": self.host_id,
+            "instance": self.config.instance,
         }
 
     def heartbeat_payload(self) -> dict:
@@ -364,6 +373,9 @@ class Worker:
             "last_heartbeat": last,
             "outbox_depth": self.outbox.depth() if self.outbox else 0,
             "gpus": gpu.telemetry(),
+            "instance": self.config.instance,
+            "gpu": self.config.gpu or None,  # as configured: an index, a UUID or cpu (gpus has the UUID)
+            "host_id": self.host_id,
             "started_at": self.started_at,
             "pid": os.getpid(),
         }

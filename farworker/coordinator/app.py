@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from farworker.coordinator import ledger
+from farworker.coordinator.hosts import group_by_host
 from farworker.coordinator.models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -26,6 +27,7 @@ from farworker.coordinator.models import (
     ErrorResponse,
     HeartbeatRequest,
     HeartbeatResponse,
+    HostList,
     KeyUsageList,
     ModelCard,
     ModelList,
@@ -353,6 +355,8 @@ def create_app(settings: Settings) -> FastAPI:
             last_heartbeat_at=row["last_heartbeat_at"],
             heartbeat_count=row["heartbeat_count"],
             last_heartbeat=json.loads(row["last_heartbeat"]) if row["last_heartbeat"] else None,
+            host_id=row["host_id"],
+            instance=row["instance"],
             **figures(row, now),
         )
 
@@ -484,6 +488,12 @@ def create_app(settings: Settings) -> FastAPI:
     def list_workers() -> WorkerList:
         now = time.time()
         return WorkerList(workers=[view(store.worker_row(w), now) for w in store.worker_ids()])
+
+    @app.get("/v1/hosts", response_model=HostList, tags=["ledger"])
+    def list_hosts() -> HostList:
+        """The workers grouped by the host they registered from (one worker per GPU): earnings per host."""
+        now = time.time()
+        return HostList(hosts=group_by_host([view(store.worker_row(w), now) for w in store.worker_ids()]))
 
     @app.get(
         "/v1/workers/{worker_id}",

@@ -22,6 +22,7 @@ RecordCount = Annotated[int, Field(ge=0, le=10**9)]
 UnixTime = Annotated[float, Field(ge=0, le=4_102_444_800, allow_inf_nan=False)]
 WALLET_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{30,128}$"  # base58
+HOST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 def _check_span(value: list[int]) -> list[int]:
@@ -76,6 +77,14 @@ class RegisterRequest(_Strict):
     version: str = Field(max_length=64, description="farworker version")
     announce_maddrs: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=64)
     hardware: Hardware
+    host_id: str | None = Field(
+        default=None, pattern=HOST_ID_PATTERN,
+        description="the machine this worker runs on: every worker (one per GPU) of a host sends the same, so "
+        "the ledger shows a provider's earnings per host (GET /v1/hosts); null from workers before it existed",
+    )
+    instance: int | None = Field(
+        default=None, ge=0, le=63, description="the worker's index on its host (farworker@N); null for a single worker"
+    )
 
     @field_validator("blocks")
     @classmethod
@@ -278,10 +287,28 @@ class WorkerView(BaseModel):
     probes_passed: int
     last_probe_at: float | None
     last_probe_problem: str | None = Field(description="the last probe's failure: a wrong answer or no answer")
+    host_id: str | None = Field(default=None, description="the host it registered from (see GET /v1/hosts)")
+    instance: int | None = Field(default=None, description="its index on that host (one worker per GPU)")
 
 
 class WorkerList(BaseModel):
     workers: list[WorkerView]
+
+
+class HostView(BaseModel):
+    host_id: str | None = Field(description="as the workers registered it; null groups workers that sent none")
+    wallet_addresses: list[str] = Field(description="the payout wallets of the host's workers")
+    worker_ids: list[str] = Field(description="one worker per GPU, by instance index")
+    workers_online: int = Field(description="of them, online now (as GET /v1/workers says)")
+    tokens_served: int = Field(description="the sum of the workers' tokens_served")
+    tokens_attested: int
+    claimed_far: float
+    earnings_far: float = Field(description="the sum of the workers' earnings_far: what the host was paid")
+    earn_rate_far_per_hour: float
+
+
+class HostList(BaseModel):
+    hosts: list[HostView]
 
 
 class _Generation(_Strict):

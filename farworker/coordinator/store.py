@@ -39,7 +39,9 @@ _WORKERS_COLUMNS = """
     heartbeat_count INTEGER NOT NULL DEFAULT 0,
     counted_beat_at REAL,
     last_heartbeat_at REAL,
-    last_heartbeat TEXT
+    last_heartbeat TEXT,
+    host_id TEXT,  -- NULL from workers before multi-GPU hosts (and from any that send none)
+    instance INTEGER
 """
 
 _SCHEMA = f"""
@@ -153,6 +155,14 @@ def _allow_unknown_blocks(conn: sqlite3.Connection) -> None:
         raise
 
 
+def _add_host_columns(conn: sqlite3.Connection) -> None:
+    """Ledgers written before workers said which host they run on lack the host columns: added, NULL."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(workers)")}
+    for name, kind in (("host_id", "TEXT"), ("instance", "INTEGER")):
+        if name not in columns:
+            conn.execute(f"ALTER TABLE workers ADD COLUMN {name} {kind}")
+
+
 class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -164,6 +174,7 @@ class Store:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
         _allow_unknown_blocks(self._conn)
+        _add_host_columns(self._conn)
         self._conn.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
@@ -230,6 +241,8 @@ class Store:
                 "farworker_version": req["version"],
                 "announce_maddrs": json.dumps(req["announce_maddrs"]),
                 "hardware": json.dumps(req["hardware"]),
+                "host_id": req.get("host_id"),
+                "instance": req.get("instance"),
                 "state": "joining",
                 "last_registered_at": now,
                 "heartbeat_interval": interval,

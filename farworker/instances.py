@@ -1,0 +1,176 @@
+"""One worker per GPU: what an instance index changes in a worker's settings, which GPU it sees, its host.
+
+A multi-GPU host runs `farworker@N.service` with FARLABS_INSTANCE=N, one per GPU, all reading the host's one
+env file (petals#203: one server per GPU beats tensor parallelism). So that one inventory line configures
+every GPU, everything an instance owns derives from N:
+- its state dir is STATE_DIR/N: its own identity key (peer id), usage outbox and status file;
+- its P2P port, the ports of its listen and announce multiaddrs, and its metrics port are the configured
+  ones plus N (0 stays 0: any free port, or metrics off);
+- FARLABS_GPU names its GPU, and CUDA_VISIBLE_DEVICES is set to that GPU's UUID: NVML (and nvidia-smi) order
+  GPUs by PCI bus, CUDA by speed unless CUDA_DEVICE_ORDER says otherwise, so an index could pick another card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import MutableMapping
+from pathlib import Path
+
+from farworker.config import ConfigError, WorkerConfig
+
+MACHINE_ID_PATH = "/etc/machine-id"
+
+
+def apply_instance(values: dict) -> dict:
+    """The parsed settings of instance FARLABS_INSTANCE (unchanged when it is unset)."""
+    index = values.get("instance")
+    if index is None:
+        return values
+    shifted = dict(values)
+    shifted["state_dir"] = Path(values["state_dir"]) / str(index)
+    if values["port"]:
+        shifted["port"] = values["port"] + index
+    if values["metrics_port"]:
+        shifted["metrics_port"] = values["metrics_port"] + index
+    shifted["host_maddrs"] = tuple(shift_port(m, index) for m in values["host_maddrs"] or ())
+    shifted["announce_maddrs"] = tuple(shift_port(m, index) for m in values["announce_maddrs"] or ())
+    return shifted
+
+
+def shift_port(maddr: str, offset: int) -> str:
+    """/ip4/203.0.113.7/tcp/31330 + 2 -> /ip4/203.0.113.7/tcp/31332; port 0 (any) stays 0."""
+    parts = maddr.split("/")
+    for i in range(len(parts) - 1):
+        if parts[i] in ("tcp", "udp") and parts[i + 1].isdigit() and int(parts[i + 1]):
+            parts[i + 1] = str(int(parts[i + 1]) + offset)
+    return "/".join(parts)
+
+
+def instance_port_problems(values: dict) -> list[str]:
+    """A port that the instance's offset pushes past 65535, named as the operator wrote it."""
+    index = values.get("instance")
+    if not index:
+        return []
+    problems = []
+    for name, env in (("port", "FARLABS_PORT"), ("metrics_port", "FARLABS_METRICS_PORT")):
+        port = values.get(name)
+        if port and port + index > 65535:
+            problems.append(f"{env}={port} plus FARLABS_INSTANCE={index} is past 65535: expected a port "
+                            f"from 1 to {65535 - index}")
+    for name, env in (("host_maddrs", "FARLABS_HOST_MADDRS"), ("announce_maddrs", "FARLABS_ANNOUNCE_MADDRS")):
+        for maddr in values.get(name) or ():
+            if any(int(p) > 65535 for p in _ports(shift_port(maddr, index))):
+                problems.append(f"{env}={maddr} plus FARLABS_INSTANCE={index} is past port 65535: expected "
+                                f"ports up to {65535 - index}")
+    return problems
+
+
+def _ports(maddr: str) -> list[str]:
+    parts = maddr.split("/")
+    return [parts[i + 1] for i in range(len(parts) - 1) if parts[i] in ("tcp", "udp") and parts[i + 1].isdigit()]
+
+
+def pin_gpu(config: WorkerConfig, environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Make FARLABS_GPU the only GPU CUDA sees; returns its UUID (None: not pinned, or cpu).
+
+    Runs before torch initialises CUDA (which reads CUDA_VISIBLE_DEVICES once). Heartbeats, registration and
+    the status file then report this GPU only: NVML itself ignores CUDA_VISIBLE_DEVICES.
+    """
+    from farworker import gpu
+
+    environ = os.environ if environ is None else environ
+    if not config.gpu:
+        return None
+    if config.gpu == "cpu":
+        environ["CUDA_VISIBLE_DEVICES"] = ""  # no GPU at all, even where a driver is installed
+        gpu.own_gpus([])
+        return None
+    uuid = resolve_gpu(config.gpu, gpu.list_gpus())
+    environ["CUDA_VISIBLE_DEVICES"] = uuid
+    environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # harmless with one device; matches NVML if read
+    gpu.own_gpus([uuid])
+    return uuid
+
+
+def resolve_gpu(wanted: str, gpus) -> str:
+    """FARLABS_GPU (an NVML index or a UUID) -> the UUID of a GPU NVML lists; ConfigError otherwise."""
+    listed = ", ".join(f"{g.index} ({g.uuid})" for g in gpus) or "none: no NVIDIA driver or GPU visible"
+    for g in gpus:
+        if (wanted.isdigit() and g.index == int(wanted)) or g.uuid.lower() == wanted.lower():
+            return g.uuid
+    raise ConfigError([f"FARLABS_GPU={wanted} names no GPU NVML lists: expected one of {listed}, or cpu"])
+
+
+def host_id(config: WorkerConfig, machine_id_path: str = MACHINE_ID_PATH) -> str:
+    """FARLABS_HOST_ID, else a stable id for this machine: every instance on it sends the same.
+
+    A hash of /etc/machine-id (systemd's docs ask that the id itself not be exposed on the network), salted
+    so it matches no other application's derived id; the hostname where a machine has no id.
+    """
+    if config.host_id:
+        return config.host_id
+    try:
+        seed = Path(machine_id_path).read_text().strip()
+    except OSError:
+        seed = ""
+    seed = seed or f"hostname:{socket.gethostname()}"
+    return "h-" + hashlib.sha256(f"farworker-host-id:{seed}".encode()).hexdigest()[:20]
+
+
+def instance_state_dirs(base: Path) -> list[tuple[int | None, Path]]:
+    """The status-bearing state dirs under a host's base state dir: the single-unit worker's own (index
+    None) and each instance's (base/N), in index order. Used by `farworker status` with no arguments."""
+    found: list[tuple[int | None, Path]] = []
+    if (base / "status.json").is_file():
+        found.append((None, base))
+    try:
+        children = [p for p in base.iterdir() if p.name.isdigit() and (p / "status.json").is_file()]
+    except OSError:
+        children = []
+    found += sorted(((int(p.name), p) for p in children), key=lambda item: item[0])
+    return found
+
+
+# What a single worker (farworker.service) keeps in its state dir that instance 0 must take over. The outbox's
+# -wal file holds committed records until a checkpoint: it moves with the database.
+SINGLE_UNIT_STATE = ("identity.key", "outbox.sqlite3", "outbox.sqlite3-wal", "outbox.sqlite3-shm")
+
+
+def adopt_single_unit_state(state_dir: Path, instance: int | None) -> list[str]:
+    """Upgrading a host from the single unit to farworker@0: instance 0 takes the single worker's identity (the
+    same peer id, so the same worker id and ledger) and its usage outbox (unacknowledged records: nothing earned
+    is lost). Does nothing once instance 0 has an identity of its own. Returns the names moved.
+
+    Refuses (ConfigError) while the single worker still runs: two processes would share one peer id.
+    """
+    from farworker.status_file import is_fresh, read_status, status_path
+
+    base = state_dir.parent
+    if instance != 0 or (state_dir / "identity.key").exists() or not (base / "identity.key").exists():
+        return []
+    single = read_status(base)
+    if single and single.get("state") != "stopped" and is_fresh(single) and _alive(single.get("pid")):
+        raise ConfigError([f"the single-unit worker (pid {single.get('pid')}) still runs on {base}: expected "
+                           "farworker.service stopped before farworker@0 takes over its identity and outbox"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for name in SINGLE_UNIT_STATE:
+        if (base / name).exists():
+            os.replace(base / name, state_dir / name)  # same file system: atomic, and the data is not copied
+            moved.append(name)
+    status_path(base).unlink(missing_ok=True)  # else `farworker status` would list the old worker as stale
+    return moved
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
