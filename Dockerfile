@@ -1,18 +1,24 @@
 # farworker container image: `farworker run` as a non-root user, the same pinned set as the venv install.
+# One file for both images; they differ only in the wheelhouse (and TORCH_VARIANT, which checks it):
 #
-#   scripts/build-wheelhouse.sh wheelhouse          # wheels of requirements/runtime.lock + torch + farworker
-#   docker build -t farworker .                     # GPU: CUDA runtime base (needs the base's apt mirror)
-#   docker build --build-arg BASE_IMAGE=farworker/debian-python:bookworm -t farworker:cpu .   # CPU, offline
+#   scripts/containers/build-python-image.sh farworker/debian-python:bookworm     # the base (debootstrap)
+#   scripts/build-wheelhouse.sh wheelhouse                    # CPU: runtime.lock + torch +cpu + farworker
+#   docker build -t farworker:cpu .
+#   scripts/build-wheelhouse.sh --cuda wheelhouse-cuda        # GPU: PyPI's CUDA 13 torch + nvidia-* wheels
+#   docker build --build-arg WHEELHOUSE=wheelhouse-cuda --build-arg TORCH_VARIANT=cuda -t farworker:cuda .
 #
+# No nvidia/cuda base: the CUDA runtime libraries come from the nvidia-* wheels, the driver from the host
+# (NVIDIA Container Toolkit, `docker run --gpus all`).
 # Build args:
-#   BASE_IMAGE  any Debian/Ubuntu image. Python 3.11 (+venv) and tini are used when present (the CPU base
-#               from scripts/containers/build-python-image.sh has both: no network needed); otherwise they
-#               are installed with apt (Ubuntu 22.04 ships python3.11 in universe).
-#   WHEELHOUSE  the wheelhouse directory inside the build context (default: wheelhouse). Nothing is
-#               downloaded: every Python package comes from it (pip --no-index).
-#   TORCH_SPEC  the torch requirement to install from the wheelhouse (default torch==2.13.0).
+#   BASE_IMAGE     any Debian/Ubuntu image. Python 3.11 (+venv) and tini are used when present (the base
+#                  from scripts/containers/build-python-image.sh has both: no network needed); otherwise
+#                  they are installed with apt (Ubuntu 22.04 ships python3.11 in universe).
+#   WHEELHOUSE     the wheelhouse directory inside the build context (default: wheelhouse). Nothing is
+#                  downloaded: every Python package comes from it (pip --no-index).
+#   TORCH_SPEC     the torch requirement to install from the wheelhouse (default torch==2.13.0).
+#   TORCH_VARIANT  cpu (default) or cuda: the torch build the wheelhouse must give; the build fails otherwise.
 # See docs/docker.md.
-ARG BASE_IMAGE=nvidia/cuda:12.4.1-runtime-ubuntu22.04
+ARG BASE_IMAGE=farworker/debian-python:bookworm
 
 FROM ${BASE_IMAGE} AS base
 # One layer: python3.11 (+venv) and tini from apt only when the base lacks them (the CPU base from
@@ -33,6 +39,7 @@ RUN set -eu; \
 FROM base AS deps
 ARG WHEELHOUSE=wheelhouse
 ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_VARIANT=cpu
 COPY ${WHEELHOUSE}/runtime.lock ${WHEELHOUSE}/[^f]*.whl ${WHEELHOUSE}/f[^a]*.whl ${WHEELHOUSE}/fastapi-*.whl /wheels/
 # The install recipe of scripts/build-wheelhouse.sh: torch (with its dependencies, from the wheelhouse),
 # then the exact lock with --no-deps (petals' own pins cannot install).
@@ -41,7 +48,12 @@ RUN set -eu; \
     pip="/opt/farworker/bin/pip --disable-pip-version-check --no-cache-dir --quiet"; \
     $pip install --no-index --find-links /wheels --no-deps "$(grep -E '^setuptools==' /wheels/runtime.lock)"; \
     $pip install --no-index --find-links /wheels "${TORCH_SPEC}"; \
-    $pip install --no-index --find-links /wheels --no-deps -r /wheels/runtime.lock
+    $pip install --no-index --find-links /wheels --no-deps -r /wheels/runtime.lock; \
+    /opt/farworker/bin/python -c 'import sys, torch; \
+variant = "cuda" if torch.version.cuda else "cpu"; \
+sys.exit(None if variant == sys.argv[1] else \
+         f"TORCH_VARIANT={sys.argv[1]} but the wheelhouse gave torch {torch.__version__} ({variant} build)")' \
+        "${TORCH_VARIANT}"
 
 FROM deps AS app
 ARG WHEELHOUSE=wheelhouse
@@ -53,6 +65,8 @@ RUN set -eu; \
     /opt/farworker/bin/python -c 'from farworker.petals_compat import import_petals; import_petals()'
 
 FROM base
+ARG TORCH_VARIANT=cpu
+LABEL farworker.torch-variant=${TORCH_VARIANT}
 # Metadata first and the big venv copy last: with the vfs storage driver every step copies the whole
 # file system, so every step after the 1.4 GB copy would cost a full copy of it.
 ENV PATH=/opt/farworker/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin} \
@@ -62,7 +76,10 @@ ENV PATH=/opt/farworker/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/us
     HF_HOME=/var/cache/farworker/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# ^ what the NVIDIA Container Toolkit mounts from the host's driver with --gpus: CUDA (compute) and NVML,
+#   nvidia-smi (utility; telemetry and `farworker check` read NVML). Unset, the toolkit gives utility only.
 RUN set -eu; \
     groupadd --gid 10001 farworker; \
     useradd --uid 10001 --gid farworker --home-dir /var/lib/farworker --no-create-home \
