@@ -13,6 +13,7 @@ from farworker.config import SETTINGS
 from farworker.unit_render import ROLE_TEMPLATE_DIRS, UNIT_TEMPLATES
 
 REPO = Path(__file__).resolve().parent.parent
+SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
 
 
 def render(tmp_path):
@@ -36,8 +37,11 @@ def test_env_example_names_every_setting(tmp_path):
     example = (tmp_path / "farworker.env.example").read_text()
     documented = set(re.findall(r"^([A-Z_]+)=", example, re.M))
     expected = {s.env for s in SETTINGS} - {"FARLABS_CACHE_DIR", "FARLABS_STATE_DIR"}
-    assert expected - documented == {"HF_TOKEN", "FARLABS_BLOCK_INDICES", "FARLABS_HOST_MADDRS",
-                                     "FARLABS_ANNOUNCE_MADDRS", "FARLABS_PUBLIC_NAME"}  # empty defaults are left out
+    # Settings with an empty default are left out (the worker's own default applies); every other one is written.
+    left_out = expected - documented
+    assert {"HF_TOKEN", "FARLABS_BLOCK_INDICES", "FARLABS_HOST_MADDRS", "FARLABS_ANNOUNCE_MADDRS",
+            "FARLABS_PUBLIC_NAME", "FARLABS_INSTANCE", "FARLABS_GPU"} <= left_out
+    assert all(not SETTINGS_BY_ENV[env].default for env in left_out), left_out
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
