@@ -96,6 +96,29 @@ def kernel_module_version(path: str = "/proc/driver/nvidia/version") -> str | No
     return match.group(1) if match else None
 
 
+# One line for `farworker check` and `farworker run`. The usual cause is the CUDA image started without
+# `--gpus all`: the container then has torch's CUDA libraries but no driver and no device.
+NO_GPU_VISIBLE = ("no GPU visible: run with --gpus all (NVIDIA Container Toolkit); on a host without a container, "
+                  "install the NVIDIA driver (roles/nvidia_driver); or set FARLABS_DEVICE=cpu")
+
+
+def cuda_build_without_gpu(device: str, pinned: str = "") -> str | None:
+    """NO_GPU_VISIBLE when torch is a CUDA build, the configuration asks for a GPU and neither NVML nor torch sees
+    one; otherwise None.
+
+    device: FARLABS_DEVICE (auto counts as asking: a CUDA build exists to serve on a GPU, and falling back to the
+    CPU would serve a GPU-sized model at a fraction of the speed without anyone noticing). pinned: FARLABS_GPU.
+    A CPU build of torch never asks: CPU workers and the tests run it.
+    """
+    if device == "cpu" or pinned == "cpu":
+        return None
+    import torch
+
+    if not torch.version.cuda or list_gpus() or torch.cuda.is_available():
+        return None
+    return NO_GPU_VISIBLE
+
+
 def list_gpus() -> list[GpuInfo]:
     nvml = _nvml()
     if nvml is None:

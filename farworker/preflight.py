@@ -57,6 +57,9 @@ def check_gpu(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result
         if config.device == "cpu" or config.gpu == "cpu":
             return Result("OK", "GPU", "none needed: " + ("FARLABS_DEVICE=cpu" if config.device == "cpu" else
                                                             "FARLABS_GPU=cpu"))
+        refusal = gpu.cuda_build_without_gpu(config.device, config.gpu)
+        if refusal:  # the words `farworker run` refuses with
+            return Result("FAIL", "GPU", refusal)
         return Result("FAIL", "GPU", "no NVIDIA GPU visible through NVML; install the driver (roles/nvidia_driver) "
                       "or set FARLABS_DEVICE=cpu for a CPU test worker")
     driver = gpu.driver_info()

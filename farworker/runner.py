@@ -93,6 +93,9 @@ class Worker:
         problem = check_shm()
         if problem:  # petals would fail the first large request instead
             raise ConfigError([problem])
+        problem = gpu.cuda_build_without_gpu(cfg.device, cfg.gpu)
+        if problem:  # a CUDA image without --gpus all: refuse before registering, not serve on the CPU
+            raise ConfigError([problem])
         moved = adopt_single_unit_state(cfg.state_dir, cfg.instance)
         if moved:
             log.info("Instance 0 took over the single-unit worker's %s from %s", ", ".join(moved), cfg.state_dir.parent)

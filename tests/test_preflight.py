@@ -239,3 +239,58 @@ def test_the_kernel_module_version_is_read_from_both_module_flavours(tmp_path):
     assert kernel_module_version(str(proprietary)) == "550.54.15"
     assert kernel_module_version(str(open_module)) == "580.65.06"
     assert kernel_module_version(str(tmp_path / "missing")) is None
+
+
+# -- a CUDA build of torch with no GPU visible (the CUDA image started without --gpus all) --------------------
+# This machine's torch is the CPU build and it has no NVIDIA driver: the one stand-in is torch.version.cuda, set
+# before farworker runs, in a real `farworker check` / `farworker run` process. NVML and torch.cuda answer for real.
+NO_GPU_LINE = "no GPU visible: run with --gpus all (NVIDIA Container Toolkit)"
+AS_CUDA_BUILD = ("import sys, torch; torch.version.cuda = '13.0'; sys.argv[0] = 'farworker'; "
+                 "from farworker.cli import main; main()")
+
+
+def farworker_as_cuda_build(tmp_path, *args, **env):
+    import subprocess
+    import sys
+
+    from farworker.local_mesh import base_env
+
+    return subprocess.run([sys.executable, "-c", AS_CUDA_BUILD, *args], capture_output=True, text=True, timeout=180,
+                          env=base_env({
+                              "FARLABS_WALLET_ADDRESS": "0x" + "ab" * 20, "FARLABS_API_BASE_URL": "http://127.0.0.1:9",
+                              "FARLABS_NEW_SWARM": "true", "FARLABS_MODEL_NAME": "farworker-tiny-llama",
+                              "FARLABS_TORCH_DTYPE": "float32", "FARLABS_CACHE_DIR": str(tmp_path / "cache"),
+                              "FARLABS_STATE_DIR": str(tmp_path / "state"), **env}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_a_cuda_build_without_a_gpu_refuses_to_run_with_exit_78(tmp_path, device):
+    result = farworker_as_cuda_build(tmp_path, "run", FARLABS_DEVICE=device)
+    assert result.returncode == 78, result.stdout + result.stderr[-3000:]
+    assert f"config error: {NO_GPU_LINE}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state" / "identity.key").exists()  # refused before anything started
+
+
+@pytest.mark.slow
+def test_check_on_a_cuda_build_without_a_gpu_fails_with_the_same_line(tmp_path):
+    result = farworker_as_cuda_build(tmp_path, "check", FARLABS_DEVICE="cuda")
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert [line for line in result.stdout.splitlines() if line.startswith(f"FAIL GPU: {NO_GPU_LINE}")], result.stdout
+
+
+@pytest.mark.parametrize(("device", "pinned"), [("cpu", ""), ("auto", "cpu")])
+def test_a_cuda_build_asked_for_the_cpu_is_not_refused(monkeypatch, device, pinned):
+    from farworker import gpu as gpu_module
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert gpu_module.cuda_build_without_gpu(device, pinned) is None
+    assert gpu_module.cuda_build_without_gpu("auto", "").startswith(NO_GPU_LINE)  # the same process, asking for one
+
+
+def test_a_cpu_build_of_torch_is_never_refused():
+    from farworker import gpu as gpu_module
+
+    assert torch.version.cuda is None  # this machine's torch; the CPU tests and CPU workers run it
+    assert gpu_module.cuda_build_without_gpu("auto", "") is None
