@@ -107,6 +107,24 @@ def status(state_dir, as_json, instance):
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list (what the Ansible role reads).")
+def gpus(as_json):
+    """List the GPUs NVML sees, one worker each on a multi-GPU host: index, UUID, /dev/nvidiaN, name, memory."""
+    import json
+
+    from farworker.instances import gpu_inventory
+
+    listed = gpu_inventory()
+    if as_json:
+        click.echo(json.dumps(listed))
+    for gpu in [] if as_json else listed:
+        click.echo(f"{gpu['index']}  {gpu['uuid']}  /dev/nvidia{gpu['minor_number']}  {gpu['name']}  "
+                   f"{gpu['memory_total_bytes'] / 2**30:.1f} GiB")
+    if not listed and not as_json:
+        click.echo("no NVIDIA GPU visible through NVML")
+
+
+@main.command()
 @click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1, 256),
               help="Tokens to generate through the mesh.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 4),

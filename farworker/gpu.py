@@ -119,6 +119,19 @@ def cuda_build_without_gpu(device: str, pinned: str = "") -> str | None:
     return NO_GPU_VISIBLE
 
 
+def minor_numbers() -> dict[int, int]:
+    """GPU index -> N of its /dev/nvidiaN (empty without NVML): a unit allows its instance that device only."""
+    nvml = _nvml()
+    if nvml is None:
+        return {}
+    minors = {}
+    for index in range(nvml.nvmlDeviceGetCount()):
+        minor = _try(lambda i=index: nvml.nvmlDeviceGetMinorNumber(nvml.nvmlDeviceGetHandleByIndex(i)))
+        if minor is not None:
+            minors[index] = int(minor)
+    return minors
+
+
 def list_gpus() -> list[GpuInfo]:
     nvml = _nvml()
     if nvml is None:

@@ -174,3 +174,13 @@ def _alive(pid) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def gpu_inventory() -> list[dict]:
+    """What `farworker gpus --json` prints for the Ansible role: one entry per GPU in NVML's order, with the minor
+    number of its /dev/nvidiaN (the device its instance's unit allows; NVML index and minor number can differ)."""
+    from farworker import gpu
+
+    minors = gpu.minor_numbers()
+    return [{"index": g.index, "uuid": g.uuid, "name": g.name, "minor_number": minors.get(g.index, g.index),
+             "memory_total_bytes": g.memory_total_bytes} for g in gpu.list_gpus()]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -286,3 +288,54 @@ def test_two_instances_of_one_host_serve_together_and_the_ledger_groups_them(tmp
         for worker in workers:
             worker.proc.stop(timeout=30)
         coordinator.stop()
+
+
+def test_gpus_lists_each_gpu_with_its_device_for_the_role(two_gpus, monkeypatch):
+    """The role reads `farworker gpus --json`: NVML's index, the UUID, and the minor number of /dev/nvidiaN, which
+    need not equal the index (here GPU 0 is /dev/nvidia1)."""
+    import json
+
+    monkeypatch.setattr(gpu._nvml(), "nvmlDeviceGetMinorNumber", lambda handle: 1 - handle, raising=False)
+    shown = CliRunner().invoke(main, ["gpus", "--json"])
+    assert shown.exit_code == 0, shown.output
+    listed = json.loads(shown.output)
+    assert [(g["index"], g["uuid"], g["minor_number"]) for g in listed] == [
+        (0, CARDS[0]["uuid"], 1), (1, CARDS[1]["uuid"], 0)]
+
+
+def _render(template: str, **variables) -> str:
+    import jinja2
+
+    directory = Path(__file__).resolve().parent.parent / "roles" / "farworker" / "templates"
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(directory), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True)
+    return env.get_template(template).render(**variables)
+
+
+def test_the_template_unit_allows_each_instance_its_own_gpu_only(tmp_path):
+    unit = _render("farworker.service.j2", _farworker_template_unit=True)
+    assert "Environment=FARLABS_INSTANCE=%i" in unit and "Description=Far Labs mesh worker %i" in unit
+    devices = re.findall(r"^DeviceAllow=(.*)$", unit, re.M)
+    assert devices == ["/dev/nvidiactl rw", "/dev/nvidia-modeset rw", "char-nvidia-uvm rw", "char-nvidia-caps r"]
+    single = _render("farworker.service.j2")
+    assert "char-nvidia-frontend rw" in single and "FARLABS_INSTANCE" not in single
+
+    second = _render("farworker-instance.conf.j2", item={"index": 1, "gpu": CARDS[1]["uuid"], "minor_number": 3,
+                                                         "block_indices": "16:32"})
+    assert f"Environment=FARLABS_GPU={CARDS[1]['uuid']}" in second
+    assert "DeviceAllow=/dev/nvidia3 rw" in second and "After=farworker@0.service" in second
+    assert "Environment=FARLABS_BLOCK_INDICES=16:32" in second
+    cpu = _render("farworker-instance.conf.j2", item={"index": 0, "gpu": "cpu", "minor_number": None,
+                                                      "block_indices": ""})
+    assert "DeviceAllow" not in cpu and "After=" not in cpu and "FARLABS_BLOCK_INDICES" not in cpu
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_template_unit_keeps_the_sandbox(tmp_path):
+    unit = tmp_path / "farworker@.service"
+    unit.write_text(_render("farworker.service.j2", _farworker_template_unit=True))
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    match = re.search(r"Overall exposure level for farworker@\w*\.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 3.0
