@@ -9,7 +9,10 @@
    worker reports in its status file / heartbeats, with range checks (its Xid counter: a number, not None);
 3. local transformers greedy generation on the same checkpoint and GPU, nothing else of ours running:
    tokens/s, overhead per token, equal tokens;
-4. the NF4 path (FARLABS_QUANT_TYPE=nf4, bitsandbytes): time to READY, blocks, VRAM, tokens/s.
+4. the NF4 path (FARLABS_QUANT_TYPE=nf4, bitsandbytes): time to READY, blocks, VRAM, tokens/s;
+5. multi-GPU: one worker per visible GPU (FARLABS_GPU = its UUID, as farworker@N.service runs them), one
+   client each, all generating at once: aggregate tokens/s against one instance alone (CPU mode: two CPU
+   stand-ins, FARLABS_GPU=cpu, sharing the machine's cores).
 
 Without a GPU (or with --cpu) it runs the same steps in CPU mode on a small shape, float32, so the
 script is known to work; the NF4 step then checks that farworker refuses nf4 on CPU with exit 78.
@@ -54,7 +57,7 @@ SHAPES = {
     },
 }
 # seconds a step needs at least on the GPU (weights load, NF4 quantization); a step is skipped below that
-STEP_MINIMUM = {"serve_fp16": 150, "local": 90, "serve_nf4": 150}
+STEP_MINIMUM = {"serve_fp16": 150, "local": 90, "serve_nf4": 150, "multi_gpu": 150}
 
 
 class Run:
@@ -357,6 +360,72 @@ def local_measure(run: Run) -> dict:
     return out
 
 
+# -- 5. multi-GPU ---------------------------------------------------------------------------------------
+def multi_gpu_measure(run: Run) -> dict:
+    """One worker per visible GPU, each pinned by UUID and holding every block it fits, each with its own client
+    (embeddings and head on the same GPU); first instance 0 alone, then all clients at once."""
+    from farworker import gpu
+    from farworker.petals_host import dht_prefix_for
+    from farworker.status_file import read_status
+
+    args, work, model = run.args, run.work, run.model_dir
+    pinned = [g.uuid for g in gpu.list_gpus()] if run.mode == "gpu" else ["cpu", "cpu"]
+    device = "cuda" if run.mode == "gpu" else "cpu"
+    out: dict = {"instances": len(pinned), "pinned": pinned}
+    servers, clients = [], []
+    try:
+        with bl.coordinator(work) as coord:
+            for index, uuid in enumerate(pinned):
+                env = {"FARLABS_ALLOW_LOCAL_MODEL": "true", "FARLABS_MODEL_NAME": str(model),
+                       "FARLABS_QUANT_TYPE": "none", "FARLABS_TORCH_DTYPE": run.dtype, "FARLABS_DEVICE": device,
+                       "FARLABS_GPU": uuid, "FARLABS_CACHE_DIR": str(work / "cache")}
+                servers.append(bl.start_farworker(work, f"multi-{index}", coord.url, model=str(model), extra_env=env))
+            out["ready_s"] = [round(s.wait_ready(timeout=max(60.0, run.left() - 60)), 2) for s in servers]
+            prefix = dht_prefix_for(str(model)) or Path(model).name
+            for index, (server, uuid) in enumerate(zip(servers, pinned, strict=True)):
+                clients.append(bl.MeshClientProcess(
+                    work, f"multi-client-{index}", server.initial_peer, model, "passive", dht_prefix=prefix,
+                    device=device, dtype=run.dtype,
+                    extra_env={"CUDA_VISIBLE_DEVICES": uuid} if run.mode == "gpu" else None))
+            for client in clients:
+                client.generate(bl.PROMPT_IDS, args.new_tokens, timeout=300)  # warm-up
+            alone = [clients[0].generate(bl.PROMPT_IDS, args.new_tokens, timeout=300)["seconds"]
+                     for _ in range(args.reps)]
+            rounds, tokens = [], set()
+            for _ in range(args.reps):
+                answers: list = [None] * len(clients)
+
+                def generate(i, answers=answers):
+                    answers[i] = clients[i].generate(bl.PROMPT_IDS, args.new_tokens, timeout=300)
+
+                threads = [threading.Thread(target=generate, args=(i,)) for i in range(len(clients))]
+                began = time.monotonic()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(330)
+                rounds.append(time.monotonic() - began)
+                tokens |= {json.dumps(a["tokens"]) if a else "missing" for a in answers}
+            one = args.new_tokens / bl.median(alone)
+            aggregate = len(clients) * args.new_tokens / bl.median(rounds)
+            out.update({
+                "one_instance_tokens_per_s": round(one, 2),
+                "aggregate_tokens_per_s": round(aggregate, 2),
+                "aggregate_over_one_instance": round(aggregate / one, 3),
+                "seconds_per_round": [round(r, 4) for r in rounds],
+                "same_tokens_on_every_instance": len(tokens) == 1 and "missing" not in tokens,
+                # each worker reports its own GPU only (NVML lists them all): the pinning as heartbeats show it
+                "gpus_each_worker_reports": [[g.get("uuid") for g in (read_status(work / f"multi-{i}" / "state")
+                                                                      or {}).get("gpus") or []]
+                                             for i in range(len(servers))],
+            })
+            return out
+    finally:
+        for client in clients:
+            client.close()
+        out["stop"] = [server.stop(timeout=60) for server in servers]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="CPU mode (small shape) even if a GPU is present")
@@ -403,6 +472,7 @@ def main() -> None:
             run.step("serve_fp16", serve_and_measure, run, "none")
             run.step("local", local_measure, run)
             run.step("serve_nf4", serve_and_measure, run, "nf4")
+            run.step("multi_gpu", multi_gpu_measure, run)
     finally:
         if not args.work_dir:
             shutil.rmtree(run.work, ignore_errors=True)

@@ -43,7 +43,9 @@ def run_preflight(overrides: dict, config_only: bool = False) -> int:
     click.echo("OK   configuration: valid")
     if config_only:
         return 0
-    results = [check(config) for check in CHECKS] + check_every_gpu(config) + check_driver_stack(config)
+    # the GPU line, then one VRAM line per GPU a worker would serve on, then the host-wide checks
+    results = [check_gpu(config), *check_every_gpu(config), *(check(config) for check in CHECKS)]
+    results += check_driver_stack(config)
     for result in results:
         click.echo(result.line())
     return 1 if any(r.level == "FAIL" for r in results) else 0
@@ -323,5 +325,5 @@ def _existing_parent(path: Path) -> Path:
 
 
 CHECKS: tuple[Callable[[WorkerConfig], Result], ...] = (
-    check_gpu, check_disk, check_shm, check_bootstrap, check_api,
-)  # and check_every_gpu (VRAM per GPU), check_driver_stack: several lines each
+    check_disk, check_shm, check_bootstrap, check_api,
+)  # after check_gpu and check_every_gpu (a VRAM line per GPU); check_driver_stack comes last
