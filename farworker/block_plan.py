@@ -91,8 +91,8 @@ def plan_blocks(config: WorkerConfig, block_config) -> BlockPlan:
     quant = config.quant_type
     if quant == "auto":
         quant = "nf4" if device.startswith("cuda") else "none"
-    elif quant != "none" and device == "cpu":
-        problems.append(f"FARLABS_QUANT_TYPE={quant!r} needs a CUDA device: expected none or auto on CPU")
+    elif quant == "nf4" and device == "cpu":  # bitsandbytes 0.50 runs LLM.int8 on CPU; its 4-bit path wants CUDA
+        problems.append(f"FARLABS_QUANT_TYPE={quant!r} needs a CUDA device: expected none, int8 or auto on CPU")
     if config.block_indices and config.block_indices[1] > model_blocks:
         problems.append(f"FARLABS_BLOCK_INDICES={config.block_indices[0]}:{config.block_indices[1]} is out of range: "
                         f"expected end <= {model_blocks} for {config.model_name}")

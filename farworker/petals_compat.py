@@ -93,3 +93,69 @@ def _make_session_finalizer_safe() -> None:
 
     _ServerInferenceSession.__del__ = __del__
     _ServerInferenceSession._farworker_safe_del = True
+
+
+# A p2p daemon that can only dial out directly: no relay (petals' reachability probe used the same options).
+DIRECT_DIAL_OPTIONS = dict(dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True)
+
+
+def dial_directly(peer_id: str, maddrs: list[str], timeout: float) -> dict[str, str | None]:
+    """Dial each of ``peer_id``'s multiaddrs on its own: {address: None if a connection to that peer opened,
+    else why not}. libp2p's handshake proves the peer id, so another peer at the address fails too.
+
+    Each address gets a fresh daemon: one daemon remembers the addresses it learns from a peer (identify), and
+    would reach it again over those, so a wrong address dialled after a right one would look reachable. The
+    whole call ends within about ``2 * timeout`` per address (daemon start, then the dial)."""
+    import asyncio
+
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    async def dial(address: str) -> str | None:
+        try:
+            target = Multiaddr(address)
+            named = target.value_for_protocol("p2p") if "p2p" in [p.name for p in target.protocols()] else None
+        except Exception as err:
+            return f"not a multiaddr ({err})"
+        if named is not None:
+            if named != peer_id:
+                return f"names another peer ({named})"
+            target = target.decapsulate(Multiaddr(f"/p2p/{named}"))
+        p2p = None
+        try:
+            p2p = await P2P.create(startup_timeout=timeout, **DIRECT_DIAL_OPTIONS)
+            await asyncio.wait_for(p2p._client.connect(PeerID.from_base58(peer_id), [target]), timeout)
+            return None
+        except TimeoutError:
+            return f"no connection within {timeout:g} s"
+        except Exception as err:
+            return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        finally:
+            if p2p is not None:
+                await p2p.shutdown()
+
+    async def dial_all() -> dict[str, str | None]:
+        return {address: await dial(address) for address in maddrs}
+
+    return asyncio.run(dial_all())
+
+
+def is_dummy_tensor(tensor) -> bool:
+    """petals' marker for an absent optional tensor (e.g. no beam reorder): an empty tensor."""
+    from petals.utils.misc import is_dummy
+
+    return is_dummy(tensor)
+
+
+def install_step_batching() -> None:
+    """Make petals build each span's merged inference pool as farworker.step_batching's pool, which runs the
+    concurrent steps of different sessions as one call. Takes effect for servers built after this call.
+
+    petals' ModuleContainer calls ``merge_inference_pools_inplace`` by the name it imported into
+    petals.server.server; that is the name replaced."""
+    import_petals()
+    import petals.server.server as server_module
+
+    from farworker.step_batching import merge_inference_pools_with_batching
+
+    server_module.merge_inference_pools_inplace = merge_inference_pools_with_batching

@@ -46,6 +46,7 @@ def run_preflight(overrides: dict, config_only: bool = False) -> int:
     # the GPU line, then one VRAM line per GPU a worker would serve on, then the host-wide checks
     results = [check_gpu(config), *check_every_gpu(config), *(check(config) for check in CHECKS)]
     results += check_driver_stack(config)
+    results.append(check_reachability(config))  # the coordinator's view of this host, last
     for result in results:
         click.echo(result.line())
     return 1 if any(r.level == "FAIL" for r in results) else 0
@@ -298,6 +299,23 @@ def check_api(config: WorkerConfig) -> Result:
                       "`farworker run` serves anyway, retries registration and keeps usage in its outbox until the "
                       "API answers; check FARLABS_API_BASE_URL and outbound HTTP(S)")
     return Result("OK", "coordinator API", f"{config.api_base_url} answers (HTTP {answer.status_code})")
+
+
+def check_reachability(config: WorkerConfig) -> Result:
+    """What the coordinator found when it last dialled this worker's announced addresses (directly, no relay):
+    a running worker keeps the coordinator's heartbeat answer in its status file."""
+    from farworker.status_file import is_fresh, read_status
+
+    status = read_status(config.state_dir) or {}
+    beat = status.get("last_heartbeat") if status and is_fresh(status) else None
+    if not beat:
+        return Result("OK", "reachability", "not known: no running worker here has a coordinator's answer (the "
+                      "coordinator dials the announced addresses with each spot check)")
+    unreachable = (beat.get("answer") or {}).get("unreachable")
+    if unreachable:
+        return Result("WARN", "reachability", f"{unreachable}: clients cannot dial these either; fix "
+                      "FARLABS_ANNOUNCE_MADDRS, the firewall or the port forwarding")
+    return Result("OK", "reachability", "the coordinator has not reported this worker unreachable")
 
 
 def _host_port(maddr: str) -> tuple[str, int | None]:

@@ -285,6 +285,8 @@ class Reporter:
             log.error("%s; QUARANTINED by the coordinator: %s", heartbeat_line(payload, answer), answer["quarantined"])
         else:
             log.info(heartbeat_line(payload, answer))
+        if answer.get("unreachable"):  # clients cannot dial it directly either: it serves little or nothing
+            log.warning("%s; check FARLABS_ANNOUNCE_MADDRS, the firewall and port forwarding", answer["unreachable"])
 
     def _api_failed(self) -> None:
         self._api_retry_at = time.monotonic() + self._api_backoff.next_delay()

@@ -35,11 +35,13 @@ def test_check_reports_each_item_warns_on_the_api_and_fails_on_an_unreachable_pe
     result = farworker("check", env=env)
     lines = result.stdout.splitlines()
     items = [line[5:].split(":")[0] for line in lines]
-    assert items == ["configuration", "GPU", "VRAM", "disk", "/dev/shm", "bootstrap peers", "coordinator API"]
+    assert items == ["configuration", "GPU", "VRAM", "disk", "/dev/shm", "bootstrap peers", "coordinator API",
+                     "reachability"]
     assert lines[2].startswith("OK   VRAM: no GPU; would serve all 4 blocks on CPU"), result.stdout
     assert lines[5].startswith("OK   bootstrap peers: 1 of 1 reachable")
     # nothing listens on the discard port: `run` serves anyway and keeps usage in its outbox
     assert lines[6].startswith("WARN coordinator API") and "outbox" in lines[6]
+    assert lines[7].startswith("OK   reachability: not known")  # no worker runs here yet
     assert result.returncode == 0, result.stdout
 
     closed = bootstrap_peer[0].replace(bootstrap_peer[0].split("/")[4], "9")  # same peer id, port 9

@@ -24,8 +24,8 @@ PROBE_PERIOD = 1.0
 HONEST_PROBES = 15
 
 
-def altered_checkpoint(tiny_model, directory):
-    """The tiny checkpoint with every block's MLP output projection scaled by 1.02: a small, systematic change
+def altered_checkpoint(tiny_model, directory, scale=1.02):
+    """The tiny checkpoint with every block's MLP output projection scaled by ``scale``: a small, systematic change
     (what a worker serving other weights, or a broken quantization, would give)."""
     from safetensors.torch import load_file, save_file
 
@@ -34,7 +34,7 @@ def altered_checkpoint(tiny_model, directory):
     weights = load_file(str(target / "model.safetensors"))
     for block in range(TINY_CONFIG["num_hidden_layers"]):
         name = f"model.layers.{block}.mlp.down_proj.weight"
-        weights[name] = weights[name] * 1.02
+        weights[name] = weights[name] * scale
     save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
 
@@ -83,3 +83,45 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
         time.sleep(3)  # the workers' usage for those arrives
         assert view(altered_id)["earnings_far"] == 0
         assert view(honest_id)["earnings_far"] > 0
+
+
+INT8_PROBES = 100  # 1,000 through a real int8 worker take ~2 min: benchmarks/probe_cost.py (RESULTS.md, 9)
+
+
+def test_int8_workers_pass_against_the_float_reference_and_an_altered_int8_worker_does_not(
+        tmp_path, tiny_model, bootstrap_peer, start_workers):
+    """Both workers quantize their weights to int8 (petals' LLM.int8 via bitsandbytes' CPU backend); the
+    coordinator's reference stays float32. The honest one's error is int8's own (~1e-2); the altered one (MLP
+    output projections 20 % off) reads ~5e-2. Under the old derived int8 tolerance (8e-2) it passed."""
+    from farworker.coordinator.spot_check import tolerance_for
+
+    tolerance = tolerance_for("float32", "int8")
+    settings = Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0, model_path=tiny_model,
+                        model_name=TINY_MODEL_NAME, initial_peers=tuple(bootstrap_peer), probe_period_s=0.1)
+    int8 = {"FARLABS_QUANT_TYPE": "int8"}
+    with RunningCoordinator(settings) as coordinator:
+        honest = start_workers("honest-int8", "0:4", bootstrap_peer, api_url=coordinator.url, env=int8)
+        altered_model = altered_checkpoint(tiny_model, tmp_path / "altered", scale=1.2)
+        altered = start_workers("altered-int8", "0:4", bootstrap_peer, api_url=coordinator.url, env={
+            **int8, "FARLABS_MODEL_NAME": str(altered_model), "FARLABS_ALLOW_LOCAL_MODEL": "true"})
+        honest_id, altered_id = honest.wait_online()["peer_id"], altered.wait_online()["peer_id"]
+        assert "quantization int8" in honest.proc.log_path.read_text()  # the worker really serves int8 weights
+
+        def view(peer_id):
+            workers = requests.get(f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]
+            return next((w for w in workers if w["peer_id"] == peer_id), None)
+
+        wait_for(lambda: (view(altered_id) or {}).get("quarantined"), 60, "the altered int8 worker quarantined")
+        wait_for(lambda: (view(honest_id) or {}).get("probes", 0) >= INT8_PROBES, 240,
+                 f"{INT8_PROBES} probes of the honest int8 worker")
+        good = view(honest_id)
+        assert good["quarantined"] is None and good["state"] == "online", good
+        errors = {peer: [row["error"] for row in coordinator.store._read(
+            "SELECT p.error FROM probes p JOIN workers w ON w.worker_id = p.worker_id WHERE w.peer_id = ?", (peer,))]
+            for peer in (honest_id, altered_id)}
+        honest_errors = [e for e in errors[honest_id] if e is not None]
+        assert len(honest_errors) >= INT8_PROBES * 0.95, errors[honest_id]  # answered, not just reached
+        # int8's own error is there (not a float32 worker passing), and stays under the tolerance
+        assert min(honest_errors) > 2e-3 and max(honest_errors) <= tolerance, (min(honest_errors), max(honest_errors))
+        assert min(e for e in errors[altered_id] if e is not None) > tolerance, errors[altered_id]
+        assert "differ from the reference" in view(altered_id)["quarantined"]

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from farworker.coordinator import ledger
+from farworker.coordinator import ledger, reachability
 from farworker.coordinator.hosts import group_by_host
 from farworker.coordinator.models import (
     ChatCompletionRequest,
@@ -329,6 +329,7 @@ def create_app(settings: Settings) -> FastAPI:
             "earn_rate_far_per_hour": round(t["payable_far_recent"] * paid_share * 3600 / window, 9),
             "quarantined": quarantined["reason"] if quarantined else None,
             **store.probe_summary(row["worker_id"]),
+            **reachability.view(row["reachability"]),
         }
 
     def live_state(row, now: float) -> str:
@@ -405,6 +406,7 @@ def create_app(settings: Settings) -> FastAPI:
             uptime_pct=f["uptime_pct"],
             heartbeat_interval=settings.heartbeat_interval_s,
             quarantined=f["quarantined"],
+            unreachable=f["reachability_problem"],
         )
 
     @app.post(

@@ -161,6 +161,11 @@ class HeartbeatResponse(BaseModel):
         default=None, description="why the coordinator quarantined this worker (a failed spot check): paid "
         "nothing and routed nothing from then on; null while in good standing"
     )
+    unreachable: str | None = Field(
+        default=None, description="'not reachable from the coordinator: tried <address> (<why>); ...' when the "
+        "coordinator's last direct dial of every announced address failed (no relay); null when one answered or "
+        "none was dialled yet"
+    )
 
 
 class UsageRecord(_Strict):
@@ -287,6 +292,11 @@ class WorkerView(BaseModel):
     probes_passed: int
     last_probe_at: float | None
     last_probe_problem: str | None = Field(description="the last probe's failure: a wrong answer or no answer")
+    reachable: bool | None = Field(default=None, description="whether the coordinator's last direct dial (no relay) "
+                                   "of its announced addresses connected; null: not dialled yet")
+    reachability_checked_at: float | None = None
+    reachability_problem: str | None = Field(default=None, description="the addresses dialled and why each failed, "
+                                             "when none connected")
     host_id: str | None = Field(default=None, description="the host it registered from (see GET /v1/hosts)")
     instance: int | None = Field(default=None, description="its index on that host (one worker per GPU)")
 

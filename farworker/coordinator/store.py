@@ -41,7 +41,8 @@ _WORKERS_COLUMNS = """
     last_heartbeat_at REAL,
     last_heartbeat TEXT,
     host_id TEXT,  -- NULL from workers before multi-GPU hosts (and from any that send none)
-    instance INTEGER
+    instance INTEGER,
+    reachability TEXT  -- JSON {"at", "tried": {address: null or why not}} of the last dial; NULL: not dialled yet
 """
 
 _SCHEMA = f"""
@@ -163,6 +164,12 @@ def _add_host_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE workers ADD COLUMN {name} {kind}")
 
 
+def _add_reachability_column(conn: sqlite3.Connection) -> None:
+    """Ledgers written before the coordinator dialled workers lack the column: added, NULL (not dialled)."""
+    if "reachability" not in {row[1] for row in conn.execute("PRAGMA table_info(workers)")}:
+        conn.execute("ALTER TABLE workers ADD COLUMN reachability TEXT")
+
+
 class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -175,6 +182,7 @@ class Store:
         self._conn.executescript(_SCHEMA)
         _allow_unknown_blocks(self._conn)
         _add_host_columns(self._conn)
+        _add_reachability_column(self._conn)
         self._conn.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
@@ -416,6 +424,11 @@ class Store:
         }
 
     # --- spot checks ----------------------------------------------------------------------------------
+    def record_reachability(self, worker_id: str, reachability_json: str) -> None:
+        """The last dial of the worker's announced addresses (coordinator/reachability.py); replaces the one before."""
+        with self._tx() as conn:
+            conn.execute("UPDATE workers SET reachability = ? WHERE worker_id = ?", (reachability_json, worker_id))
+
     def record_probe(self, worker_id: str, at: float, block: int, tokens: int, error: float | None,
                      tolerance: float, problem: str | None, quarantine: bool) -> None:
         """One probe's outcome; a wrong answer (``quarantine``) also quarantines the worker from ``at`` on."""
