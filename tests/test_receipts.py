@@ -247,3 +247,43 @@ def test_direct_traffic_without_receipts_is_shown_and_paid_only_at_the_operators
         assert view["earnings_far"] == pytest.approx(expected_pay(mesh, view, UNVOUCHED_RATE))
         assert view["earnings_far"] == pytest.approx(views[peer]["earnings_far"] + UNVOUCHED_RATE * unpaid_before)
 
+
+
+def test_farworker_generate_files_receipts_the_coordinator_counts(mesh, vouched):
+    """The command line path: `farworker generate` with the registered key, then with a key file that is not one."""
+    import subprocess
+
+    from farworker.local_mesh import base_env, farworker_command
+
+    store = mesh.coordinator.store
+    stored = store.counts()["receipts"]
+    before = mesh.views()
+    args = ["generate", "--coordinator", mesh.url, "--initial-peers", ",".join(mesh.peers),
+            "--model-path", str(mesh.model), "--model-name", TINY_MODEL_NAME, "--max-tokens", "4"]
+    done = subprocess.run(farworker_command(*args, "--key", str(mesh.work / "client.key"), "Hello mesh"),
+                          env=base_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()  # the completion
+    filed = store.counts()["receipts"] - stored
+    assert filed >= 2 and f"{filed} of {filed} receipts counted" in done.stderr
+    after = mesh.views()
+    assert all(after[p]["tokens_vouched"] > before[p]["tokens_vouched"] for p in after)
+
+    not_a_key = mesh.work / "not-a-key.pem"
+    not_a_key.write_text("hello\n")
+    done = subprocess.run(farworker_command(*args, "--key", str(not_a_key), "Hello mesh"), env=base_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 78 and "not an unencrypted PEM private key" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_the_coordinator_refuses_a_bad_client_keys_file(tmp_path):
+    from click.testing import CliRunner
+
+    from farworker.coordinator.cli import coordinator_command
+
+    keys = tmp_path / "client-keys"
+    keys.write_text(f"alice {ClientKey.generate().public_key_b64}\nbob not-base64!\n")
+    result = CliRunner().invoke(coordinator_command, ["--client-keys", str(keys), "--db", str(tmp_path / "c.db")])
+    assert result.exit_code == 78, result.output
+    assert "line 2: not a base64 Ed25519 public key" in result.output
