@@ -142,6 +142,10 @@ def test_round_trip_heartbeats_and_ledger(mesh):
     mesh.wait_ledger_matches()
     view = requests.get(f"{mesh.url}/v1/workers", timeout=10).json()["workers"]
     assert all(w["earnings_far"] > 0 and w["earn_rate_far_per_hour"] > 0 for w in view)
+    # the coordinator vouches for its own completions by recording their routes: attested, no receipts needed
+    for w in view:
+        assert w["tokens_attested"] == w["tokens_served"] and w["tokens_vouched"] == 0 and w["unvouched_tokens"] == 0
+        assert w["earnings_far"] == pytest.approx(w["claimed_far"])
 
 
 def test_a_broken_session_is_run_again_and_both_attempts_are_billed(mesh):

@@ -287,3 +287,15 @@ def test_the_coordinator_refuses_a_bad_client_keys_file(tmp_path):
     result = CliRunner().invoke(coordinator_command, ["--client-keys", str(keys), "--db", str(tmp_path / "c.db")])
     assert result.exit_code == 78, result.output
     assert "line 2: not a base64 Ed25519 public key" in result.output
+
+
+def test_covered_token_blocks_are_valued_at_the_cheapest_claims_first():
+    from farworker.coordinator.ledger import paid_far
+
+    claims = [(10, 1.0), (10, 3.0)]  # (token-blocks, $FAR), cheapest first: 0.1 and 0.3 $FAR per token-block
+    assert paid_far(claims, 20, 10) == pytest.approx(1.0)  # half covered: the cheap half
+    assert paid_far(claims, 20, 15) == pytest.approx(1.0 + 1.5)
+    assert paid_far(claims, 20, 40) == pytest.approx(4.0)  # never more than claimed
+    assert paid_far(claims, 20, 0) == 0.0
+    assert paid_far(claims, 20, 10, unvouched_rate=0.5) == pytest.approx(1.0 + 0.5 * 3.0)
+    assert paid_far([], 0, 10) == 0.0
