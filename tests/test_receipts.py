@@ -8,12 +8,15 @@ count of what each worker served (from the petals client's route), what was vouc
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import Counter
 
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 from polling import wait_for
 
 from farworker.api_client import CoordinatorClient
@@ -299,3 +302,45 @@ def test_covered_token_blocks_are_valued_at_the_cheapest_claims_first():
     assert paid_far(claims, 20, 0) == 0.0
     assert paid_far(claims, 20, 10, unvouched_rate=0.5) == pytest.approx(1.0 + 0.5 * 3.0)
     assert paid_far([], 0, 10) == 0.0
+
+
+@pytest.fixture(scope="module")
+def bare_coordinator(tmp_path_factory):
+    """A coordinator without a mesh (receipts need none), with one registered client key."""
+    key = ClientKey.generate()
+    path = tmp_path_factory.mktemp("receipts-fuzz") / "coordinator.sqlite"
+    settings = Settings(db_path=path, model_blocks={TINY_MODEL_NAME: 4},
+                        client_keys={key.key_id: ("fuzzer", key.public_key_b64)})
+    with RunningCoordinator(settings) as running:
+        yield running, key
+
+
+def _receipt(key: ClientKey) -> dict:
+    return key.sign({"id": str(uuid.uuid4()), "peer_id": "Qm" + "a" * 44, "blocks": [0, 2], "tokens": 12,
+                     "session_id": str(uuid.uuid4()), "model": TINY_MODEL_NAME, "created_at": int(time.time())})
+
+
+def test_any_receipt_field_gets_a_4xx_never_a_5xx_and_refused_batches_store_nothing(bare_coordinator):
+    """Each field of a valid receipt replaced by arbitrary JSON, signed again by the registered key (so the
+    value reaches every check after the signature) or not."""
+    from test_coordinator_fuzz import FUZZ, VALUE  # the coordinator fuzz test's values and settings
+
+    coordinator, key = bare_coordinator
+    fields = sorted(_receipt(key))
+
+    @FUZZ
+    @given(field=st.sampled_from(fields), value=VALUE, resign=st.booleans())
+    def check(field, value, resign):
+        receipt = dict(_receipt(key), **{field: value})
+        if resign and field not in ("signature", "client_key_id"):
+            receipt = key.sign(receipt)
+        before = coordinator.store.counts()
+        body = json.dumps({"receipts": [receipt]})
+        answer = requests.post(f"{coordinator.url}/v1/receipts", data=body, timeout=10,
+                               headers={"Content-Type": "application/json"})
+        assert answer.status_code < 500, (receipt, answer.status_code, answer.text[:500])
+        if answer.status_code >= 400:
+            assert answer.json()["error"] and answer.json()["field"], answer.text
+            assert coordinator.store.counts() == before, receipt
+
+    check()
