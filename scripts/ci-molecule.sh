@@ -5,7 +5,8 @@
 #   3. the collections community.docker and ansible.posix, taken from PyPI's `ansible` wheel
 #   4. dockerd (overlay2; vfs fallback)   5. the debootstrap systemd image (cached by tag)   6. the wheelhouse (cached)
 #   7. ansible-lint (production) + yamllint   8. molecule test for each scenario
-# Usage: scripts/ci-molecule.sh [SCENARIO...]   (default: nvidia_driver cuda default; fleet runs only when named)
+# Usage: scripts/ci-molecule.sh [SCENARIO...]   (default: nvidia_driver cuda default; fleet and multi_gpu run only
+# when named)
 # SKIP_LINT=1 skips step 7.
 set -euo pipefail
 
@@ -69,7 +70,7 @@ bash scripts/containers/dockerd-up.sh
 step "systemd image $image"
 bash scripts/containers/build-systemd-image.sh "$image"
 
-if printf '%s\n' "${scenarios[@]}" | grep -qxE 'default|fleet'; then
+if printf '%s\n' "${scenarios[@]}" | grep -qxE 'default|fleet|multi_gpu'; then
     step "wheelhouse"
     bash scripts/build-wheelhouse.sh "$cache/wheelhouse"
     export FARWORKER_WHEELHOUSE=$cache/wheelhouse
