@@ -16,3 +16,5 @@ python benchmarks/idle_cost.py --windows 3 --window 60 --out "$out/idle_cost.jso
 python benchmarks/handoff_probe.py --out "$out/handoff_probe.json"
 python benchmarks/usage_hold_cost.py --rounds 7 --n 300 --out "$out/usage_hold_cost.json"
 python benchmarks/gpu_run.py --cpu --out "$out/gpu_run_cpu_dry_run.json"
+python benchmarks/probe_cost.py --probes 1000 --out "$out/probe_cost.json"
+python benchmarks/probe_cost.py --sweep-only --out "$out/probe_int8_sweep.json"
