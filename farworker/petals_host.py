@@ -17,7 +17,7 @@ from pathlib import Path
 
 from farworker.block_plan import BlockPlan
 from farworker.config import WorkerConfig
-from farworker.petals_compat import import_petals
+from farworker.petals_compat import import_petals, install_step_batching
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT = 10.0  # seconds a DHT probe may take before the server counts as wedged
@@ -74,6 +74,8 @@ class PetalsHost:
         tensor_handoff.install()  # before the handler processes fork: they inherit the reducer
         tensor_handoff.keep_small_outputs_private()
         cfg, plan = self.config, self.plan
+        if cfg.step_batching:
+            install_step_batching()
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.server = Server(
             initial_peers=cfg.initial_peers,
@@ -96,6 +98,9 @@ class PetalsHost:
             announce_maddrs=list(cfg.announce_maddrs) or None,
             # a fresh identity file is checked against the swarm; ours is ours, and the check costs a DHT round
             check_if_identity_free=False,
+            # With step batching the runtime takes its next step only when it is free, so the steps that arrived
+            # meanwhile run together; petals' default (1) would load the next step alone while one computes.
+            prefetch_batches=0 if cfg.step_batching else 1,
         )
         block_config = self.server.block_config
         rps = measured_rps(block_config, self.server.device, self.server.torch_dtype, self.server.quant_type,
