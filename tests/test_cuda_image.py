@@ -10,6 +10,7 @@ Network: none. Every container runs with `--network none`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -54,6 +55,15 @@ def python_in_image(code: str) -> str:
     result = in_image("-c", code, entrypoint=PYTHON)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.strip()
+
+
+def test_the_image_asks_the_container_toolkit_for_cuda_and_nvml():
+    config = json.loads(subprocess.run(["docker", "image", "inspect", "-f", "{{json .Config}}", IMAGE],
+                                       capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert config["Labels"]["farworker.torch-variant"] == "cuda"
+    env = dict(item.split("=", 1) for item in config["Env"])
+    # compute: libcuda from the host's driver; utility: NVML (telemetry, `farworker check`)
+    assert set(env["NVIDIA_DRIVER_CAPABILITIES"].split(",")) >= {"compute", "utility"}
 
 
 def test_torch_is_the_cuda_13_build():

@@ -206,6 +206,7 @@ def test_image_config():
     assert config["Healthcheck"]["Test"][0] == "CMD"
     assert config["Entrypoint"][:2] == ["/usr/bin/tini", "--"]
     assert config["Cmd"] == ["run"]
+    assert config["Labels"]["farworker.torch-variant"] == "cpu"  # the build checked its torch is the CPU build
 
 
 def test_worker_healthy_and_serves_equal_tokens(worker, identity_probe, tiny_model):
