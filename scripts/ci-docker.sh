@@ -24,10 +24,10 @@ base=${FARWORKER_DOCKER_BASE:-farworker/debian-python:bookworm}
 venv=$root/.venv
 if [[ $variant == cuda ]]; then
     image=${FARWORKER_DOCKER_IMAGE:-farworker:ci-cuda}
-    wheelhouse_dir=$cache/wheelhouse-cuda wheelhouse_flags=(--cuda) tests=tests/test_cuda_image.py
+    wheelhouse_dir=$cache/wheelhouse-cuda wheelhouse_flags=(--cuda) tests=tests/test_cuda_image.py label=worker-cuda
 else
     image=${FARWORKER_DOCKER_IMAGE:-farworker:ci}
-    wheelhouse_dir=$cache/wheelhouse wheelhouse_flags=() tests=tests/test_docker_image.py
+    wheelhouse_dir=$cache/wheelhouse wheelhouse_flags=() tests=tests/test_docker_image.py label=worker
 fi
 
 step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
@@ -61,11 +61,11 @@ cp -al "$wheelhouse_dir" "$context/wheelhouse" 2>/dev/null || cp -a "$wheelhouse
 
 step "docker build $image (BASE_IMAGE=$base, TORCH_VARIANT=$variant)"
 DOCKER_BUILDKIT=0 timed docker build -f Dockerfile --build-arg BASE_IMAGE="$base" --build-arg WHEELHOUSE=wheelhouse \
-    --build-arg TORCH_VARIANT="$variant" --label farworker.image="worker-$variant" -t "$image" "$context"
+    --build-arg TORCH_VARIANT="$variant" --label farworker.image="$label" -t "$image" "$context"
 rm -rf "$context"
 # Drop this script's superseded images (untagged: earlier builds), not others'. With the vfs fallback
 # driver each is a full copy of the file system.
-docker image prune -f --filter label=farworker.image="worker-$variant" >/dev/null
+docker image prune -f --filter label=farworker.image="$label" >/dev/null
 docker image inspect -f '{{.Size}}' "$image" | awk -v i="$image" '{printf "image %s: %.2f GB\n", i, $1/1e9}'
 
 step "host venv $venv (the tests' petals client)"
