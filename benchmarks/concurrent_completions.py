@@ -2,11 +2,14 @@
 
 The same mesh (a bootstrap peer, two `farworker run` workers splitting the tiny model) is served by two
 coordinators side by side: one that runs one generation at a time (`max_active_generations=1`, what the old
-global lock did) and one that runs up to 8 (the default). For each concurrency level, each coordinator gets
-``level`` client threads sending greedy completions of ``--new-tokens`` tokens back to back for ``--seconds``;
-levels and coordinators alternate (A/B, B/A, ...). Reported: aggregate completion tokens/s and mean latency.
+global lock did) and one that runs up to max(8, the highest level) (8 is the default). For each concurrency level,
+each coordinator gets ``level`` client threads sending greedy completions of ``--new-tokens`` tokens back to back
+for ``--seconds``; levels and coordinators alternate (A/B, B/A, ...). Reported: aggregate completion tokens/s,
+mean latency, and the p50/p99 per-token latency (a request's latency / its completion tokens, over requests).
+The workers batch concurrent sessions' steps (FARLABS_STEP_BATCHING, default on); ``--worker-env
+FARLABS_STEP_BATCHING=false`` runs the same without.
 
-    python benchmarks/concurrent_completions.py --levels 1,4,8 --seconds 20 \
+    python benchmarks/concurrent_completions.py --levels 1,2,4,8,16 --seconds 15 \
         --out benchmarks/results/concurrent_completions.json
 """
 
@@ -33,6 +36,7 @@ from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint  # noqa
 
 def load(url: str, level: int, seconds: float, new_tokens: int) -> dict:
     latencies: list[float] = []
+    per_token: list[float] = []
     tokens = [0]
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -45,7 +49,9 @@ def load(url: str, level: int, seconds: float, new_tokens: int) -> dict:
             answer.raise_for_status()
             with lock:
                 latencies.append(time.monotonic() - started)
-                tokens[0] += answer.json()["usage"]["completion_tokens"]
+                completion_tokens = answer.json()["usage"]["completion_tokens"]
+                tokens[0] += completion_tokens
+                per_token.append(latencies[-1] / max(1, completion_tokens))
 
     began = time.monotonic()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(level)]
@@ -54,13 +60,16 @@ def load(url: str, level: int, seconds: float, new_tokens: int) -> dict:
     for t in threads:
         t.join()
     elapsed = time.monotonic() - began
+    per_token.sort()
     return {"tokens_per_s": round(tokens[0] / elapsed, 2), "mean_latency_s": round(statistics.mean(latencies), 3),
-            "requests": len(latencies)}
+            "requests": len(latencies), "p50_token_ms": round(1000 * per_token[len(per_token) // 2], 2),
+            "p99_token_ms": round(1000 * per_token[min(len(per_token) - 1, int(0.99 * len(per_token)))], 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", default="1,4,8")
+    parser.add_argument("--levels", default="1,2,4,8,16")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="K=V", help="workers' environment")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path)
@@ -69,13 +78,15 @@ def main() -> None:
     model = ensure_tiny_checkpoint(shared_cache_dir())
     work = Path(tempfile.mkdtemp(prefix="fw-concurrency-"))
     boot, peers = start_bootstrap_peer(work)
-    workers = [start_worker(work, f"w{i}", "http://127.0.0.1:9", peers, span) for i, span in enumerate(("0:2", "2:4"))]
+    worker_env = dict(pair.split("=", 1) for pair in args.worker_env)
+    workers = [start_worker(work, f"w{i}", "http://127.0.0.1:9", peers, span, worker_env)
+               for i, span in enumerate(("0:2", "2:4"))]
     coordinators = {}
     results: dict[str, dict[int, list[dict]]] = {"one_at_a_time": {}, "concurrent": {}}
     try:
         for w in workers:
             w.wait_online(180)
-        for name, active in (("one_at_a_time", 1), ("concurrent", 8)):
+        for name, active in (("one_at_a_time", 1), ("concurrent", max(8, *levels))):
             settings = Settings(db_path=work / f"{name}.sqlite3", model_path=model, model_name=TINY_MODEL_NAME,
                                 initial_peers=tuple(peers), probe_period_s=0, max_active_generations=active)
             coordinators[name] = RunningCoordinator(settings).start()
@@ -101,8 +112,13 @@ def main() -> None:
             "one_at_a_time_tok_s": one, "concurrent_tok_s": many, "ratio": round(many / one, 2),
             "one_at_a_time_latency_s": statistics.median(r["mean_latency_s"] for r in results["one_at_a_time"][level]),
             "concurrent_latency_s": statistics.median(r["mean_latency_s"] for r in results["concurrent"][level]),
+            **{f"{name}_{key}": statistics.median(r[key] for r in results[name][level])
+               for name in results for key in ("p50_token_ms", "p99_token_ms")},
         }
-    out = {"summary": summary, "runs": results, "load_average": os.getloadavg(), "new_tokens": args.new_tokens}
+    if 1 in summary and 8 in summary:
+        summary["concurrent: 8 / 1"] = round(summary[8]["concurrent_tok_s"] / summary[1]["concurrent_tok_s"], 2)
+    out = {"summary": summary, "runs": results, "load_average": os.getloadavg(), "new_tokens": args.new_tokens,
+           "worker_env": worker_env}
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.write_text(json.dumps(out, indent=1) + "\n")
