@@ -111,6 +111,7 @@ def test_upgrade_from_the_single_unit_kept_the_peer_id_and_the_outbox(online):
     assert worker["instance"] == 0 and worker["host_id"]
 
 
+@pytest.mark.timeout(900)  # a whole converge: minutes on a loaded machine (the project's default is 300 s)
 def test_removing_an_instance_from_the_list_stops_and_disables_it(online):
     one = json.dumps({"farworker_gpus": [{"gpu": "cpu", "block_indices": "0:4"}]})
     env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_NOCOLOR="1")
