@@ -339,3 +339,43 @@ def test_the_template_unit_keeps_the_sandbox(tmp_path):
     match = re.search(r"Overall exposure level for farworker@\w*\.service: ([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 3.0
+
+
+def _choose(farworker_gpus, found: list[dict]) -> dict:
+    """roles/farworker/tasks/select_instances.yml's choice, rendered as Ansible renders it (its filters and the
+    `match` test stood in by their definitions), over what `farworker gpus --json` printed."""
+    import json
+
+    import jinja2
+    import yaml
+
+    tasks = yaml.safe_load((Path(__file__).resolve().parent.parent / "roles" / "farworker" / "tasks" /
+                            "select_instances.yml").read_text())
+    (choose,) = [t for t in tasks if t["name"] == "Choose the worker instances"]
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters.update(from_json=json.loads, to_json=json.dumps)
+    env.tests["match"] = lambda value, pattern: re.match(pattern, value) is not None
+    rendered = env.from_string(choose["ansible.builtin.set_fact"]["_farworker_instance_choice"]).render(
+        farworker_gpus=farworker_gpus, _farworker_gpu_list={"stdout": json.dumps(found)})
+    return json.loads(rendered)
+
+
+FOUND = [{"index": 0, "uuid": CARDS[0]["uuid"], "minor_number": 1}, {"index": 1, "uuid": CARDS[1]["uuid"],
+                                                                       "minor_number": 0}]
+
+
+def test_the_role_chooses_one_instance_per_gpu_by_default_and_the_single_unit_below_two():
+    both = _choose("auto", FOUND)["instances"]
+    assert [(i["index"], i["gpu"], i["minor_number"]) for i in both] == [(0, CARDS[0]["uuid"], 1),
+                                                                        (1, CARDS[1]["uuid"], 0)]
+    assert _choose("auto", FOUND[:1])["instances"] == [] and _choose("auto", [])["instances"] == []
+    assert _choose([], FOUND)["instances"] == []  # a CPU worker in the single unit
+
+
+def test_the_role_takes_indices_uuids_cpu_and_spans_and_names_an_unknown_gpu():
+    chosen = _choose([1, CARDS[0]["uuid"], "cpu", {"gpu": 0, "block_indices": "16:32"}], FOUND)
+    assert [(i["index"], i["gpu"], i["minor_number"], i["block_indices"]) for i in chosen["instances"]] == [
+        (0, CARDS[1]["uuid"], 0, ""), (1, CARDS[0]["uuid"], 1, ""), (2, "cpu", None, ""),
+        (3, CARDS[0]["uuid"], 1, "16:32")]
+    wrong = _choose([0, 7, "GPU-00000000-0000-0000-0000-000000000000"], FOUND)
+    assert wrong["unknown"] == ["7", "GPU-00000000-0000-0000-0000-000000000000"]
