@@ -9,6 +9,8 @@
    worker reports in its status file / heartbeats, with range checks (its Xid counter: a number, not None);
 3. local transformers greedy generation on the same checkpoint and GPU, nothing else of ours running:
    tokens/s, overhead per token, equal tokens;
+3b. cross-session step batching: one decode step of 1, 8, 32 sessions over 4 blocks, batched against one
+   session at a time (benchmarks/batch_step_speed.py);
 4. the NF4 path (FARLABS_QUANT_TYPE=nf4, bitsandbytes): time to READY, blocks, VRAM, tokens/s;
 5. multi-GPU: one worker per visible GPU (FARLABS_GPU = its UUID, as farworker@N.service runs them), one
    client each, all generating at once: aggregate tokens/s against one instance alone (CPU mode: two CPU
@@ -57,7 +59,7 @@ SHAPES = {
     },
 }
 # seconds a step needs at least on the GPU (weights load, NF4 quantization); a step is skipped below that
-STEP_MINIMUM = {"serve_fp16": 150, "local": 90, "serve_nf4": 150, "multi_gpu": 150}
+STEP_MINIMUM = {"serve_fp16": 150, "local": 90, "batch_sizes": 60, "serve_nf4": 150, "multi_gpu": 150}
 
 
 class Run:
@@ -360,6 +362,17 @@ def local_measure(run: Run) -> dict:
     return out
 
 
+# -- 3b. cross-session step batching --------------------------------------------------------------------
+def batch_sizes_measure(run: Run) -> dict:
+    """A decode step of 1, 8 and 32 sessions over 4 of the checkpoint's blocks: batched as the worker runs them
+    (farworker/step_batching.py) against one session at a time (benchmarks/batch_step_speed.py)."""
+    from batch_step_speed import measure
+
+    device = "cuda" if run.mode == "gpu" else "cpu"
+    return measure(str(run.model_dir), device, run.dtype, (1, 8, 32), num_blocks=4, past=512,
+                   steps=10 if run.mode == "gpu" else 3)
+
+
 # -- 5. multi-GPU ---------------------------------------------------------------------------------------
 def multi_gpu_measure(run: Run) -> dict:
     """One worker per visible GPU, each pinned by UUID and holding every block it fits, each with its own client
@@ -471,6 +484,7 @@ def main() -> None:
         if run.result["steps"]["checkpoint"].get("ok"):
             run.step("serve_fp16", serve_and_measure, run, "none")
             run.step("local", local_measure, run)
+            run.step("batch_sizes", batch_sizes_measure, run)
             run.step("serve_nf4", serve_and_measure, run, "nf4")
             run.step("multi_gpu", multi_gpu_measure, run)
     finally:
