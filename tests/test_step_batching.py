@@ -191,3 +191,52 @@ def test_concurrent_sessions_joining_and_leaving_match_transformers(start_worker
     assert "Step batching: ran 3 sessions' steps in one call" in log, "no 3 steps were batched:\n" + log[-3000:]
     for index, (session, prompt) in enumerate(zip(sessions, prompts, strict=True)):
         assert session.tokens == generate_locally(str(sharp_model), prompt, session.new_tokens), f"session {index}"
+
+
+def test_pool_co_batches_compatible_steps_of_equal_priority_and_scatters_results():
+    """The pool takes the most urgent step, co-batches the waiting compatible ones of the same priority, leaves
+    the rest queued in order, and gives each session back exactly its own rows."""
+    import_petals()
+    from petals.data_structures import InferenceMetadata
+
+    from farworker.step_batching import CoBatch, StepBatcher, batching_pool_class
+
+    batcher = StepBatcher({}, merged_step=None)
+    batcher.batches = True
+    pool = batching_pool_class()(batcher, max_batch_size=2048, name="test_inference")
+
+    def step(uids, rows, priority, prompts=None):
+        infos = tuple(InferenceMetadata(uid, 5, (0, 1), None) for uid in uids)
+        hidden = torch.full((rows, 1, 8), float(len(pool._ordered_tasks.queue)))
+        future = pool.submit_task(hidden, torch.empty(0, dtype=torch.int64), infos,
+                                  *(prompts or [None] * len(uids)), priority=priority)
+        pool._ordered_tasks.put(pool.submitted_tasks.get())  # what the pool's prioritizer thread does
+        return future
+
+    span, other_span = ("m.0", "m.1"), ("m.2",)
+    first = step(span, 1, 0.0)
+    two_rows = step(span, 2, 0.0)
+    elsewhere = step(other_span, 1, 0.0)  # other blocks: not compatible
+    with_prompt = step(span, 1, 0.0, prompts=[torch.ones(1, 1, 8), None])  # deep prompts: runs alone
+    less_urgent = step(span, 1, 1.0)  # same blocks, lower priority: not taken along
+    last = step(span, 1, 0.0)
+
+    uid, (batch,) = pool.load_batch_to_runtime()
+    assert isinstance(batch, CoBatch)
+    assert [len(args[0]) for args in batch.steps] == [1, 2, 1]  # first, two_rows, last
+    assert [task.priority for task in pool._ordered_tasks.queue] == [0.0, 0.0, 1.0]
+    assert pool.batch_receiver.poll() and not pool.empty  # three pipe tokens left for the three queued tasks
+
+    # The queue handed the pool a pickled copy of each task (a handler process would be another process): the
+    # results land on the pool's copies of the futures.
+    dispatched = {task_uid: task.future for task_uid, task in pool._dispatched_tasks.items()}
+    assert set(dispatched) == {first._uid, two_rows._uid, last._uid}
+    rows = torch.arange(4, dtype=torch.float32).view(4, 1, 1).expand(4, 1, 8).contiguous()
+    pool.send_outputs_from_runtime(uid, [rows])
+    assert dispatched[first._uid].result(timeout=5)[0][:, 0, 0].tolist() == [0.0]
+    assert dispatched[two_rows._uid].result(timeout=5)[0][:, 0, 0].tolist() == [1.0, 2.0]
+    assert dispatched[last._uid].result(timeout=5)[0][:, 0, 0].tolist() == [3.0]
+    assert not pool._dispatched_tasks
+    alone = [pool.load_batch_to_runtime()[0] for _ in range(3)]  # each runs alone, in priority order
+    assert alone == [elsewhere._uid, with_prompt._uid, less_urgent._uid]
+    assert pool.empty
