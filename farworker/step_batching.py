@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # is petals' own bound for a step it runs over several blocks at once (MAX_SHORT_INFERENCE_TOKENS).
 MAX_SESSIONS_PER_CALL = 32
 MAX_TOKENS_PER_CALL = 128
+# Attention reads every row's past padded to the longest one: a call's padded keys+values of one block stay under
+# petals' default max_chunk_size_bytes (256 MiB), the memory petals itself lets one inference chunk take.
+MAX_PADDED_CACHE_BYTES = 256 * 2**20
 RECEIPT_WAIT = 5.0  # seconds: a handler sends a task's pipe token right after queueing the task
 
 
@@ -61,6 +64,11 @@ def step_tokens(args: Sequence[Any]) -> int:
     return args[0].shape[0] * args[0].shape[1]
 
 
+def past_length(args: Sequence[Any]) -> int:
+    """Tokens already in the session's cache (the same for every block of its step)."""
+    return args[2][0].prefix_length
+
+
 def can_batch_block(backend) -> bool:
     """The block is a single-device Llama layer whose parts we can call one by one."""
     shards = getattr(backend.module, "module_shards", None)
@@ -73,6 +81,8 @@ def can_batch_block(backend) -> bool:
         attn is not None
         and all(hasattr(attn, name) for name in needed)
         and getattr(attn.config, "pretraining_tp", 1) == 1
+        # dynamic NTK scaling derives the rotary table from the call's length: a padded call would change it
+        and (getattr(attn.config, "rope_scaling", None) or {}).get("type", "linear") == "linear"
         and all(hasattr(layer, name) for name in ("input_layernorm", "post_attention_layernorm", "mlp"))
     )
 
@@ -153,6 +163,7 @@ class StepBatcher:
         self.backends = backends
         self.merged_step = merged_step
         self.batches = False  # set once the blocks are known to be batchable (can_batch_block)
+        self.cache_bytes_per_token = 0  # one block's keys+values per token and row (set with batches)
         self.largest = 1  # the most sessions run in one call so far (logged when it grows)
 
     def __call__(self, *args):
@@ -229,16 +240,20 @@ def batching_pool_class():
             if key is None or not getattr(self.process_func, "batches", False):
                 return []
             companions, others, tokens = [], [], step_tokens(first.args)
+            rows, longest = first.args[0].shape[0], past_length(first.args)
             while True:
                 try:
                     task = self._ordered_tasks.get_nowait()
                 except queue.Empty:
                     break
-                fits = len(companions) + 1 < MAX_SESSIONS_PER_CALL and tokens + step_tokens(task.args) <= min(
-                    MAX_TOKENS_PER_CALL, self.max_batch_size)
+                padded = (rows + task.args[0].shape[0]) * (max(longest, past_length(task.args)) + key[1])
+                fits = (len(companions) + 1 < MAX_SESSIONS_PER_CALL
+                        and tokens + step_tokens(task.args) <= min(MAX_TOKENS_PER_CALL, self.max_batch_size)
+                        and padded * self.process_func.cache_bytes_per_token <= MAX_PADDED_CACHE_BYTES)
                 if fits and task.priority == first.priority and step_key(task.args) == key:
                     companions.append(task)
                     tokens += step_tokens(task.args)
+                    rows, longest = rows + task.args[0].shape[0], max(longest, past_length(task.args))
                 else:
                     others.append(task)
             for task in others:
@@ -271,6 +286,7 @@ def merge_inference_pools_with_batching(backends: dict) -> None:
     first_pool = next(iter(backends.values())).inference_pool
     batcher = StepBatcher(backends, _MergedInferenceStep(backends))
     batcher.batches = all(can_batch_block(backend) for backend in backends.values())
+    batcher.cache_bytes_per_token = max(sum(b.cache_bytes_per_token.values()) for b in backends.values())
     if not batcher.batches:
         log.info("Step batching is off for these blocks: not single-device Llama layers")
     merged_pool = batching_pool_class()(

@@ -202,7 +202,7 @@ def test_pool_co_batches_compatible_steps_of_equal_priority_and_scatters_results
     from farworker.step_batching import CoBatch, StepBatcher, batching_pool_class
 
     batcher = StepBatcher({}, merged_step=None)
-    batcher.batches = True
+    batcher.batches, batcher.cache_bytes_per_token = True, 1024
     pool = batching_pool_class()(batcher, max_batch_size=2048, name="test_inference")
 
     def step(uids, rows, priority, prompts=None):
@@ -240,3 +240,29 @@ def test_pool_co_batches_compatible_steps_of_equal_priority_and_scatters_results
     alone = [pool.load_batch_to_runtime()[0] for _ in range(3)]  # each runs alone, in priority order
     assert alone == [elsewhere._uid, with_prompt._uid, less_urgent._uid]
     assert pool.empty
+
+
+def test_pool_does_not_co_batch_past_the_padded_cache_budget():
+    """Rows x (longest past + step) x cache bytes per token is the padded keys/values a call allocates per block:
+    steps that would take it over MAX_PADDED_CACHE_BYTES run apart."""
+    import_petals()
+    from petals.data_structures import InferenceMetadata
+
+    from farworker.step_batching import MAX_PADDED_CACHE_BYTES, CoBatch, StepBatcher, batching_pool_class
+
+    batcher = StepBatcher({}, merged_step=None)
+    # two single-row steps at past 5, step 1: 2 x 6 padded tokens; allow 11 of them, not 12
+    batcher.batches, batcher.cache_bytes_per_token = True, MAX_PADDED_CACHE_BYTES // 11
+    pool = batching_pool_class()(batcher, max_batch_size=2048, name="test_inference")
+    for _ in range(2):
+        infos = (InferenceMetadata("m.0", 5, (0, 1), None),)
+        pool.submit_task(torch.zeros(1, 1, 8), torch.empty(0, dtype=torch.int64), infos, None, priority=0.0)
+        pool._ordered_tasks.put(pool.submitted_tasks.get())
+    _, args = pool.load_batch_to_runtime()
+    assert not isinstance(args[0], CoBatch) and len(pool._ordered_tasks.queue) == 1
+    batcher.cache_bytes_per_token = MAX_PADDED_CACHE_BYTES // 12  # now 2 x 6 tokens fit
+    infos = (InferenceMetadata("m.0", 5, (2, 3), None),)
+    pool.submit_task(torch.zeros(1, 1, 8), torch.empty(0, dtype=torch.int64), infos, None, priority=0.0)
+    pool._ordered_tasks.put(pool.submitted_tasks.get())
+    _, (batch,) = pool.load_batch_to_runtime()
+    assert isinstance(batch, CoBatch) and len(batch.steps) == 2
