@@ -21,7 +21,7 @@
 ARG BASE_IMAGE=farworker/debian-python:bookworm
 
 FROM ${BASE_IMAGE} AS base
-# One layer: python3.11 (+venv) and tini from apt only when the base lacks them (the CPU base from
+# One layer: python3.11 (+venv) and tini from apt only when the base lacks them (the base from
 # scripts/containers/build-python-image.sh has both: no network needed). / must be world-readable
 # (a rootfs imported from a 0700 temporary directory is not) or the non-root user cannot run anything.
 RUN set -eu; \
