@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from farworker import petals_compat
+
 log = logging.getLogger("farworker.mesh_client")
 
 # Bounded retries: petals' default is to retry forever, which would hang an HTTP request.
@@ -200,11 +202,11 @@ class MeshClient:
             {
                 "peer_id": s.span.peer_id.to_base58(),
                 "blocks": [int(s.span.start), int(s.span.end)],
-                "tokens": int(s._position),
+                "tokens": petals_compat.tokens_processed(s),
                 "session_id": str(s.session_id),  # the id the worker's usage records carry
             }
             for s in seen
-            if s._position > 0
+            if petals_compat.tokens_processed(s) > 0
         ]
         return Generation(ids, completion, watcher.text(completion), finish, route)
 
@@ -227,18 +229,12 @@ class MeshClient:
                         **sampling,
                     )
             finally:
-                _keep(seen, session._server_sessions)
+                _keep(seen, petals_compat.server_sessions_of(session))
 
     @staticmethod
     def _track(session, seen: list) -> None:
         """Keep each server session petals drops while re-routing after a failure, to count its tokens."""
-        original = session._exit_server_sessions
-
-        def exit_and_keep(server_sessions):
-            _keep(seen, server_sessions)
-            return original(server_sessions)
-
-        session._exit_server_sessions = exit_and_keep
+        petals_compat.on_server_sessions_dropped(session, lambda server_sessions: _keep(seen, server_sessions))
 
     def close(self) -> None:
         with self._lock:

@@ -159,3 +159,27 @@ def install_step_batching() -> None:
     from farworker.step_batching import merge_inference_pools_with_batching
 
     server_module.merge_inference_pools_inplace = merge_inference_pools_with_batching
+
+
+# petals' client InferenceSession keeps its per-server sessions and their positions in private fields; the
+# coordinator's route accounting (what pays workers) reads them here, so a petals upgrade breaks in one place.
+def server_sessions_of(session) -> list:
+    """The server sessions a client InferenceSession has open now (one per span of its route)."""
+    return list(session._server_sessions)
+
+
+def tokens_processed(server_session) -> int:
+    """How many token positions a client-side server session has sent through its span."""
+    return int(server_session._position)
+
+
+def on_server_sessions_dropped(session, callback) -> None:
+    """Call ``callback(server_sessions)`` with the server sessions petals drops while re-routing after a failure,
+    before it closes them, so their served tokens are still counted."""
+    original = session._exit_server_sessions
+
+    def exit_and_report(server_sessions):
+        callback(server_sessions)
+        return original(server_sessions)
+
+    session._exit_server_sessions = exit_and_report
