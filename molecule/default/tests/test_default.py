@@ -112,6 +112,25 @@ def test_role_variables_declared_and_documented(role):
         assert re.search(rf"^\| `{name}` \|", readme, re.M), f"{name} is not in {role}/README.md's table"
 
 
+def host_has_nvidia_pci_device():
+    """Containers see the machine's PCI devices: what the driver role's probe reads there."""
+    return any(p.read_text().strip() == "0x10de" for p in Path("/sys/bus/pci/devices").glob("*/vendor"))
+
+
+def test_check_run_on_the_converged_fleet_changes_nothing():
+    """`site.yml --check --diff`, as operators run it before a change: changed=0 on every host, no worker restarted,
+    and the driver role's "no NVIDIA GPU" only where the PCI probe (run under --check too) finds none."""
+    before = {name: props(host(name), "farworker", "MainPID")["MainPID"] for name in WORKERS}
+    rc, out = ansible_playbook(PROJECT / "playbooks" / "site.yml", "--check", "--diff")
+    assert rc == 0, out[-4000:]
+    changed = {name: counts["changed"] for name, counts in recap(out).items()}
+    assert sorted(changed) == sorted([BOOT, *WORKERS]) and set(changed.values()) == {0}, (changed, out[-4000:])
+    assert "RUNNING HANDLER" not in out, out[-4000:]
+    skipped = set(re.findall(r"no NVIDIA GPU \([^)]*\)\s+on (\S+):", out))
+    assert skipped == (set() if host_has_nvidia_pci_device() else set(WORKERS)), skipped
+    assert {name: props(host(name), "farworker", "MainPID")["MainPID"] for name in WORKERS} == before
+
+
 @pytest.mark.parametrize("name", WORKERS)
 def test_worker_active_and_ready(name):
     p = props(host(name), "farworker", "ActiveState", "SubState", "StatusText", "Type", "NRestarts")
@@ -367,7 +386,9 @@ def test_configure_tag_pushes_an_env_change_without_touching_the_venv():
         assert rc == 0, out[-4000:]
         tasks = re.findall(r"^TASK \[([^\]]+)\]", out, re.M)
         assert "farworker : Write the env file" in tasks, tasks
-        assert not [t for t in tasks if re.search(r"Install|wheelhouse|pinned runtime|requirements", t)], tasks
+        install_tasks = r"^farworker : (Install (Python venv support|torch|the pinned runtime set|farworker)$|Push the " \
+                        r"wheelhouse|Copy the pinned runtime set|Write the torch and farworker requirements|Ask pip)"
+        assert "farworker : Install torch" not in tasks and not [t for t in tasks if re.search(install_tasks, t)], tasks
         assert "changed: [" in section(out, "TASK [farworker : Write the env file]")
         assert "changed: [" in section(out, "RUNNING HANDLER [farworker : Restart farworker]")
         assert f'FARLABS_HEARTBEAT_INTERVAL="{interval + 1}"' in h.file(ENV_FILE).content_string
