@@ -243,6 +243,16 @@ def test_second_site_yml_run_changes_nothing(fleet):
     assert rows and all(r["changed"] == 0 for r in rows.values()), rows
 
 
+def test_check_run_changes_nothing(fleet):
+    """`site.yml --check --diff` on the upgraded fleet, as operators run it before a change: changed=0 everywhere."""
+    rc, out, took = site_yml("--check", "--diff", "-e", f"fleet_worker_version={upgrade_version()}")
+    print(f"FLEET site.yml --check: {took:.0f} s")
+    assert rc == 0, out[-12000:]
+    rows = recap(out)
+    assert len(rows) == 4 and all(r["changed"] == 0 for r in rows.values()), (rows, out[-6000:])
+    assert "RUNNING HANDLER" not in out, out[-6000:]
+
+
 def test_every_request_succeeds_after_a_worker_host_stops_abruptly(fleet):
     fleet.phase = "host_killed"
     status = json.loads(host(VICTIM).check_output("cat /var/lib/farworker/status.json"))
