@@ -214,6 +214,22 @@ def create_app(settings: Settings) -> FastAPI:
 
         app.state.spot_checks = SpotCheckLoop(SpotChecker(mesh), store, settings.probe_period_s,
                                               workers_to_probe).start()
+    # Uptime is what the coordinator observed: with a mesh view, a beat counts only in an interval where the DHT
+    # also showed the worker's span ONLINE (coordinator/dht_watch.py).
+    watches_dht = mesh is not None and bool(settings.initial_peers)
+    app.state.dht_watch = None
+    if watches_dht:
+        from farworker.coordinator.dht_watch import DhtWatch
+
+        def workers_to_watch():
+            now = time.time()
+            rows = (store.worker_row(w) for w in store.worker_ids())
+            return [r for r in rows if r["model_name"] == settings.model_name
+                    and live_state(r, now) not in ("offline", "quarantined")]
+
+        app.state.dht_watch = DhtWatch(mesh, store, settings.heartbeat_interval_s, settings.dht_prefix,
+                                       lambda: settings.model_blocks.get(settings.model_name),
+                                       workers_to_watch).start()
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     def for_openai(request: Request) -> bool:
@@ -299,7 +315,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     def uptime(row, now: float) -> float:
         return ledger.uptime_fraction(
-            row["heartbeat_count"], row["registered_at"], now, row["heartbeat_interval"]
+            store.up_intervals(row["worker_id"], watches_dht), row["registered_at"], now, row["heartbeat_interval"]
         )
 
     def figures(row, now: float) -> dict:
@@ -326,6 +342,8 @@ def create_app(settings: Settings) -> FastAPI:
             "earnings_far": round(paid, 9),
             "reliability": 0.0 if quarantined else round(reliability, 6),
             "uptime_pct": round(100 * observed, 3),
+            "up_intervals": store.up_intervals(row["worker_id"], watches_dht),
+            "uptime_basis": "beats_and_dht" if watches_dht else "beats",
             "earn_rate_far_per_hour": round(t["payable_far_recent"] * paid_share * 3600 / window, 9),
             "quarantined": quarantined["reason"] if quarantined else None,
             **store.probe_summary(row["worker_id"]),

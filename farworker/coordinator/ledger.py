@@ -6,10 +6,13 @@ For each usage record a worker reports, once (by record id)::
     share      = (end − start) / total_blocks        the part of the model the record's blocks are
     reliability = uptime_pct / 100                   taken when the record is accepted
 
-Uptime comes from heartbeats: a worker that beat at every interval since it first registered has
-100 %; ``beats_expected = 1 + floor(elapsed / interval)`` (the "1" is the registration itself), and
-``uptime_pct = 100 × min(1, (heartbeats + 1) / beats_expected)``, where ``heartbeats`` counts the interval
-slots after the registration's that had a healthy beat (one per slot, however fast a worker beats).
+Uptime is what the coordinator observed, per heartbeat interval since registration: a worker up at every
+interval since it first registered has 100 %; ``beats_expected = 1 + floor(elapsed / interval)`` (the "1" is
+the registration itself), and ``uptime_pct = 100 × min(1, (up_intervals + 1) / beats_expected)``, where
+``up_intervals`` counts the interval slots after the registration's that had a healthy beat (one per slot,
+however fast a worker beats) and, when the coordinator has a mesh view (a model and initial peers), in which
+its DHT watch also saw the worker's whole span ONLINE (coordinator/dht_watch.py). Without a mesh view a healthy
+beat alone counts (``uptime_basis: beats``). No slot counts from a quarantine on.
 A worker not heard from for ``OFFLINE_AFTER_INTERVALS`` intervals (+ ``OFFLINE_SLACK_S``) is shown
 ``offline``, whatever state it last reported.
 

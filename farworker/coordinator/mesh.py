@@ -51,6 +51,17 @@ class MeshClient(GenerationClient):
         finally:
             manager.shutdown()
 
+    # -- observed uptime (coordinator/dht_watch.py) ------------------------------------------------------
+    def server_states(self, uids: list[str], timeout: float) -> list[dict[str, str]]:
+        """Per block uid, {peer id (base58): ServerState name} of the newest DHT records (``latest``, as petals
+        clients route: a first-found replica can still hold an older announcement)."""
+        with self._lock:
+            dht = self._load().transformer.h.sequence_manager.dht
+        from petals.utils.dht import get_remote_module_infos  # after _load: petals imports through petals_compat
+
+        infos = get_remote_module_infos(dht, uids, latest=True, return_future=True).result(timeout=timeout)
+        return [{peer.to_base58(): server.state.name for peer, server in info.servers.items()} for info in infos]
+
     def exclude_peers(self, peer_ids: set[str]) -> None:
         """Route nothing more to these peers (quarantined workers); petals drops them at its next update."""
         from hivemind import PeerID

@@ -285,7 +285,13 @@ class WorkerView(BaseModel):
     claimed_far: float = Field(description="what its claims would earn if they were all attested")
     earnings_far: float = Field(description="paid: the claims' earnings scaled to the attested + vouched share")
     reliability: float = Field(description="observed uptime, scaled down by the attested share on an over-claim")
-    uptime_pct: float
+    uptime_pct: float = Field(description="100 x (up_intervals + 1) / intervals since registration (its own counts)")
+    up_intervals: int = Field(description="heartbeat intervals after the registration's counted as up: a healthy "
+                              "beat in it and, with uptime_basis beats_and_dht, its whole span seen ONLINE in the "
+                              "DHT in it; none from a quarantine on")
+    uptime_basis: Literal["beats", "beats_and_dht"] = Field(
+        description="beats_and_dht: the coordinator watches the mesh DHT; beats: it has no mesh view (no model or "
+        "initial peers), so a healthy beat alone counts")
     earn_rate_far_per_hour: float
     quarantined: str | None = Field(description="why it failed a spot check; null while in good standing")
     probes: int = Field(description="spot checks sent to it")

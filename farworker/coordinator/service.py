@@ -80,6 +80,8 @@ def serve(
     finally:
         if app.state.spot_checks is not None:
             app.state.spot_checks.stop()
+        if app.state.dht_watch is not None:  # bounded: one DHT read's timeout
+            app.state.dht_watch.stop()
         if app.state.mesh is not None:  # bounded (mesh.CLOSE_TIMEOUT): the client's DHT and p2pd
             app.state.mesh.close()
         app.state.store.close()
@@ -137,6 +139,8 @@ class RunningCoordinator:
         self._sock.close()
         if self.app.state.spot_checks is not None:
             self.app.state.spot_checks.stop()
+        if self.app.state.dht_watch is not None:
+            self.app.state.dht_watch.stop()
         if self.app.state.mesh is not None:
             self.app.state.mesh.close()
         self.app.state.store.close()

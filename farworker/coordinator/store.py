@@ -122,6 +122,13 @@ CREATE TABLE IF NOT EXISTS receipts (  -- direct clients' signed receipts: what 
     receipt TEXT NOT NULL  -- as signed, for audits
 );
 CREATE INDEX IF NOT EXISTS receipts_peer ON receipts(peer_id);
+CREATE TABLE IF NOT EXISTS uptime_slots (  -- per heartbeat interval since registration: what was observed in it
+    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
+    slot INTEGER NOT NULL,  -- ledger.interval_slot; slot 0 (the registration's) is never recorded
+    beat INTEGER NOT NULL DEFAULT 0,  -- 1: a valid, healthy heartbeat arrived in it
+    online INTEGER NOT NULL DEFAULT 0,  -- 1: the coordinator saw the worker's whole span ONLINE in the DHT in it
+    PRIMARY KEY (worker_id, slot)
+);
 CREATE TABLE IF NOT EXISTS quarantine (
     worker_id TEXT PRIMARY KEY REFERENCES workers(worker_id),
     since REAL NOT NULL,
@@ -130,7 +137,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 
 DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_keys", "completion_route", "probes",
-               "quarantine", "receipts")
+               "quarantine", "receipts", "uptime_slots")
 
 
 def _allow_unknown_blocks(conn: sqlite3.Connection) -> None:
@@ -300,6 +307,12 @@ class Store:
             extra = ", heartbeat_count = heartbeat_count + 1, counted_beat_at = ?" if counts else ""
             args = [*updates.values(), *([now] if counts else []), worker_id]
             conn.execute(f"UPDATE workers SET {assignments}{extra} WHERE worker_id = ?", args)
+            if counts:  # the slot itself too: with a mesh view, uptime needs the beat and the DHT in one slot
+                conn.execute(
+                    "INSERT INTO uptime_slots (worker_id, slot, beat) VALUES (?, ?, 1)"
+                    " ON CONFLICT (worker_id, slot) DO UPDATE SET beat = 1",
+                    (worker_id, slot),
+                )
             conn.execute(
                 "INSERT INTO heartbeats (worker_id, received_at, payload) VALUES (?, ?, ?)",
                 (worker_id, now, json.dumps(payload)),
@@ -326,6 +339,44 @@ class Store:
     def worker_by_peer(self, peer_id: str) -> str | None:
         rows = self._read("SELECT worker_id FROM workers WHERE peer_id = ?", (peer_id,))
         return rows[0]["worker_id"] if rows else None
+
+    # --- observed uptime ----------------------------------------------------------------------------
+    def record_online(self, worker_ids: list[str], now: float) -> None:
+        """The coordinator saw these workers' spans ONLINE in the DHT at ``now`` (coordinator/dht_watch.py)."""
+        with self._tx() as conn:
+            for worker_id in worker_ids:
+                row = conn.execute("SELECT registered_at, heartbeat_interval FROM workers WHERE worker_id = ?",
+                                   (worker_id,)).fetchone()
+                slot = ledger.interval_slot(row["registered_at"], now, row["heartbeat_interval"]) if row else 0
+                if slot > 0:  # slot 0 is the registration's, counted as up whatever happens in it
+                    conn.execute(
+                        "INSERT INTO uptime_slots (worker_id, slot, online) VALUES (?, ?, 1)"
+                        " ON CONFLICT (worker_id, slot) DO UPDATE SET online = 1",
+                        (worker_id, slot),
+                    )
+
+    def up_intervals(self, worker_id: str, with_dht: bool) -> int:
+        """Interval slots after the registration's that count as up: a healthy beat in the slot, and (``with_dht``:
+        the coordinator watches the mesh) the span seen ONLINE in the DHT in that same slot. Nothing from the
+        slot of a quarantine on."""
+        row = self.worker_row(worker_id)
+        if row is None:
+            return 0
+        quarantined = self.quarantine_of(worker_id)
+        until = (ledger.interval_slot(row["registered_at"], quarantined["since"], row["heartbeat_interval"])
+                 if quarantined else None)
+        if with_dht:
+            sql = "SELECT COUNT(*) AS n FROM uptime_slots WHERE worker_id = ? AND beat = 1 AND online = 1"
+            args: tuple = (worker_id,)
+            if until is not None:
+                sql, args = sql + " AND slot < ?", (worker_id, until)
+            return int(self._read(sql, args)[0]["n"])
+        # beats only: the running count (ledgers from before uptime_slots have no slots for their older beats)
+        count = int(row["heartbeat_count"])
+        if until is not None:
+            count -= int(self._read("SELECT COUNT(*) AS n FROM uptime_slots WHERE worker_id = ? AND beat = 1"
+                                    " AND slot >= ?", (worker_id, until))[0]["n"])
+        return max(0, count)
 
     # --- ledger -------------------------------------------------------------------------------------
     def add_usage(

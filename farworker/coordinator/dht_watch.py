@@ -1,0 +1,71 @@
+"""What the coordinator sees of its workers in the mesh DHT, recorded per heartbeat interval for uptime.
+
+A heartbeat is the worker's word; the DHT is what clients route by. Twice per heartbeat interval (so every
+interval slot of every worker is looked at, whatever its phase against the worker's registration) the watch reads
+the newest module infos of the served model's blocks and records, for each live worker, whether its whole
+registered span is ONLINE under its peer id. Uptime then counts a slot only with a healthy beat AND an ONLINE
+observation in it (store.up_intervals): a worker that beats but serves nothing, announces JOINING/OFFLINE, or left
+the DHT while its heartbeat process keeps beating earns nothing for those intervals.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+log = logging.getLogger("farworker.coordinator.dht_watch")
+
+LOOKS_PER_INTERVAL = 2
+LOOKUP_TIMEOUT_S = 10.0  # one DHT read; a slower one is a missed look, not a stuck loop
+
+
+def online_workers(rows, states: list[dict[str, str]]) -> list[str]:
+    """The worker ids whose whole span is ONLINE; ``states`` holds one {peer id: state} per block, from block 0."""
+    online = []
+    for row in rows:
+        start, end = row["block_start"], row["block_end"]
+        if start is None or end is None or not 0 <= start < end <= len(states):
+            continue  # no span yet (registered before loading) or one the model does not have: not serving
+        if all(states[block].get(row["peer_id"]) == "ONLINE" for block in range(start, end)):
+            online.append(row["worker_id"])
+    return online
+
+
+class DhtWatch:
+    """A thread that looks at the DHT ``LOOKS_PER_INTERVAL`` times per heartbeat interval until stopped."""
+
+    def __init__(self, mesh, store, interval_s: float, dht_prefix: str, total_blocks, workers_to_watch):
+        self.mesh, self.store, self.dht_prefix = mesh, store, dht_prefix
+        self.period = interval_s / LOOKS_PER_INTERVAL
+        self._total_blocks = total_blocks  # () -> the model's block count, or None while unknown
+        self._workers_to_watch = workers_to_watch  # () -> rows of workers that may be serving
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dht-watch", daemon=True)
+
+    def start(self) -> DhtWatch:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = LOOKUP_TIMEOUT_S + 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def look(self) -> list[str]:
+        """One look: the ids of the workers seen ONLINE, recorded in the store for this moment's slots."""
+        rows = self._workers_to_watch()
+        blocks = self._total_blocks()
+        if not rows or not blocks:
+            return []
+        uids = [f"{self.dht_prefix}.{block}" for block in range(blocks)]
+        states = self.mesh.server_states(uids, timeout=LOOKUP_TIMEOUT_S)
+        online = online_workers(rows, states)
+        self.store.record_online(online, time.time())
+        return online
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.look()
+            except Exception as err:  # the mesh not reachable yet, a slow DHT: those slots earn nothing; keep looking
+                log.warning("could not read the DHT for observed uptime: %s", err)

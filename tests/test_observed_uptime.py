@@ -1,0 +1,99 @@
+"""Observed uptime: with a mesh view, the coordinator counts a heartbeat interval as up only when the worker beat
+in it AND the coordinator's DHT watch saw the worker's whole span ONLINE in it (coordinator/dht_watch.py).
+
+The dishonest worker is a real identity that registers a span and sends valid, signed, healthy heartbeats from
+the test process at every interval, while serving nothing in the DHT. Beside it an honest `farworker run` worker
+serves the same span. Only the honest one's intervals count.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+from coordinator_fixtures import heartbeat, registration
+from polling import wait_for
+
+from farworker.api_client import CoordinatorClient
+from farworker.coordinator.app import Settings
+from farworker.coordinator.service import RunningCoordinator
+from farworker.identity import Identity
+from farworker.tiny_model import TINY_MODEL_NAME
+
+# hivemind's P2P.__del__ complains when the client's daemon is collected after its event loop is gone
+FILTER_P2P_DEL = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+INTERVAL = 2.0
+WINDOW = 8  # heartbeat intervals the dishonest worker beats for
+
+
+def view(url: str, worker_id: str) -> dict:
+    answer = requests.get(f"{url}/v1/workers/{worker_id}", timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def beat_for(client: CoordinatorClient, worker_id: str, intervals: int) -> None:
+    """Valid, healthy "online" beats twice per interval (faster buys nothing; no interval goes without one)."""
+    deadline = time.monotonic() + intervals * INTERVAL
+    while time.monotonic() < deadline:
+        client.heartbeat(worker_id, heartbeat(blocks=(0, 4)))
+        time.sleep(INTERVAL / 2)
+
+
+def register_liar(url: str) -> tuple[CoordinatorClient, str]:
+    liar = Identity.generate()
+    client = CoordinatorClient(url, liar)
+    return client, client.register(registration(liar, blocks=(0, 4), total_blocks=4))["worker_id"]
+
+
+def test_without_a_mesh_view_beats_alone_count_and_the_view_says_so(tmp_path):
+    with RunningCoordinator(Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0)) as c:
+        client, worker_id = register_liar(c.url)
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            client.heartbeat(worker_id, heartbeat(blocks=(0, 4)))
+            time.sleep(0.5)
+        seen = view(c.url, worker_id)
+    assert seen["uptime_basis"] == "beats"
+    assert seen["up_intervals"] == seen["heartbeat_count"] >= 2
+
+
+@pytest.mark.slow
+@FILTER_P2P_DEL
+def test_beats_without_blocks_online_in_the_dht_earn_no_uptime(tmp_path, tiny_model, bootstrap_peer, start_workers):
+    settings = Settings(
+        db_path=tmp_path / "coordinator.sqlite3",
+        heartbeat_interval_s=INTERVAL,
+        model_path=tiny_model,
+        model_name=TINY_MODEL_NAME,
+        initial_peers=tuple(bootstrap_peer),
+        probe_period_s=0,  # uptime only; probes have their own tests
+    )
+    with RunningCoordinator(settings) as coordinator:
+        honest = start_workers("honest", "0:4", bootstrap_peer, api_url=coordinator.url)
+        honest.wait_online(timeout=180)
+        workers = wait_for(
+            lambda: [w for w in requests.get(f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]
+                     if w["state"] == "online"],
+            60, "the honest worker online at the coordinator",
+        )
+        honest_id = workers[0]["worker_id"]
+        # its intervals count once the watch has seen it ONLINE (the first look comes half an interval in)
+        wait_for(lambda: view(coordinator.url, honest_id)["up_intervals"] >= 1, 30, "the honest worker's first up")
+
+        client, liar_id = register_liar(coordinator.url)
+        honest_before = view(coordinator.url, honest_id)["up_intervals"]
+        beat_for(client, liar_id, WINDOW)
+        liar, honest_after = view(coordinator.url, liar_id), view(coordinator.url, honest_id)
+
+    assert liar["uptime_basis"] == honest_after["uptime_basis"] == "beats_and_dht"
+    assert liar["state"] == "online"  # what it says; the DHT says otherwise
+    assert liar["heartbeat_count"] >= WINDOW - 2  # it did beat validly in (nearly) every interval
+    assert liar["up_intervals"] == 0
+    assert liar["uptime_pct"] <= 100 / (WINDOW - 1)  # only the registration's own interval
+    assert liar["reliability"] <= 1 / (WINDOW - 1)  # what its usage records would be credited at
+    # the honest worker earned (nearly) every interval of the same window; a late beat on a loaded machine may
+    # miss an interval's boundary
+    assert honest_after["up_intervals"] - honest_before >= WINDOW - 3, (honest_before, honest_after)
