@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,19 @@ class Generation:
     id: str = ""  # the coordinator's id for the request, once recorded
 
 
+@dataclass(frozen=True)
+class FirstStep:
+    """One server session of a request, on its first step: the hidden states the client sent to the span (no past
+    on the server: recomputable from scratch) and those the worker returned. The coordinator verifies a sample
+    of them (coordinator/spot_check.RoutedChecks)."""
+
+    peer_id: str
+    span: tuple[int, int]
+    session_id: str
+    sent: object  # torch.Tensor [batch, positions, hidden]
+    returned: object
+
+
 class MeshClient:
     """One petals client, loaded on first use; each request runs in its own inference session, several at once
     (the coordinator bounds how many)."""
@@ -75,6 +89,9 @@ class MeshClient:
         self._model = None
         self._tokenizer = None
         self._config = None
+        # The coordinator's routed spot checks (coordinator/spot_check.RoutedChecks): picks requests to verify
+        # and takes one server session's first step of each. None: nothing is captured.
+        self.routed_checks = None
 
     def _load(self):
         if self._model is not None:
@@ -173,10 +190,12 @@ class MeshClient:
             else {"do_sample": False}
         )
         watcher = _TokenWatcher(self, stop, on_token, cancelled)
+        checks = self.routed_checks
+        captured: list | None = [] if checks is not None and checks.sample() else None  # FirstStep each
         seen: list = []  # every server session of every attempt: each one's tokens were served and billed
         for attempt in range(1, GENERATION_ATTEMPTS + 1):
             try:
-                output = self._generate_once(ids, max_tokens, sampling, seed, watcher, seen)
+                output = self._generate_once(ids, max_tokens, sampling, seed, watcher, seen, captured)
                 break
             except _Cancelled:
                 output = None
@@ -208,14 +227,19 @@ class MeshClient:
             for s in seen
             if petals_compat.tokens_processed(s) > 0
         ]
+        if captured:  # one server session, at random; verified later in the checker's thread, never here
+            checks.submit(random.choice(captured))
         return Generation(ids, completion, watcher.text(completion), finish, route)
 
-    def _generate_once(self, ids: list[int], max_tokens: int, sampling: dict, seed: int | None, watcher, seen: list):
+    def _generate_once(self, ids: list[int], max_tokens: int, sampling: dict, seed: int | None, watcher, seen: list,
+                       captured: list | None = None):
         import torch
 
         model = self._model
         with model.inference_session(max_length=len(ids) + max_tokens) as session:
             self._track(session, seen)
+            if captured is not None:
+                petals_compat.on_first_steps(session, lambda *first_step: _capture(captured, *first_step))
             try:
                 if seed is not None and sampling["do_sample"]:
                     torch.manual_seed(seed)  # per thread's generator would be better; torch has one global CPU RNG
@@ -265,6 +289,15 @@ def _give_this_thread_an_event_loop() -> None:
         asyncio.get_event_loop()
     except RuntimeError:
         asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+def _capture(captured: list, server_session, sent, returned) -> None:
+    try:
+        span = server_session.span
+        captured.append(FirstStep(span.peer_id.to_base58(), (int(span.start), int(span.end)),
+                                  str(server_session.session_id), sent, returned))
+    except Exception:  # a spot check must never fail the request it samples
+        log.exception("could not capture a first step for a routed check")
 
 
 def _keep(seen: list, server_sessions) -> None:

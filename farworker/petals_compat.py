@@ -183,3 +183,36 @@ def on_server_sessions_dropped(session, callback) -> None:
         return original(server_sessions)
 
     session._exit_server_sessions = exit_and_report
+
+
+def on_first_steps(session, callback) -> None:
+    """Call ``callback(server_session, sent, returned)`` once per server session of ``session``, after its first
+    step: the hidden states it sent (the whole prefix, with no past on the server: recomputable from scratch) and
+    the hidden states the server returned. Server sessions that a re-route creates later are watched too.
+
+    Sessions with deep prompts (p-tuning) are skipped: the server adds them inside the span."""
+    original_enter = session._enter_server_sessions
+
+    def enter_and_watch(chosen_spans):
+        server_sessions = original_enter(chosen_spans)
+        for server_session in server_sessions:
+            _watch_first_step(server_session, callback)
+        return server_sessions
+
+    session._enter_server_sessions = enter_and_watch
+
+
+def _watch_first_step(server_session, callback) -> None:
+    original_step = server_session.step  # the bound method; the instance attribute below shadows it
+
+    def step(inputs, prompts, hypo_ids, *, step_id):
+        first = not server_session.stepped
+        outputs = original_step(inputs, prompts, hypo_ids, step_id=step_id)
+        if first:
+            del server_session.step  # later steps go straight to petals
+            if is_dummy_tensor(prompts):
+                # on its first step a server session sends its whole history (petals' _ServerInferenceSession.step)
+                callback(server_session, server_session.history.detach().clone(), outputs.detach().clone())
+        return outputs
+
+    server_session.step = step

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from farworker.coordinator import ledger, reachability
 from farworker.coordinator.hosts import group_by_host
@@ -88,6 +89,9 @@ unvouched traffic (see farworker/coordinator/ledger.py and docs/trust.md).
 """
 
 
+DEFAULT_SAMPLE_ROUTED = 0.05  # one routed completion in 20 (docs/trust.md, "Spot checks": its cost)
+
+
 @dataclass
 class Settings:
     db_path: Path
@@ -102,6 +106,9 @@ class Settings:
     dht_prefix: str | None = None
     model_blocks: dict[str, int] = field(default_factory=dict)  # model name -> block count, for the ledger
     probe_period_s: float = 300.0  # spot checks of each online worker (with a model configured); 0: none
+    # Share of routed completions whose first step on one worker is verified (spot_check.RoutedChecks); None:
+    # DEFAULT_SAMPLE_ROUTED with probes on, 0 with probes off (probe_period_s 0: no spot checks of any kind).
+    sample_routed: float | None = None
     max_active_generations: int = 8  # petals inference sessions the coordinator runs at once
     # Requests waiting for a slot; beyond: 429 with Retry-After. A waiting (or running) non-streamed request holds
     # one of the server's 40 request threads, which the workers' heartbeats need too: 8 + 16 leaves them 16.
@@ -113,6 +120,8 @@ class Settings:
 
     def __post_init__(self):
         self.db_path = Path(self.db_path)
+        if self.sample_routed is None:
+            self.sample_routed = DEFAULT_SAMPLE_ROUTED if self.probe_period_s > 0 else 0.0
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
             self.model_name = self.model_name or self.model_path.name
@@ -203,6 +212,14 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     app.state.settings, app.state.store, app.state.mesh = settings, store, mesh
+    app.state.metrics = CollectorRegistry()  # GET /metrics (Prometheus)
+    app.state.routed_checks = None
+    if mesh is not None and settings.sample_routed > 0:
+        from farworker.coordinator.spot_check import RoutedChecks, SpotChecker
+
+        app.state.routed_checks = RoutedChecks(SpotChecker(mesh), store, settings.sample_routed,
+                                               registry=app.state.metrics).start()
+        mesh.routed_checks = app.state.routed_checks
     app.state.spot_checks = None
     if mesh is not None and settings.probe_period_s > 0:
         from farworker.coordinator.spot_check import SpotChecker, SpotCheckLoop
@@ -347,6 +364,8 @@ def create_app(settings: Settings) -> FastAPI:
             "earn_rate_far_per_hour": round(t["payable_far_recent"] * paid_share * 3600 / window, 9),
             "quarantined": quarantined["reason"] if quarantined else None,
             **store.probe_summary(row["worker_id"]),
+            **(app.state.routed_checks.view(row["worker_id"]) if app.state.routed_checks is not None
+               else {"routed_checks": 0, "routed_checks_failed": 0}),
             **reachability.view(row["reachability"]),
         }
 
@@ -503,6 +522,11 @@ def create_app(settings: Settings) -> FastAPI:
         store.set_state(worker_id, "offline")
         log.info("deregistered %s (%s)", worker_id, body.reason if body else "shutdown")
         return DeregisterResponse(worker_id=worker_id, state="offline")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus text: the routed spot checks' outcomes (farworker_coordinator_routed_checks_total)."""
+        return Response(generate_latest(app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/workers", response_model=WorkerList, tags=["ledger"])
     def list_workers() -> WorkerList:

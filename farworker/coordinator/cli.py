@@ -84,6 +84,13 @@ from farworker.config import EX_CONFIG
     help="Seconds between spot checks of each online worker (needs --model-path); 0 turns them off.",
 )
 @click.option(
+    "--sample-routed",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help="Share of routed completions whose first step on one worker the coordinator recomputes and compares "
+    "(a failure quarantines) [default: 0.05, or 0 with --probe-period 0].",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -104,6 +111,7 @@ def coordinator_command(
     client_keys_file,
     pay_unvouched_rate,
     probe_period,
+    sample_routed,
     log_level,
 ):
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
@@ -143,6 +151,7 @@ def coordinator_command(
             dht_prefix=dht_prefix,
             max_body_bytes=max_body_bytes,
             probe_period_s=probe_period,
+            sample_routed=sample_routed,
             pay_unvouched_rate=pay_unvouched_rate,
             log_level=log_level,
             **extra,

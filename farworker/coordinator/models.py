@@ -298,6 +298,10 @@ class WorkerView(BaseModel):
     probes_passed: int
     last_probe_at: float | None
     last_probe_problem: str | None = Field(description="the last probe's failure: a wrong answer or no answer")
+    routed_checks: int = Field(description="its routed completions' first steps recomputed by the coordinator "
+                               "(a sampled share, --sample-routed), since the coordinator started")
+    routed_checks_failed: int = Field(description="of those, how many differed from the reference (a failure "
+                                      "quarantines the worker)")
     reachable: bool | None = Field(default=None, description="whether the coordinator's last direct dial (no relay) "
                                    "of its announced addresses connected; null: not dialled yet")
     reachability_checked_at: float | None = None

@@ -78,6 +78,8 @@ def serve(
     try:
         uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
     finally:
+        if app.state.routed_checks is not None:  # bounded: the verification in progress, then it stops
+            app.state.routed_checks.stop()
         if app.state.spot_checks is not None:
             app.state.spot_checks.stop()
         if app.state.dht_watch is not None:  # bounded: one DHT read's timeout
@@ -137,6 +139,8 @@ class RunningCoordinator:
         self._server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()
+        if self.app.state.routed_checks is not None:
+            self.app.state.routed_checks.stop()
         if self.app.state.spot_checks is not None:
             self.app.state.spot_checks.stop()
         if self.app.state.dht_watch is not None:

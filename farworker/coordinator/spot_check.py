@@ -7,10 +7,14 @@ scaled like real activations); the worker runs them through petals' `rpc_forward
 L2 error relative to the block's own update, ``||worker - reference|| / ||reference - input||``, against a
 tolerance for the worker's registered dtype and quantization (`tolerance_for`, derivation in docs/trust.md).
 With each probe the coordinator also dials the worker's announced addresses directly (coordinator/reachability.py).
+
+RoutedChecks verifies a sampled share of the completions the coordinator routes the same way, with the client's
+real inputs: one server session's first step (its prefill), recomputed through the worker's whole span.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -19,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from farworker.coordinator import reachability
+from farworker.mesh_client import FirstStep
 
 log = logging.getLogger("farworker.coordinator")
 
@@ -75,6 +80,7 @@ class SpotChecker:
         self.mesh = mesh
         self._rng = random.Random(seed)
         self._reference: tuple[int, object] | None = None  # (block index, module): one block at a time
+        self._reference_lock = threading.Lock()  # the probe loop and the routed checks share the loaded block
 
     def probe(self, peer_id: str, span: tuple[int, int], torch_dtype: str, quant_type: str) -> ProbeResult:
         import torch
@@ -84,28 +90,65 @@ class SpotChecker:
         config = self.mesh.model_config()
         generator = torch.Generator().manual_seed(self._rng.randrange(2**31))
         hidden = torch.randn(1, PROBE_TOKENS, config.hidden_size, generator=generator)
-        with torch.inference_mode():
-            expected = self._reference_block(block)(hidden)[0]
+        expected = self.reference_output((block, block + 1), hidden)
         try:
             answered = self.mesh.forward_through(peer_id, block, hidden)
         except Exception as err:  # unreachable, refused, timed out: not a wrong answer, and not a pass
             return ProbeResult(block, 0, None, tolerance, f"no answer from the worker for block {block}: {err}")
-        if answered.shape != expected.shape or not torch.isfinite(answered).all():
-            return ProbeResult(block, PROBE_TOKENS, None, tolerance,
-                               f"block {block} returned shape {tuple(answered.shape)} or non-finite values")
-        # Relative to the block's own update (output - input), not to its output: the residual stream passes
-        # the input through unchanged and would hide a wrong update under its own size.
-        error = float((answered.float() - expected).norm() / (expected - hidden).norm().clamp_min(1e-12))
-        problem = None
-        if error > tolerance:
-            problem = f"block {block} activations differ from the reference: relative error {error:.3g} > {tolerance:g}"
-        return ProbeResult(block, PROBE_TOKENS, error, tolerance, problem)
+        return compare(f"block {block}", block, PROBE_TOKENS, hidden, expected, answered, tolerance)
+
+    def verify_routed(self, capture: FirstStep, torch_dtype: str, quant_type: str) -> ProbeResult:
+        """Recompute a routed request's first step through the worker's span, block after block, from the hidden
+        states the coordinator's client sent, and compare with what the worker returned. Its tokens are 0: the
+        route of the request already attests that work."""
+        tolerance = tolerance_for(torch_dtype, quant_type)
+        start, end = capture.span
+        sent = capture.sent.float()
+        expected = self.reference_output(capture.span, sent)
+        what = f"routed request {capture.session_id}: blocks {start}:{end}"
+        return compare(what, start, 0, sent, expected, capture.returned, tolerance)
+
+    def reference_output(self, span: tuple[int, int], hidden):
+        """``hidden`` through the coordinator's own float32 blocks ``span[0]`` .. ``span[1] - 1``, loaded one at a
+        time (a span of several blocks never holds more than one block's weights)."""
+        import torch
+
+        with self._reference_lock, torch.inference_mode():
+            for block in range(*span):
+                hidden = self._reference_block(block)(hidden)[0]
+        return hidden
 
     def _reference_block(self, block: int):
         if self._reference is None or self._reference[0] != block:
             self._reference = None  # free the previous block's weights first
             self._reference = (block, self.mesh.load_block(block))
         return self._reference[1]
+
+
+def compare(what: str, block: int, tokens: int, sent, expected, answered, tolerance: float) -> ProbeResult:
+    """The worker's answer against the reference, as the relative L2 error of the span's update."""
+    import torch
+
+    if answered.shape != expected.shape or not torch.isfinite(answered).all():
+        return ProbeResult(block, tokens, None, tolerance,
+                           f"{what} returned shape {tuple(answered.shape)} or non-finite values")
+    # Relative to the span's own update (output - input), not to its output: the residual stream passes
+    # the input through unchanged and would hide a wrong update under its own size.
+    error = float((answered.float() - expected).norm() / (expected - sent).norm().clamp_min(1e-12))
+    problem = None
+    if error > tolerance:
+        problem = f"{what} activations differ from the reference: relative error {error:.3g} > {tolerance:g}"
+    return ProbeResult(block, tokens, error, tolerance, problem)
+
+
+def record_verdict(store, mesh, worker_id: str, result: ProbeResult, wrong: bool) -> None:
+    """Record a check's outcome; a wrong answer quarantines the worker (paid nothing from now, told why in its
+    heartbeat answers) and the mesh client routes nothing more to it, now, not a probe period later."""
+    store.record_probe(worker_id, time.time(), result.block, result.tokens, result.error, result.tolerance,
+                       result.problem, quarantine=wrong)
+    if wrong:
+        log.warning("worker %s quarantined: %s", worker_id, result.problem)
+        mesh.exclude_peers(store.quarantined_peers())
 
 
 class SpotCheckLoop:
@@ -142,12 +185,9 @@ class SpotCheckLoop:
                     result = self.checker.probe(row["peer_id"], (row["block_start"], row["block_end"]),
                                                 row["torch_dtype"], row["quant_type"])
                     wrong = not result.passed and result.tokens > 0  # it answered, and wrongly
-                    self.store.record_probe(row["worker_id"], time.time(), result.block, result.tokens,
-                                            result.error, result.tolerance, result.problem, quarantine=wrong)
+                    record_verdict(self.store, self.checker.mesh, row["worker_id"], result, wrong)
                     if wrong:
-                        log.warning("worker %s quarantined: %s", row["worker_id"], result.problem)
                         excluded = quarantined = self.store.quarantined_peers()
-                        self.checker.mesh.exclude_peers(excluded)  # now, not a probe period later
                     elif result.problem:
                         log.info("probe of worker %s: %s", row["worker_id"], result.problem)
                     self._check_reachability(row)  # after the verdict: a dial takes ~0.5 s per address
@@ -168,3 +208,100 @@ class SpotCheckLoop:
         self.store.record_reachability(row["worker_id"], result.to_json())
         if result.problem:
             log.info("worker %s is %s", row["worker_id"], result.problem)
+
+
+class RoutedChecks:
+    """Verifies a share of the completions the coordinator routes, with the client's own inputs: for a sampled
+    request, one server session's first step is recomputed (SpotChecker.verify_routed) and a wrong answer
+    quarantines the worker like a failed probe.
+
+    The mesh client asks ``sample()`` as a request starts and hands its capture to ``submit()`` once the
+    completion is done; ``submit`` never waits. One verification runs at a time, in this object's thread; at
+    most ``max_queued`` wait, and captures beyond are dropped (and counted): a burst of traffic never makes the
+    coordinator hold more than a few prompts' hidden states or fall behind."""
+
+    def __init__(self, checker: SpotChecker, store, share: float, max_queued: int = 4, registry=None,
+                 seed: int | None = None):
+        import queue
+
+        from prometheus_client import Counter
+
+        self.checker, self.store, self.share = checker, store, share
+        self._rng = random.Random(seed)
+        self._queue: queue.Queue[FirstStep | None] = queue.Queue(max_queued)
+        self._lock = threading.Lock()
+        self._per_worker: dict[str, dict[str, int]] = {}  # worker id -> {"verified", "failed"}
+        self.counts = {"sampled": 0, "verified": 0, "failed": 0, "dropped": 0, "unverifiable": 0}
+        self._counter = Counter("farworker_coordinator_routed_checks", "Routed completions sampled for a spot "
+                                "check: sampled; verified (recomputed and compared); failed (of those verified, "
+                                "differed: quarantined); dropped (queue full); unverifiable (unknown or already "
+                                "quarantined worker, or the recomputation failed)",
+                                ["outcome"], registry=registry)
+        for outcome in self.counts:
+            self._counter.labels(outcome)  # every outcome shows from the start, at 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="routed-checks", daemon=True)
+
+    def start(self) -> RoutedChecks:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._queue.put_nowait(None)  # wake the thread; with a full queue it is busy and sees the flag next
+        self._thread.join(timeout)
+
+    def sample(self) -> bool:
+        return self.share > 0 and self._rng.random() < self.share
+
+    def submit(self, capture: FirstStep) -> None:
+        import queue
+
+        self._count("sampled")
+        try:
+            self._queue.put_nowait(capture)
+        except queue.Full:
+            self._count("dropped")
+
+    def view(self, worker_id: str) -> dict:
+        """For GET /v1/workers: this worker's routed requests verified since the coordinator started."""
+        with self._lock:
+            counts = self._per_worker.get(worker_id, {})
+            return {"routed_checks": counts.get("verified", 0), "routed_checks_failed": counts.get("failed", 0)}
+
+    def _count(self, *outcomes: str, worker_id: str | None = None) -> None:
+        with self._lock:
+            for outcome in outcomes:
+                self.counts[outcome] += 1
+                if worker_id is not None:
+                    per_worker = self._per_worker.setdefault(worker_id, {})
+                    per_worker[outcome] = per_worker.get(outcome, 0) + 1
+        for outcome in outcomes:
+            self._counter.labels(outcome).inc()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            capture = self._queue.get()
+            if capture is None or self._stop.is_set():
+                return
+            try:
+                self._verify(capture)
+            except Exception:  # a verification must never end the thread (a block that cannot load, a DHT hiccup)
+                log.exception("routed check of %s failed", capture.peer_id)
+                self._count("unverifiable")
+
+    def _verify(self, capture: FirstStep) -> None:
+        worker_id = self.store.worker_by_peer(capture.peer_id)
+        row = self.store.worker_row(worker_id) if worker_id else None
+        if row is None or self.store.quarantine_of(worker_id):
+            self._count("unverifiable")  # not a registered worker, or already quarantined: nothing more to learn
+            return
+        result = self.checker.verify_routed(capture, row["torch_dtype"], row["quant_type"])
+        if result.passed:  # counted here only: the probes table (and its counts) holds what the coordinator sent
+            self._count("verified", worker_id=worker_id)
+            return
+        # It answered (the request got these activations back): any failure is a wrong answer. The failure is
+        # recorded as a probe row (tokens 0: the route already attests the work), which is what quarantines.
+        record_verdict(self.store, self.checker.mesh, worker_id, result, wrong=True)
+        self._count("verified", "failed", worker_id=worker_id)
