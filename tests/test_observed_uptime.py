@@ -3,7 +3,8 @@ in it AND the coordinator's DHT watch saw the worker's whole span ONLINE in it (
 
 The dishonest worker is a real identity that registers a span and sends valid, signed, healthy heartbeats from
 the test process at every interval, while serving nothing in the DHT. Beside it an honest `farworker run` worker
-serves the same span. Only the honest one's intervals count.
+serves the same span. Only the honest one's intervals count, and only while it serves: once it has left the DHT,
+beats sent with its identity count no more.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from polling import wait_for
 from farworker.api_client import CoordinatorClient
 from farworker.coordinator.app import Settings
 from farworker.coordinator.service import RunningCoordinator
-from farworker.identity import Identity
+from farworker.identity import Identity, load_or_create
 from farworker.tiny_model import TINY_MODEL_NAME
 
 # hivemind's P2P.__del__ complains when the client's daemon is collected after its event loop is gone
@@ -88,6 +89,14 @@ def test_beats_without_blocks_online_in_the_dht_earn_no_uptime(tmp_path, tiny_mo
         beat_for(client, liar_id, WINDOW)
         liar, honest_after = view(coordinator.url, liar_id), view(coordinator.url, honest_id)
 
+        # The honest worker leaves the DHT (stopped: it announces its blocks OFFLINE) while a heartbeat process with
+        # its identity keeps beating for it.
+        ghost = CoordinatorClient(coordinator.url, load_or_create(honest.state_dir / "identity.key"))
+        honest.proc.stop(timeout=30)
+        ghost_before = view(coordinator.url, honest_id)
+        beat_for(ghost, honest_id, WINDOW // 2)
+        ghost_after = view(coordinator.url, honest_id)
+
     assert liar["uptime_basis"] == honest_after["uptime_basis"] == "beats_and_dht"
     assert liar["state"] == "online"  # what it says; the DHT says otherwise
     assert liar["heartbeat_count"] >= WINDOW - 2  # it did beat validly in (nearly) every interval
@@ -97,3 +106,6 @@ def test_beats_without_blocks_online_in_the_dht_earn_no_uptime(tmp_path, tiny_mo
     # the honest worker earned (nearly) every interval of the same window; a late beat on a loaded machine may
     # miss an interval's boundary
     assert honest_after["up_intervals"] - honest_before >= WINDOW - 3, (honest_before, honest_after)
+    # its beats after it left count as beats, not as uptime (but for the interval it stopped in)
+    assert ghost_after["heartbeat_count"] - ghost_before["heartbeat_count"] >= WINDOW // 2 - 2
+    assert ghost_after["up_intervals"] - ghost_before["up_intervals"] <= 1, (ghost_before, ghost_after)
