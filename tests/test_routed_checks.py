@@ -109,3 +109,30 @@ def test_routed_requests_quarantine_an_altered_worker_and_not_an_honest_one(tmp_
             good = view(peer_id)
             assert good["quarantined"] is None and good["routed_checks_failed"] == 0, good
         assert counts()["failed"] == 1
+
+
+def test_captures_beyond_the_queue_are_dropped_and_counted_without_waiting():
+    """A burst of sampled completions never blocks a request: beyond the bounded queue a capture is dropped."""
+    import threading
+
+    import torch
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from farworker.coordinator.spot_check import RoutedChecks
+    from farworker.mesh_client import FirstStep
+
+    registry = CollectorRegistry()
+    checks = RoutedChecks(checker=None, store=None, share=1.0, max_queued=2, registry=registry)  # thread not started
+    hidden = torch.zeros(1, 3, 8)
+
+    def burst():
+        for n in range(5):
+            checks.submit(FirstStep(f"peer-{n}", (0, 1), f"session-{n}", hidden, hidden))
+
+    submitter = threading.Thread(target=burst, daemon=True)
+    submitter.start()
+    submitter.join(30)
+    assert not submitter.is_alive(), "submit waited on a full queue (nobody verifies here: it would wait forever)"
+    counts = routed_check_counts(generate_latest(registry).decode())
+    assert counts["sampled"] == 5 and counts["dropped"] == 3 and counts["verified"] == 0, counts
+    assert not any(RoutedChecks(None, None, share=0.0).sample() for _ in range(1000))
