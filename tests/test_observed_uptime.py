@@ -61,6 +61,26 @@ def test_without_a_mesh_view_beats_alone_count_and_the_view_says_so(tmp_path):
     assert seen["up_intervals"] == seen["heartbeat_count"] >= 2
 
 
+def test_a_quarantined_worker_earns_no_uptime_from_its_quarantine_on(tmp_path):
+    with RunningCoordinator(Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0)) as c:
+        client, worker_id = register_liar(c.url)
+        for _ in range(6):  # 3 intervals, beating twice in each
+            client.heartbeat(worker_id, heartbeat(blocks=(0, 4)))
+            time.sleep(0.5)
+        before = view(c.url, worker_id)
+        # what the spot-check loop records for a wrong answer (spot_check.py)
+        c.store.record_probe(worker_id, time.time(), 0, 8, 0.5, 1e-4, "block 0 activations differ", quarantine=True)
+        for _ in range(6):
+            client.heartbeat(worker_id, heartbeat(blocks=(0, 4)))
+            time.sleep(0.5)
+        after = view(c.url, worker_id)
+    assert before["up_intervals"] >= 2
+    assert after["heartbeat_count"] - before["heartbeat_count"] >= 2  # it kept beating validly
+    # the interval of the quarantine itself counts for nobody, whatever was counted in it before
+    assert after["up_intervals"] in (before["up_intervals"], before["up_intervals"] - 1)
+    assert after["reliability"] == 0.0
+
+
 @pytest.mark.slow
 @FILTER_P2P_DEL
 def test_beats_without_blocks_online_in_the_dht_earn_no_uptime(tmp_path, tiny_model, bootstrap_peer, start_workers):
