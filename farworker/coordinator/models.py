@@ -31,6 +31,14 @@ def _check_span(value: list[int]) -> list[int]:
     return value
 
 
+def _check_uuid(value: str) -> str:
+    """A record's or receipt's id: any UUID spelling, stored in its canonical form (so one id counts once)."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError("id must be a UUID") from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -179,13 +187,7 @@ class UsageRecord(_Strict):
 
     _blocks = field_validator("blocks")(_check_span)
 
-    @field_validator("id")
-    @classmethod
-    def _uuid(cls, value: str) -> str:
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            raise ValueError("id must be a UUID") from None
+    _id = field_validator("id")(_check_uuid)
 
     @model_validator(mode="after")
     def _times(self):
@@ -227,13 +229,7 @@ class Receipt(_Strict):
 
     _blocks = field_validator("blocks")(_check_span)
 
-    @field_validator("id")
-    @classmethod
-    def _uuid(cls, value: str) -> str:
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            raise ValueError("id must be a UUID") from None
+    _id = field_validator("id")(_check_uuid)
 
 
 class ReceiptsRequest(_Strict):
