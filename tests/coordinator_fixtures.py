@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import requests
@@ -80,3 +81,32 @@ def signed_post(
     )
     all_headers = {"Content-Type": "application/json", **signature, **(headers or {})}
     return requests.post(base_url + path, data=body, headers=all_headers, timeout=10)
+
+
+def worker_view(url: str, peer_id: str) -> dict | None:
+    """The coordinator's list entry for the worker with ``peer_id`` (None until it registered)."""
+    workers = requests.get(f"{url}/v1/workers", timeout=10).json()["workers"]
+    return next((w for w in workers if w["peer_id"] == peer_id), None)
+
+
+@contextlib.contextmanager
+def two_workers_serving(mesh, bootstrap):
+    """Start ``mesh``'s coordinator and two ``farworker run`` workers splitting the tiny model, wait until both are
+    online, and stop them, the coordinator and ``bootstrap`` on the way out. ``mesh`` has ``work``, ``peers``,
+    ``url``, ``workers``, ``coordinator`` and ``start_coordinator()``."""
+    from farworker.local_mesh import split_blocks, start_worker
+    from farworker.tiny_model import TINY_CONFIG
+
+    try:
+        mesh.start_coordinator()
+        for i, span in enumerate(split_blocks(TINY_CONFIG["num_hidden_layers"], 2)):
+            mesh.workers.append(start_worker(mesh.work, f"worker{i + 1}", mesh.url, mesh.peers, span))
+        for worker in mesh.workers:
+            worker.wait_online(timeout=180)
+        yield mesh
+    finally:
+        for worker in mesh.workers:
+            worker.proc.stop(timeout=20)
+        if mesh.coordinator is not None:
+            mesh.coordinator.stop()
+        bootstrap.stop()

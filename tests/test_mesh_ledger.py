@@ -13,13 +13,14 @@ from collections import Counter
 
 import pytest
 import requests
+from coordinator_fixtures import two_workers_serving
 from polling import wait_for
 
 from farworker.coordinator.app import Settings
 from farworker.coordinator.service import RunningCoordinator
-from farworker.local_mesh import split_blocks, start_bootstrap_peer, start_worker
+from farworker.local_mesh import start_bootstrap_peer, start_worker
 from farworker.threading_policy import apply_thread_policy
-from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, ensure_tiny_checkpoint
+from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint
 
 # hivemind's P2P.__del__ complains when the client's daemon is collected after its event loop is gone
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
@@ -85,19 +86,8 @@ def mesh(tmp_path_factory):
     model = ensure_tiny_checkpoint()
     bootstrap, peers = start_bootstrap_peer(work)
     mesh = Mesh(work, model, peers)
-    try:
-        mesh.start_coordinator()
-        for i, span in enumerate(split_blocks(TINY_CONFIG["num_hidden_layers"], 2)):
-            mesh.workers.append(start_worker(work, f"worker{i + 1}", mesh.url, peers, span))
-        for worker in mesh.workers:
-            worker.wait_online(timeout=180)
+    with two_workers_serving(mesh, bootstrap):
         yield mesh
-    finally:
-        for worker in mesh.workers:
-            worker.proc.stop(timeout=20)
-        if mesh.coordinator is not None:
-            mesh.coordinator.stop()
-        bootstrap.stop()
 
 
 def test_round_trip_heartbeats_and_ledger(mesh):

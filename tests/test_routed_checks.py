@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import requests
+from coordinator_fixtures import worker_view
 from polling import wait_for
 from test_spot_checks import altered_checkpoint
 
@@ -47,8 +48,7 @@ def test_routed_requests_quarantine_an_altered_worker_and_not_an_honest_one(tmp_
         honest_id, altered_id = honest.wait_online()["peer_id"], altered.wait_online()["peer_id"]
 
         def view(peer_id):
-            workers = requests.get(f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]
-            return next((w for w in workers if w["peer_id"] == peer_id), None)
+            return worker_view(coordinator.url, peer_id)
 
         def counts():
             return routed_check_counts(requests.get(f"{coordinator.url}/metrics", timeout=10).text)

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import requests
+from coordinator_fixtures import worker_view
 from polling import wait_for
 
 from farworker.coordinator.app import Settings
@@ -51,8 +52,7 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
         honest_id, altered_id = honest.wait_online()["peer_id"], altered.wait_online()["peer_id"]
 
         def view(peer_id):
-            workers = requests.get(f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]
-            return next((w for w in workers if w["peer_id"] == peer_id), None)
+            return worker_view(coordinator.url, peer_id)
 
         online_at = time.monotonic()
         wait_for(lambda: (view(altered_id) or {}).get("quarantined"), 60, "the altered worker quarantined")
@@ -108,8 +108,7 @@ def test_int8_workers_pass_against_the_float_reference_and_an_altered_int8_worke
         assert "quantization int8" in honest.proc.log_path.read_text()  # the worker really serves int8 weights
 
         def view(peer_id):
-            workers = requests.get(f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]
-            return next((w for w in workers if w["peer_id"] == peer_id), None)
+            return worker_view(coordinator.url, peer_id)
 
         wait_for(lambda: (view(altered_id) or {}).get("quarantined"), 60, "the altered int8 worker quarantined")
         wait_for(lambda: (view(honest_id) or {}).get("probes", 0) >= INT8_PROBES, 240,
