@@ -70,17 +70,22 @@ def driver_info() -> DriverInfo | None:
     return DriverInfo(str(_text(nvml.nvmlSystemGetDriverVersion())), f"{cuda // 1000}.{cuda % 1000 // 10}")
 
 
-def persistence_modes() -> dict[int, bool]:
-    """GPU index -> persistence mode on (empty without NVML)."""
+def _per_gpu(read) -> dict[int, object]:
+    """GPU index -> ``read(nvml, handle)`` for every GPU that answers (empty without NVML)."""
     nvml = _nvml()
     if nvml is None:
         return {}
-    modes = {}
+    answers = {}
     for index in range(nvml.nvmlDeviceGetCount()):
-        mode = _try(lambda i=index: nvml.nvmlDeviceGetPersistenceMode(nvml.nvmlDeviceGetHandleByIndex(i)))
-        if mode is not None:
-            modes[index] = mode == nvml.NVML_FEATURE_ENABLED
-    return modes
+        answer = _try(lambda i=index: read(nvml, nvml.nvmlDeviceGetHandleByIndex(i)))
+        if answer is not None:
+            answers[index] = answer
+    return answers
+
+
+def persistence_modes() -> dict[int, bool]:
+    """GPU index -> persistence mode on (empty without NVML)."""
+    return _per_gpu(lambda nvml, handle: nvml.nvmlDeviceGetPersistenceMode(handle) == nvml.NVML_FEATURE_ENABLED)
 
 
 def kernel_module_version(path: str = "/proc/driver/nvidia/version") -> str | None:
@@ -121,15 +126,7 @@ def cuda_build_without_gpu(device: str, pinned: str = "") -> str | None:
 
 def minor_numbers() -> dict[int, int]:
     """GPU index -> N of its /dev/nvidiaN (empty without NVML): a unit allows its instance that device only."""
-    nvml = _nvml()
-    if nvml is None:
-        return {}
-    minors = {}
-    for index in range(nvml.nvmlDeviceGetCount()):
-        minor = _try(lambda i=index: nvml.nvmlDeviceGetMinorNumber(nvml.nvmlDeviceGetHandleByIndex(i)))
-        if minor is not None:
-            minors[index] = int(minor)
-    return minors
+    return _per_gpu(lambda nvml, handle: int(nvml.nvmlDeviceGetMinorNumber(handle)))
 
 
 def list_gpus() -> list[GpuInfo]:
