@@ -303,6 +303,15 @@ def test_gpus_lists_each_gpu_with_its_device_for_the_role(two_gpus, monkeypatch)
         (0, CARDS[0]["uuid"], 1), (1, CARDS[1]["uuid"], 0)]
 
 
+def test_persistence_mode_is_read_per_gpu(two_gpus, monkeypatch):
+    """`farworker check` warns per GPU without persistence mode: GPU 1 here has it off, GPU 0 on."""
+    nvml = gpu._nvml()
+    monkeypatch.setattr(nvml, "NVML_FEATURE_ENABLED", 1, raising=False)  # NVML's values: enabled 1, disabled 0
+    modes = {0: 1, 1: 0}
+    monkeypatch.setattr(nvml, "nvmlDeviceGetPersistenceMode", lambda handle: modes[handle], raising=False)
+    assert gpu.persistence_modes() == {0: True, 1: False}
+
+
 def _render(template: str, **variables) -> str:
     import jinja2
 
