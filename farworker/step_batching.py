@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import queue
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,6 @@ def can_batch_block(backend) -> bool:
     )
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def batched_llama_step(layer, hidden_states: torch.Tensor, pasts: Sequence[tuple[torch.Tensor, torch.Tensor]],
                        row_counts: Sequence[int], past_lengths: Sequence[int]) -> torch.Tensor:
     """One Llama decoder layer over several sessions' rows; each session's cache is read and extended in place.
@@ -144,9 +139,8 @@ def batched_llama_step(layer, hidden_states: torch.Tensor, pasts: Sequence[tuple
     groups = attn.num_key_value_groups
     keys_all = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
     values_all = values.repeat_interleave(groups, dim=1) if groups > 1 else values
-    scores = torch.matmul(query, keys_all.transpose(2, 3)) / math.sqrt(head_dim) + mask[:, None]
-    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    attended = torch.matmul(probs, values_all).transpose(1, 2).reshape(rows, step, heads * head_dim)
+    attended = torch.nn.functional.scaled_dot_product_attention(query, keys_all, values_all, attn_mask=mask[:, None])
+    attended = attended.transpose(1, 2).reshape(rows, step, heads * head_dim)
     hidden_states = residual + attn.o_proj(attended)
     hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
 
