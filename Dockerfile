@@ -62,7 +62,7 @@ RUN set -eu; \
     /opt/farworker/bin/pip --disable-pip-version-check --no-cache-dir --quiet install --no-index --no-deps \
         /wheels/farworker-*.whl; \
     /opt/farworker/bin/python -m pip uninstall --quiet --yes pip; \
-    /opt/farworker/bin/python -c 'from farworker.petals_compat import import_petals; import_petals()'
+    /opt/farworker/bin/python -c 'from farworker.petals.compat import import_petals; import_petals()'
 
 FROM base
 ARG TORCH_VARIANT=cpu

@@ -1,5 +1,5 @@
-"""Benchmark 10b: one decode step of B sessions over real petals Llama blocks, batched (farworker/step_batching.py)
-against one session at a time (petals' own path), at B = 1, 8, 32.
+"""Benchmark 10b: one decode step of B sessions over real petals Llama blocks, batched
+(farworker/petals/step_batching.py) against one session at a time (petals' own path), at B = 1, 8, 32.
 
 Blocks come from a checkpoint directory through petals' own loader (load_pretrained_block), on the device given.
 Sessions sit at different positions (past lengths spread over 64..--past), each with its own cache in petals'
@@ -36,8 +36,8 @@ def measure(model_dir: str, device: str, dtype_name: str, batch_sizes=(1, 8, 32)
             past: int = 512, steps: int = 10) -> dict:
     import torch
 
-    from farworker.petals_compat import import_petals
-    from farworker.step_batching import batched_llama_step
+    from farworker.petals.compat import import_petals
+    from farworker.petals.step_batching import batched_llama_step
 
     import_petals()
     from petals.server.from_pretrained import load_pretrained_block

@@ -33,7 +33,7 @@ WALLET = "0x" + "be" * 20
 PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
 PETALS_CLI = (
-    "from farworker.petals_compat import import_petals; import_petals(); from petals.cli.run_server import main; main()"
+    "from farworker.petals.compat import import_petals; import_petals(); from petals.cli.run_server import main; main()"
 )
 
 

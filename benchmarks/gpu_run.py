@@ -233,7 +233,7 @@ class UtilSampler:
 # -- 2./4. serving --------------------------------------------------------------------------------------
 def serve_and_measure(run: Run, quant: str) -> dict:
     from farworker import gpu
-    from farworker.petals_host import dht_prefix_for
+    from farworker.petals.server_host import dht_prefix_for
     from farworker.status_file import read_status
 
     args, work, model = run.args, run.work, run.model_dir
@@ -325,7 +325,7 @@ def predicted_per_block(model: Path, dtype: str, quant: str) -> float | str:
         import torch
 
         from farworker.block_plan import per_block_bytes
-        from farworker.petals_compat import import_petals
+        from farworker.petals.compat import import_petals
 
         import_petals()
         from petals.utils.auto_config import AutoDistributedConfig
@@ -365,7 +365,7 @@ def local_measure(run: Run) -> dict:
 # -- 3b. cross-session step batching --------------------------------------------------------------------
 def batch_sizes_measure(run: Run) -> dict:
     """A decode step of 1, 8 and 32 sessions over 4 of the checkpoint's blocks: batched as the worker runs them
-    (farworker/step_batching.py) against one session at a time (benchmarks/batch_step_speed.py)."""
+    (farworker/petals/step_batching.py) against one session at a time (benchmarks/batch_step_speed.py)."""
     from batch_step_speed import measure
 
     device = "cuda" if run.mode == "gpu" else "cpu"
@@ -378,7 +378,7 @@ def multi_gpu_measure(run: Run) -> dict:
     """One worker per visible GPU, each pinned by UUID and holding every block it fits, each with its own client
     (embeddings and head on the same GPU); first instance 0 alone, then all clients at once."""
     from farworker import gpu
-    from farworker.petals_host import dht_prefix_for
+    from farworker.petals.server_host import dht_prefix_for
     from farworker.status_file import read_status
 
     args, work, model = run.args, run.work, run.model_dir

@@ -32,7 +32,7 @@ _CACHED_PIPE = None  # in the runtime-side process: the origin's result pipe, re
 
 
 def _import_hivemind():
-    from farworker.petals_compat import restore_hivemind_names
+    from farworker.petals.compat import restore_hivemind_names
 
     restore_hivemind_names()
     import torch

@@ -84,7 +84,7 @@ def local(args) -> None:
 
 
 def mesh(args) -> None:
-    from farworker.petals_compat import import_petals
+    from farworker.petals.compat import import_petals
 
     petals = import_petals()
     import torch

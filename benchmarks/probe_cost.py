@@ -89,7 +89,7 @@ def int8_sweep(model: Path, probes: int, scales=(1.0, 1.02, 1.05, 1.1, 1.2)) -> 
     import torch
 
     from farworker.coordinator.spot_check import PROBE_TOKENS, tolerance_for
-    from farworker.petals_compat import import_petals
+    from farworker.petals.compat import import_petals
 
     petals = import_petals()
     from petals.server.from_pretrained import load_pretrained_block
@@ -138,7 +138,7 @@ def main() -> None:
     from farworker.coordinator.mesh import MeshClient
     from farworker.coordinator.reachability import check as check_reachability
     from farworker.coordinator.spot_check import PROBE_TOKENS, SpotChecker, tolerance_for
-    from farworker.petals_host import dht_prefix_for
+    from farworker.petals.server_host import dht_prefix_for
 
     info = bl.machine_info()
     model = bl.tiny_model_dir()

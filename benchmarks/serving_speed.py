@@ -12,7 +12,7 @@ the ratio of its median tokens/s to raw petals' (and the median of the per-repet
     python benchmarks/serving_speed.py --variants farworker:passive,farworker:single,petals --reps 12 ...
 
 A third part picks the tensor hand-off: `farworker:single:shm` keeps torch's shared-memory files for every
-tensor (farworker/tensor_handoff.py; the default sends small tensors as bytes).
+tensor (farworker/petals/tensor_handoff.py; the default sends small tensors as bytes).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def slug(variant: str) -> str:
 def variant_settings(variant: str) -> tuple[str, dict[str, str]]:
     """`farworker:POLICY[:HANDOFF][:K=V+K=V]` -> the thread policy and the extra environment that server and
     client both get. HANDOFF `shm` keeps torch's shared-memory reducer for every tensor
-    (farworker/tensor_handoff.py); K=V pairs try a setting, e.g. `farworker:single:bytes:GOMAXPROCS=1`."""
+    (farworker/petals/tensor_handoff.py); K=V pairs try a setting, e.g. `farworker:single:bytes:GOMAXPROCS=1`."""
     if variant == "petals":
         return "default", {}
     _, policy, *rest = variant.split(":")

@@ -165,7 +165,7 @@ def client(args) -> None:
         from farworker.threading_policy import apply_thread_policy
 
         apply_thread_policy(args.policy)
-    from farworker.petals_compat import import_petals
+    from farworker.petals.compat import import_petals
 
     petals = import_petals()
     import torch

@@ -42,7 +42,7 @@ def run_bootstrap_peer(host_maddrs: str, announce_maddrs: str, identity: str | N
     identity_path = Path(identity) if identity else state / "bootstrap-identity.key"
     load_or_create(identity_path)
 
-    from farworker.petals_compat import restore_hivemind_names
+    from farworker.petals.compat import restore_hivemind_names
 
     hivemind = restore_hivemind_names()
     dht = hivemind.DHT(

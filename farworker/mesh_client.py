@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from farworker import petals_compat
+from farworker.petals import compat as petals_compat
 
 log = logging.getLogger("farworker.mesh_client")
 
@@ -98,7 +98,7 @@ class MeshClient:
             return self._model
         if not self.initial_peers:
             raise MeshError("no initial peers configured for the mesh (--initial-peer)", code="no_mesh")
-        from farworker.petals_compat import import_petals
+        from farworker.petals.compat import import_petals
 
         petals = import_petals()
         import torch

@@ -209,7 +209,7 @@ def blocks_to_serve(config: WorkerConfig, serving: GpuInfo | None) -> tuple[str,
 def model_shape(config: WorkerConfig):
     """(petals block config, where its shape came from), or None; never asks the hub."""
     from farworker.config import SUPPORTED_MODEL_SHAPES
-    from farworker.petals_compat import import_petals
+    from farworker.petals.compat import import_petals
 
     import_petals()
     from petals.models.llama import DistributedLlamaConfig

@@ -21,8 +21,8 @@ from farworker import __version__, gpu
 from farworker.config import ConfigError, WorkerConfig
 from farworker.model_source import DownloadInterrupted, format_progress
 from farworker.notify import Notifier, StartupKeepalive
+from farworker.petals.serving_meter import Counters
 from farworker.process_tree import end_children
-from farworker.serving_meter import Counters
 from farworker.shm_guard import check_shm
 from farworker.status_file import write_status
 
@@ -85,9 +85,9 @@ class Worker:
         from farworker.instances import adopt_single_unit_state
         from farworker.model_source import resolve_model
         from farworker.outbox import Outbox
-        from farworker.petals_compat import import_petals
-        from farworker.petals_host import PetalsHost
-        from farworker.serving_meter import ServingMeter
+        from farworker.petals.compat import import_petals
+        from farworker.petals.server_host import PetalsHost
+        from farworker.petals.serving_meter import ServingMeter
 
         cfg = self.config
         problem = check_shm()

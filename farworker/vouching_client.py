@@ -48,7 +48,7 @@ class VouchingClient:
 
     def __init__(self, model_path: Path, initial_peers: list[str], model_name: str, key: ClientKey,
                  coordinator_url: str, dht_prefix: str | None = None, **client_options):
-        from farworker.petals_host import dht_prefix_for
+        from farworker.petals.server_host import dht_prefix_for
 
         self.model_name, self.key, self.coordinator_url = model_name, key, coordinator_url
         self.mesh = MeshClient(model_path, initial_peers, dht_prefix or dht_prefix_for(model_name), **client_options)

@@ -7,7 +7,7 @@ MODEL_PREFIX = "farworker-tiny-llama"
 
 def block_states(initial_peers, peer_id: str, blocks=range(4)) -> list[str | None]:
     """The ServerState name this peer announces for each block (None where it announces nothing)."""
-    from farworker.petals_compat import import_petals
+    from farworker.petals.compat import import_petals
 
     import_petals()
     import hivemind

@@ -6,7 +6,7 @@ from transformers import LlamaConfig
 
 from farworker.block_plan import GIB, auto_num_blocks, per_block_bytes, plan_blocks
 from farworker.config import ConfigError, load_config
-from farworker.petals_compat import import_petals
+from farworker.petals.compat import import_petals
 
 LLAMA_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000)

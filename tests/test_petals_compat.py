@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-from farworker.petals_compat import RESTORED_NAMES, import_petals, restore_hivemind_names
+from farworker.petals.compat import RESTORED_NAMES, import_petals, restore_hivemind_names
 
 
 def names_petals_takes_from_hivemind() -> set[str]:

@@ -13,7 +13,7 @@ from farworker.block_plan import auto_num_blocks, per_block_bytes
 from farworker.config import SUPPORTED_MODEL_SHAPES, SUPPORTED_MODELS, load_config
 from farworker.gpu import GpuInfo
 from farworker.model_source import repo_cache_dir
-from farworker.petals_compat import import_petals
+from farworker.petals.compat import import_petals
 
 PEER = "QmYAM6qwoBS2ET8sW9DyZLiJK4Y6Ye2nAepQCiXfqxsX8v"
 GB = 10**9

@@ -19,7 +19,7 @@ from polling import wait_for
 from farworker.coordinator.app import Settings
 from farworker.coordinator.service import RunningCoordinator
 from farworker.local_mesh import base_env
-from farworker.petals_compat import dial_directly
+from farworker.petals.compat import dial_directly
 from farworker.tiny_model import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
-from farworker.petals_compat import import_petals
-from farworker.petals_host import PetalsHost
+from farworker.petals.compat import import_petals
+from farworker.petals.server_host import PetalsHost
 
 
 def test_age_of_the_oldest_unfinished_task_in_a_real_petals_pool():

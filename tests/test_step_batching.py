@@ -1,4 +1,4 @@
-"""Cross-session step batching (farworker/step_batching.py): sessions at different positions run as one call
+"""Cross-session step batching (farworker/petals/step_batching.py): sessions at different positions run as one call
 and each gets exactly what it would get alone.
 
 Two levels: petals' own Llama block against the batched step, session by session (fast, exact to float
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from farworker.config import ConfigError, load_config
-from farworker.petals_compat import import_petals
-from farworker.step_batching import batched_llama_step
+from farworker.petals.compat import import_petals
+from farworker.petals.step_batching import batched_llama_step
 
 HIDDEN, HEADS, KV_HEADS, MAX_LENGTH = 64, 4, 2, 48
 HEAD_DIM = HIDDEN // HEADS
@@ -199,7 +199,7 @@ def test_pool_co_batches_compatible_steps_of_equal_priority_and_scatters_results
     import_petals()
     from petals.data_structures import InferenceMetadata
 
-    from farworker.step_batching import CoBatch, StepBatcher, batching_pool_class
+    from farworker.petals.step_batching import CoBatch, StepBatcher, batching_pool_class
 
     batcher = StepBatcher({}, merged_step=None)
     batcher.batches, batcher.cache_bytes_per_token = True, 1024
@@ -248,7 +248,7 @@ def test_pool_does_not_co_batch_past_the_padded_cache_budget():
     import_petals()
     from petals.data_structures import InferenceMetadata
 
-    from farworker.step_batching import MAX_PADDED_CACHE_BYTES, CoBatch, StepBatcher, batching_pool_class
+    from farworker.petals.step_batching import MAX_PADDED_CACHE_BYTES, CoBatch, StepBatcher, batching_pool_class
 
     batcher = StepBatcher({}, merged_step=None)
     # two single-row steps at past 5, step 1: 2 x 6 padded tokens; allow 11 of them, not 12

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from farworker import tensor_handoff
+from farworker.petals import tensor_handoff
 
 
 def _echo_and_mutate(queue_in, queue_out):
@@ -76,7 +76,7 @@ def test_switch_keeps_torchs_reducer(monkeypatch):
 
 
 def test_petals_runtime_outputs_skip_share_memory_when_small(installed):
-    from farworker.petals_compat import import_petals
+    from farworker.petals.compat import import_petals
 
     import_petals()
     from petals.server import task_pool

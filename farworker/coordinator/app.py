@@ -52,7 +52,7 @@ from farworker.coordinator.openai_api import (
 )
 from farworker.coordinator.store import Store
 from farworker.identity import HEADER_PEER_ID, SignatureError, verify_request
-from farworker.petals_host import dht_prefix_for
+from farworker.petals.server_host import dht_prefix_for
 
 log = logging.getLogger("farworker.coordinator")
 
@@ -125,7 +125,7 @@ class Settings:
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
             self.model_name = self.model_name or self.model_path.name
-            # the prefix the workers' petals servers announce under (farworker.petals_host does the same)
+            # the prefix the workers' petals servers announce under (farworker.petals.server_host does the same)
             self.dht_prefix = self.dht_prefix or dht_prefix_for(self.model_name)
             config = self.model_path / "config.json"
             if config.is_file() and self.model_name not in self.model_blocks:

@@ -42,7 +42,7 @@ class Reachability:
 
 def check(peer_id: str, announce_maddrs: list[str], at: float) -> Reachability:
     """Dial the worker's announced direct addresses (at most MAX_ADDRESSES), each on its own."""
-    from farworker.petals_compat import dial_directly
+    from farworker.petals.compat import dial_directly
 
     addresses = [a for a in announce_maddrs if RELAYED not in a][:MAX_ADDRESSES]
     return Reachability(at, dial_directly(peer_id, addresses, DIAL_TIMEOUT) if addresses else {})

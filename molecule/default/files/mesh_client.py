@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from farworker.petals_compat import import_petals
+from farworker.petals.compat import import_petals
 from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint
 
 

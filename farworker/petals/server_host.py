@@ -17,7 +17,7 @@ from pathlib import Path
 
 from farworker.block_plan import BlockPlan
 from farworker.config import WorkerConfig
-from farworker.petals_compat import import_petals, install_step_batching
+from farworker.petals.compat import import_petals, install_step_batching
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT = 10.0  # seconds a DHT probe may take before the server counts as wedged
@@ -68,7 +68,7 @@ class PetalsHost:
         from petals.server.server import Server
         from petals.utils.convert_block import QuantType
 
-        from farworker import tensor_handoff
+        from farworker.petals import tensor_handoff
         from farworker.throughput import announced_throughput, measured_rps
 
         tensor_handoff.install()  # before the handler processes fork: they inherit the reducer

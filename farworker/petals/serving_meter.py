@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from farworker.outbox import Outbox, make_record
-from farworker.petals_compat import import_petals
+from farworker.petals.compat import import_petals
 
 log = logging.getLogger(__name__)
 

@@ -148,7 +148,7 @@ def is_dummy_tensor(tensor) -> bool:
 
 
 def install_step_batching() -> None:
-    """Make petals build each span's merged inference pool as farworker.step_batching's pool, which runs the
+    """Make petals build each span's merged inference pool as farworker.petals.step_batching's pool, which runs the
     concurrent steps of different sessions as one call. Takes effect for servers built after this call.
 
     petals' ModuleContainer calls ``merge_inference_pools_inplace`` by the name it imported into
@@ -156,7 +156,7 @@ def install_step_batching() -> None:
     import_petals()
     import petals.server.server as server_module
 
-    from farworker.step_batching import merge_inference_pools_with_batching
+    from farworker.petals.step_batching import merge_inference_pools_with_batching
 
     server_module.merge_inference_pools_inplace = merge_inference_pools_with_batching
 

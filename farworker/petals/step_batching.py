@@ -167,7 +167,7 @@ class StepBatcher:
 
     @torch.inference_mode()
     def run_batch(self, steps: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor]:
-        from farworker.petals_compat import is_dummy_tensor
+        from farworker.petals.compat import is_dummy_tensor
 
         dtype = self.backends[steps[0][2][0].uid].dtype
         hidden_states = torch.cat([step[0].to(dtype) for step in steps], dim=0)
@@ -193,7 +193,7 @@ class StepBatcher:
 
 def batching_pool_class():
     """BatchingInferencePool, built on petals' PrioritizedTaskPool (imported through the compat layer)."""
-    from farworker.petals_compat import import_petals
+    from farworker.petals.compat import import_petals
 
     import_petals()
     from petals.server import task_pool
