@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from farworker import gpu
 from farworker.config import ConfigError, WorkerConfig
+from farworker.petals.model_config import block_weight_bytes
 
 GIB = 1024**3
 ATTN_CACHE_TOKENS = 4096  # petals' default for multi-head attention
@@ -39,6 +41,10 @@ class BlockPlan:
         return self.start is not None
 
 
+# torch is imported where it is used: `check --config-only` imports this module (through preflight) and must not
+# pay seconds for torch to validate an env file.
+
+
 def resolve_device(requested: str) -> str:
     import torch
 
@@ -51,10 +57,8 @@ def resolve_device(requested: str) -> str:
 
 def per_block_bytes(block_config, dtype, quant_type) -> int:
     import torch
-    from petals.server.block_utils import get_block_size
-    from petals.utils.convert_block import QuantType
 
-    weights = get_block_size(block_config, "memory", dtype=dtype, quant_type=QuantType[quant_type.upper()])
+    weights = block_weight_bytes(block_config, dtype, quant_type)
     kv_groups = getattr(block_config, "num_key_value_groups", 1) or 1
     cache = 2 * block_config.hidden_size * ATTN_CACHE_TOKENS // kv_groups * torch.finfo(dtype).bits // 8
     return int(weights + cache)
@@ -77,8 +81,6 @@ def auto_count(block_config, per_block: int, free_vram: int | None) -> int:
 def plan_blocks(config: WorkerConfig, block_config) -> BlockPlan:
     """Raises ConfigError (exit 78) when the request cannot be served on this host."""
     import torch
-
-    from farworker import gpu
 
     device = resolve_device(config.device)
     dtype = getattr(torch, config.torch_dtype)

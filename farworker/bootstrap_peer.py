@@ -11,8 +11,10 @@ import signal
 import threading
 from pathlib import Path
 
-from farworker.config import ConfigError
+from farworker.config import ConfigError, _bootstrap_list, _Invalid, _multiaddr_list
+from farworker.identity import load_or_create
 from farworker.notify import Notifier
+from farworker.petals.compat import restore_hivemind_names
 
 log = logging.getLogger("farworker.bootstrap")
 MADDRS_FILE = "bootstrap-maddrs.txt"
@@ -24,9 +26,6 @@ def _split(raw: str) -> list[str]:
 
 def run_bootstrap_peer(host_maddrs: str, announce_maddrs: str, identity: str | None, state_dir: str | None,
                        initial_peers: str) -> int:
-    from farworker.config import _bootstrap_list, _Invalid, _multiaddr_list
-    from farworker.identity import load_or_create
-
     problems = []
     for env, raw, parse in (("FARLABS_HOST_MADDRS", host_maddrs, _multiaddr_list),
                             ("FARLABS_ANNOUNCE_MADDRS", announce_maddrs, _multiaddr_list),
@@ -41,8 +40,6 @@ def run_bootstrap_peer(host_maddrs: str, announce_maddrs: str, identity: str | N
     state.mkdir(parents=True, exist_ok=True)
     identity_path = Path(identity) if identity else state / "bootstrap-identity.key"
     load_or_create(identity_path)
-
-    from farworker.petals.compat import restore_hivemind_names
 
     hivemind = restore_hivemind_names()
     dht = hivemind.DHT(

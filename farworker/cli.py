@@ -12,6 +12,11 @@ import click
 from farworker import __version__
 from farworker.config import EX_CONFIG, SETTINGS, ConfigError, load_config
 
+# Each command imports the modules it runs inside its own function: `--help`, `status` and `check --config-only`
+# must start in a fraction of a second (no torch, petals or FastAPI), and every petals process that `run` forks
+# carries whatever this module imported (benchmarks/RESULTS.md measures it). `run` also must set the thread policy
+# and pin its GPU before anything imports torch.
+
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
 
 

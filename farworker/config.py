@@ -14,27 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-EX_CONFIG = 78
+from farworker.catalog import SUPPORTED_MODELS, TINY_MODEL_NAME
+from farworker.petals.multiaddr import MultiaddrError, protocol_names
 
-# The seed's supported distributed models. Anything else needs --allow-local-model and a directory.
-SUPPORTED_MODELS = (
-    "meta-llama/Llama-2-7b-chat-hf",
-    "meta-llama/Llama-2-13b-chat-hf",
-    "meta-llama/Llama-2-70b-chat-hf",
-)
-# Their shapes, so `check` can size the blocks before anything is downloaded: the num_hidden_layers,
-# hidden_size, intermediate_size, num_attention_heads, num_key_value_heads and vocab_size of each model's
-# config.json on the Hugging Face hub (meta-llama/Llama-2-{7b,13b,70b}-chat-hf).
-SUPPORTED_MODEL_SHAPES: dict[str, dict[str, int]] = {
-    "meta-llama/Llama-2-7b-chat-hf": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
-                                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "meta-llama/Llama-2-13b-chat-hf": dict(num_hidden_layers=40, hidden_size=5120, intermediate_size=13824,
-                                           num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
-    "meta-llama/Llama-2-70b-chat-hf": dict(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
-                                           num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
-}
-GATED_MODEL_PREFIXES = ("meta-llama/",)
-TINY_MODEL = "farworker-tiny-llama"  # built locally from a fixed seed; see tiny_model.py
+EX_CONFIG = 78
 
 DTYPES = ("float16", "bfloat16", "float32")
 QUANT_TYPES = ("auto", "none", "int8", "nf4")
@@ -109,21 +92,13 @@ _MADDR_FORM = "/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT (or /udp/PORT/quic)"
 
 
 def _multiaddr(item: str, require_peer_id: bool) -> str:
-    """One multiaddr, parsed as hivemind's DHT will parse it (a /p2p/ peer id must decode), in a shape we serve.
-
-    hivemind 1.1.12 vendors py-multiaddr as hivemind.utils.multiaddr (there is no separate multiaddr package in
-    requirements/runtime.lock). Importing it imports hivemind and torch, so only settings that are set pay for it.
-    """
-    from hivemind.utils.multiaddr import Multiaddr
-
+    """One multiaddr, parsed as hivemind's DHT will parse it (a /p2p/ peer id must decode), in a shape we serve."""
     try:
-        protocols = [p.name for p in Multiaddr(item).protocols()]
-    except Exception as error:  # the parser raises ValueError, LookupError and codec errors alike
-        where = getattr(error, "protocol", None)
-        if where == "p2p":
+        protocols = protocol_names(item)
+    except MultiaddrError as error:
+        if error.protocol == "p2p":
             raise _Invalid("the /p2p/ peer id does not decode") from None
-        reason = getattr(error, "message", None) or str(error)
-        raise _Invalid(f"{where}: {reason}" if where else reason) from None
+        raise _Invalid(str(error)) from None
     has_peer = protocols[-1:] == ["p2p"]
     transport = tuple(protocols[1:-1] if has_peer else protocols[1:])
     if not protocols or protocols[0] not in _MADDR_HOSTS or transport not in _MADDR_TRANSPORTS:
@@ -265,7 +240,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("new_swarm", "FARLABS_NEW_SWARM", _bool, "true or false", "false",
             help="Start a private swarm instead of joining one (private meshes, demo, tests)."),
     Setting("model_name", "FARLABS_MODEL_NAME", _model,
-            f"one of {', '.join(SUPPORTED_MODELS)}, {TINY_MODEL}, or a local checkpoint directory "
+            f"one of {', '.join(SUPPORTED_MODELS)}, {TINY_MODEL_NAME}, or a local checkpoint directory "
             "with --allow-local-model", SUPPORTED_MODELS[0], help="Model whose blocks this worker serves."),
     Setting("allow_local_model", "FARLABS_ALLOW_LOCAL_MODEL", _bool, "true or false", "false",
             help="Allow FARLABS_MODEL_NAME to be a local checkpoint directory."),
@@ -314,7 +289,7 @@ SETTINGS: tuple[Setting, ...] = (
             help="Prometheus /metrics on 127.0.0.1 (0 = off)."),
     Setting("instance", "FARLABS_INSTANCE", _instance, "a whole number from 0 to 63, or empty", "",
             help="This worker's index on a multi-GPU host (farworker@N.service): its state dir is STATE_DIR/N, "
-            "its ports and metrics port are the configured ones plus N (see farworker/instances.py)."),
+            "its ports and metrics port are the configured ones plus N (see apply_instance in farworker/config.py)."),
     Setting("gpu", "FARLABS_GPU", _gpu, "a GPU index from 0 to 63, a GPU UUID (GPU-... or MIG-...), cpu, or empty",
             "", help="The one GPU this worker uses (CUDA_VISIBLE_DEVICES is set to its UUID); cpu hides every GPU; "
             "empty = no pinning."),
@@ -360,7 +335,7 @@ class WorkerConfig:
 
     @property
     def is_tiny_model(self) -> bool:
-        return self.model_name == TINY_MODEL
+        return self.model_name == TINY_MODEL_NAME
 
     @property
     def is_local_model(self) -> bool:
@@ -428,8 +403,6 @@ def load_config(
     problems += _cross_checks(values, invalid, required)
     if problems:
         raise ConfigError(problems)
-    from farworker.instances import apply_instance
-
     values = apply_instance(values)  # FARLABS_INSTANCE: this instance's own state dir and ports
     values["dht_bootstrap"] = values["dht_bootstrap"] or ()
     return WorkerConfig(**values)  # type: ignore[arg-type]
@@ -448,7 +421,7 @@ def _cross_checks(values: dict[str, object], invalid: set[str], required: bool) 
                 + SETTINGS_BY_NAME["dht_bootstrap"].accepted
             )
     model = values["model_name"]
-    if isinstance(model, str) and model not in SUPPORTED_MODELS and model != TINY_MODEL:
+    if isinstance(model, str) and model not in SUPPORTED_MODELS and model != TINY_MODEL_NAME:
         if not values["allow_local_model"]:
             problems.append(
                 f"FARLABS_MODEL_NAME={model!r} is not allowed: expected {SETTINGS_BY_NAME['model_name'].accepted}"
@@ -464,7 +437,58 @@ def _cross_checks(values: dict[str, object], invalid: set[str], required: bool) 
         # the pinned GPU is the only one CUDA sees: it is cuda:0 inside the process
         problems.append(f"FARLABS_GPU={pinned} and FARLABS_DEVICE={device} conflict: expected FARLABS_DEVICE "
                         "auto, cuda or cuda:0 (the pinned GPU is the process's only CUDA device)")
-    from farworker.instances import instance_port_problems
-
     problems += instance_port_problems(values)
     return problems
+
+
+# -- FARLABS_INSTANCE: one worker per GPU (farworker@N.service, see farworker/instances.py) -----------------
+# Every instance reads the host's one env file; what it owns derives from N. Its state dir is STATE_DIR/N (its
+# own identity key, usage outbox and status file); its P2P port, the ports of its listen and announce multiaddrs
+# and its metrics port are the configured ones plus N (0 stays 0: any free port, or metrics off).
+def apply_instance(values: dict) -> dict:
+    """The parsed settings of instance FARLABS_INSTANCE (unchanged when it is unset)."""
+    index = values.get("instance")
+    if index is None:
+        return values
+    shifted = dict(values)
+    shifted["state_dir"] = Path(values["state_dir"]) / str(index)
+    if values["port"]:
+        shifted["port"] = values["port"] + index
+    if values["metrics_port"]:
+        shifted["metrics_port"] = values["metrics_port"] + index
+    shifted["host_maddrs"] = tuple(shift_port(m, index) for m in values["host_maddrs"] or ())
+    shifted["announce_maddrs"] = tuple(shift_port(m, index) for m in values["announce_maddrs"] or ())
+    return shifted
+
+
+def shift_port(maddr: str, offset: int) -> str:
+    """/ip4/203.0.113.7/tcp/31330 + 2 -> /ip4/203.0.113.7/tcp/31332; port 0 (any) stays 0."""
+    parts = maddr.split("/")
+    for i in range(len(parts) - 1):
+        if parts[i] in ("tcp", "udp") and parts[i + 1].isdigit() and int(parts[i + 1]):
+            parts[i + 1] = str(int(parts[i + 1]) + offset)
+    return "/".join(parts)
+
+
+def instance_port_problems(values: dict) -> list[str]:
+    """A port that the instance's offset pushes past 65535, named as the operator wrote it."""
+    index = values.get("instance")
+    if not index:
+        return []
+    problems = []
+    for name, env in (("port", "FARLABS_PORT"), ("metrics_port", "FARLABS_METRICS_PORT")):
+        port = values.get(name)
+        if port and port + index > 65535:
+            problems.append(f"{env}={port} plus FARLABS_INSTANCE={index} is past 65535: expected a port "
+                            f"from 1 to {65535 - index}")
+    for name, env in (("host_maddrs", "FARLABS_HOST_MADDRS"), ("announce_maddrs", "FARLABS_ANNOUNCE_MADDRS")):
+        for maddr in values.get(name) or ():
+            if any(int(p) > 65535 for p in _ports(shift_port(maddr, index))):
+                problems.append(f"{env}={maddr} plus FARLABS_INSTANCE={index} is past port 65535: expected "
+                                f"ports up to {65535 - index}")
+    return problems
+
+
+def _ports(maddr: str) -> list[str]:
+    parts = maddr.split("/")
+    return [parts[i + 1] for i in range(len(parts) - 1) if parts[i] in ("tcp", "udp") and parts[i + 1].isdigit()]

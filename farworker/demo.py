@@ -16,17 +16,18 @@ import click
 import requests
 
 from farworker.local_mesh import shared_cache_dir, split_blocks, start_bootstrap_peer, start_worker
+from farworker.local_reference import generate_locally
 from farworker.threading_policy import apply_requested_policy
+from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, ensure_tiny_checkpoint
 
 PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
 
 
 def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
     apply_requested_policy(None)  # FARLABS_THREAD_POLICY: the demo's client shares the cores with the servers
+    # After the policy: the coordinator's mesh client loads torch, and libgomp reads the policy once, at load.
     from farworker.coordinator.app import Settings
     from farworker.coordinator.service import RunningCoordinator
-    from farworker.local_reference import generate_locally
-    from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, ensure_tiny_checkpoint
 
     own_dir = work_dir is None
     work = Path(work_dir or tempfile.mkdtemp(prefix="farworker-demo-"))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from farworker.api_client import CoordinatorError
 from farworker.config import EX_CONFIG
+from farworker.mesh_client import MeshError
+from farworker.receipts import ClientKeyError, load_or_create
+from farworker.vouching_client import VouchingClient
 
 EX_UNAVAILABLE = 69  # the mesh could not serve
 EX_TEMPFAIL = 75  # served, but the receipts did not reach the coordinator
@@ -13,11 +17,6 @@ EX_TEMPFAIL = 75  # served, but the receipts did not reach the coordinator
 
 def run_generate(coordinator_url: str, key_file: str, initial_peers: str, model_path: str, model_name: str | None,
                  max_tokens: int, temperature: float, prompt: str) -> int:
-    from farworker.api_client import CoordinatorError
-    from farworker.mesh_client import MeshError
-    from farworker.receipts import ClientKeyError, load_or_create
-    from farworker.vouching_client import VouchingClient
-
     try:
         key = load_or_create(key_file)
     except ClientKeyError as err:

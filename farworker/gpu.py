@@ -7,10 +7,19 @@ empty results instead of raising, and heartbeats carry an empty GPU list.
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import re
 import threading
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
 
 from farworker.gpu_xid import NOT_COUNTED, XidCounter
+
+# pynvml and torch are imported where they are used: a host without an NVIDIA driver (CPU tests, the demo) is
+# normal, and `farworker status` must not load torch.
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -27,7 +36,7 @@ def own_gpus(uuids: list[str] | None) -> None:
     _own_uuids = None if uuids is None else frozenset(u.lower() for u in uuids)
 
 
-def owned(gpus: list[GpuInfo]) -> list[GpuInfo]:
+def owned(gpus: list[NvmlGpu]) -> list[NvmlGpu]:
     return gpus if _own_uuids is None else [g for g in gpus if g.uuid.lower() in _own_uuids]
 
 
@@ -48,7 +57,9 @@ def _nvml():
 
 
 @dataclass(frozen=True)
-class GpuInfo:
+class NvmlGpu:
+    """A GPU as NVML lists it (the worker's own reading; the coordinator's wire record of a GPU is another type)."""
+
     index: int
     name: str
     uuid: str
@@ -90,9 +101,6 @@ def persistence_modes() -> dict[int, bool]:
 
 def kernel_module_version(path: str = "/proc/driver/nvidia/version") -> str | None:
     """The loaded kernel module's version (e.g. 580.65.06), which NVML's user-space library must equal."""
-    import re
-    from pathlib import Path
-
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -129,7 +137,7 @@ def minor_numbers() -> dict[int, int]:
     return _per_gpu(lambda nvml, handle: int(nvml.nvmlDeviceGetMinorNumber(handle)))
 
 
-def list_gpus() -> list[GpuInfo]:
+def list_gpus() -> list[NvmlGpu]:
     nvml = _nvml()
     if nvml is None:
         return []
@@ -137,7 +145,7 @@ def list_gpus() -> list[GpuInfo]:
     for index in range(nvml.nvmlDeviceGetCount()):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-        gpus.append(GpuInfo(index, _text(nvml.nvmlDeviceGetName(handle)), _text(nvml.nvmlDeviceGetUUID(handle)),
+        gpus.append(NvmlGpu(index, _text(nvml.nvmlDeviceGetName(handle)), _text(nvml.nvmlDeviceGetUUID(handle)),
                             int(memory.total), int(memory.free)))
     return gpus
 
@@ -202,11 +210,6 @@ def stop_xid_counter(timeout: float = 2.0) -> None:
 
 def hardware_summary() -> dict:
     """What registration reports about this host."""
-    import os
-    import platform
-
-    import psutil
-
     gpus = owned(list_gpus())
     driver = driver_info()
     return {

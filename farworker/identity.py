@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -32,12 +33,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from farworker.config import WorkerConfig
+
 SIGNATURE_SCHEME = "FAR-SIG-V1"
 HEADER_PEER_ID = "X-Far-Peer-Id"
 HEADER_TIMESTAMP = "X-Far-Timestamp"
 HEADER_NONCE = "X-Far-Nonce"
 HEADER_SIGNATURE = "X-Far-Signature"
 SIGNATURE_HEADERS = (HEADER_PEER_ID, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
+MACHINE_ID_PATH = "/etc/machine-id"
 DEFAULT_WINDOW_S = 60
 RSA_KEY_BITS = 2048  # what hivemind.P2P.generate_identity makes
 
@@ -291,3 +295,20 @@ def verify_request(
     except InvalidSignature:
         raise SignatureError("signature does not verify (wrong key, or method/path/body changed)") from None
     return peer_id, nonce, timestamp
+
+
+# -- the host: several workers (one per GPU) share one host id, each its own peer id -------------------------
+def host_id(config: WorkerConfig, machine_id_path: str = MACHINE_ID_PATH) -> str:
+    """FARLABS_HOST_ID, else a stable id for this machine: every instance on it sends the same.
+
+    A hash of /etc/machine-id (systemd's docs ask that the id itself not be exposed on the network), salted
+    so it matches no other application's derived id; the hostname where a machine has no id.
+    """
+    if config.host_id:
+        return config.host_id
+    try:
+        seed = Path(machine_id_path).read_text().strip()
+    except OSError:
+        seed = ""
+    seed = seed or f"hostname:{socket.gethostname()}"
+    return "h-" + hashlib.sha256(f"farworker-host-id:{seed}".encode()).hexdigest()[:20]

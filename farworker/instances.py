@@ -1,75 +1,23 @@
-"""One worker per GPU: what an instance index changes in a worker's settings, which GPU it sees, its host.
+"""One worker per GPU: which GPU an instance sees, where its state lives, what it takes over from a single worker.
 
 A multi-GPU host runs `farworker@N.service` with FARLABS_INSTANCE=N, one per GPU, all reading the host's one
 env file (petals#203: one server per GPU beats tensor parallelism). So that one inventory line configures
 every GPU, everything an instance owns derives from N:
-- its state dir is STATE_DIR/N: its own identity key (peer id), usage outbox and status file;
-- its P2P port, the ports of its listen and announce multiaddrs, and its metrics port are the configured
-  ones plus N (0 stays 0: any free port, or metrics off);
+- its state dir is STATE_DIR/N and its ports are the configured ones plus N: the configuration applies these
+  offsets as it loads (config.apply_instance);
 - FARLABS_GPU names its GPU, and CUDA_VISIBLE_DEVICES is set to that GPU's UUID: NVML (and nvidia-smi) order
   GPUs by PCI bus, CUDA by speed unless CUDA_DEVICE_ORDER says otherwise, so an index could pick another card.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from farworker import gpu
 from farworker.config import ConfigError, WorkerConfig
-
-MACHINE_ID_PATH = "/etc/machine-id"
-
-
-def apply_instance(values: dict) -> dict:
-    """The parsed settings of instance FARLABS_INSTANCE (unchanged when it is unset)."""
-    index = values.get("instance")
-    if index is None:
-        return values
-    shifted = dict(values)
-    shifted["state_dir"] = Path(values["state_dir"]) / str(index)
-    if values["port"]:
-        shifted["port"] = values["port"] + index
-    if values["metrics_port"]:
-        shifted["metrics_port"] = values["metrics_port"] + index
-    shifted["host_maddrs"] = tuple(shift_port(m, index) for m in values["host_maddrs"] or ())
-    shifted["announce_maddrs"] = tuple(shift_port(m, index) for m in values["announce_maddrs"] or ())
-    return shifted
-
-
-def shift_port(maddr: str, offset: int) -> str:
-    """/ip4/203.0.113.7/tcp/31330 + 2 -> /ip4/203.0.113.7/tcp/31332; port 0 (any) stays 0."""
-    parts = maddr.split("/")
-    for i in range(len(parts) - 1):
-        if parts[i] in ("tcp", "udp") and parts[i + 1].isdigit() and int(parts[i + 1]):
-            parts[i + 1] = str(int(parts[i + 1]) + offset)
-    return "/".join(parts)
-
-
-def instance_port_problems(values: dict) -> list[str]:
-    """A port that the instance's offset pushes past 65535, named as the operator wrote it."""
-    index = values.get("instance")
-    if not index:
-        return []
-    problems = []
-    for name, env in (("port", "FARLABS_PORT"), ("metrics_port", "FARLABS_METRICS_PORT")):
-        port = values.get(name)
-        if port and port + index > 65535:
-            problems.append(f"{env}={port} plus FARLABS_INSTANCE={index} is past 65535: expected a port "
-                            f"from 1 to {65535 - index}")
-    for name, env in (("host_maddrs", "FARLABS_HOST_MADDRS"), ("announce_maddrs", "FARLABS_ANNOUNCE_MADDRS")):
-        for maddr in values.get(name) or ():
-            if any(int(p) > 65535 for p in _ports(shift_port(maddr, index))):
-                problems.append(f"{env}={maddr} plus FARLABS_INSTANCE={index} is past port 65535: expected "
-                                f"ports up to {65535 - index}")
-    return problems
-
-
-def _ports(maddr: str) -> list[str]:
-    parts = maddr.split("/")
-    return [parts[i + 1] for i in range(len(parts) - 1) if parts[i] in ("tcp", "udp") and parts[i + 1].isdigit()]
+from farworker.status_file import is_fresh, read_status, status_path
 
 
 def pin_gpu(config: WorkerConfig, environ: MutableMapping[str, str] | None = None) -> str | None:
@@ -78,8 +26,6 @@ def pin_gpu(config: WorkerConfig, environ: MutableMapping[str, str] | None = Non
     Runs before torch initialises CUDA (which reads CUDA_VISIBLE_DEVICES once). Heartbeats, registration and
     the status file then report this GPU only: NVML itself ignores CUDA_VISIBLE_DEVICES.
     """
-    from farworker import gpu
-
     environ = os.environ if environ is None else environ
     if not config.gpu:
         return None
@@ -101,22 +47,6 @@ def resolve_gpu(wanted: str, gpus) -> str:
         if (wanted.isdigit() and g.index == int(wanted)) or g.uuid.lower() == wanted.lower():
             return g.uuid
     raise ConfigError([f"FARLABS_GPU={wanted} names no GPU NVML lists: expected one of {listed}, or cpu"])
-
-
-def host_id(config: WorkerConfig, machine_id_path: str = MACHINE_ID_PATH) -> str:
-    """FARLABS_HOST_ID, else a stable id for this machine: every instance on it sends the same.
-
-    A hash of /etc/machine-id (systemd's docs ask that the id itself not be exposed on the network), salted
-    so it matches no other application's derived id; the hostname where a machine has no id.
-    """
-    if config.host_id:
-        return config.host_id
-    try:
-        seed = Path(machine_id_path).read_text().strip()
-    except OSError:
-        seed = ""
-    seed = seed or f"hostname:{socket.gethostname()}"
-    return "h-" + hashlib.sha256(f"farworker-host-id:{seed}".encode()).hexdigest()[:20]
 
 
 def instance_state_dirs(base: Path) -> list[tuple[int | None, Path]]:
@@ -145,8 +75,6 @@ def adopt_single_unit_state(state_dir: Path, instance: int | None) -> list[str]:
 
     Refuses (ConfigError) while the single worker still runs: two processes would share one peer id.
     """
-    from farworker.status_file import is_fresh, read_status, status_path
-
     base = state_dir.parent
     if instance != 0 or (state_dir / "identity.key").exists() or not (base / "identity.key").exists():
         return []
@@ -179,8 +107,6 @@ def _alive(pid) -> bool:
 def gpu_inventory() -> list[dict]:
     """What `farworker gpus --json` prints for the Ansible role: one entry per GPU in NVML's order, with the minor
     number of its /dev/nvidiaN (the device its instance's unit allows; NVML index and minor number can differ)."""
-    from farworker import gpu
-
     minors = gpu.minor_numbers()
     return [{"index": g.index, "uuid": g.uuid, "name": g.name, "minor_number": minors.get(g.index, g.index),
              "memory_total_bytes": g.memory_total_bytes} for g in gpu.list_gpus()]

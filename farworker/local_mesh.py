@@ -16,6 +16,7 @@ from pathlib import Path
 
 from farworker.bootstrap_peer import MADDRS_FILE
 from farworker.status_file import read_status
+from farworker.tiny_model import default_cache_root
 
 LOOPBACK_ANY_PORT = "/ip4/127.0.0.1/tcp/0"
 DEMO_WALLET = "0x" + "f4" * 20
@@ -123,8 +124,6 @@ def worker_env(work_dir: Path, name: str, api_url: str, initial_peers: list[str]
 
 def shared_cache_dir() -> Path:
     """One weights/throughput cache for every local worker, so the tiny model is built once."""
-    from farworker.tiny_model import default_cache_root
-
     return default_cache_root()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 def generate_locally(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy new token ids from local transformers, float32."""
+    # torch is imported here, not at the top: `farworker demo` imports this module before it sets the thread
+    # policy, which must come before torch loads (threading_policy).
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -22,13 +22,18 @@ import fnmatch
 import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from farworker.config import GATED_MODEL_PREFIXES, ConfigError, WorkerConfig
+from farworker.catalog import is_gated
+from farworker.config import ConfigError, WorkerConfig
+from farworker.disk_space import disk_problems, format_size, read_cache_disk
+from farworker.tiny_model import ensure_tiny_checkpoint
+
+# huggingface_hub (and requests) are imported by the functions that ask the hub: `check` and the tiny model's
+# start import this module and never ask it.
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,6 @@ WANTED = (
 )
 FALLBACK_WEIGHTS = ("*.bin", "pytorch_model.bin.index.json")
 PROGRESS_INTERVAL = 1.0  # seconds between on_progress calls while files download
-FREE_SPACE_RESERVE = 256 * 2**20  # never fill the cache's disk to the last byte
 COMPLETE_DIR = "farworker-complete"  # <cache>/farworker-complete/<repo folder>.json: fully downloaded snapshots
 
 ProgressCallback = Callable[[int, int], None]
@@ -85,8 +89,6 @@ def resolve_model(
 ) -> str:
     """A local directory petals can load: the tiny model, the allowed local dir or the downloaded snapshot."""
     if config.is_tiny_model:
-        from farworker.tiny_model import ensure_tiny_checkpoint
-
         return str(ensure_tiny_checkpoint(config.cache_dir))
     if config.is_local_model:
         return str(Path(config.model_name).resolve())
@@ -136,7 +138,7 @@ def plan_download(repo: str, token: str | None) -> DownloadPlan:
 
     if _hub_offline():  # huggingface_hub 0.17 only honours it for file downloads, not for model_info
         raise HubUnreachable("HF_HUB_OFFLINE=1")
-    gated_by_name = repo.startswith(GATED_MODEL_PREFIXES)
+    gated_by_name = is_gated(repo)
     try:
         # token=False: the service's credential is HF_TOKEN, never a login file lying in a home directory
         info = HfApi().model_info(repo, files_metadata=True, token=token or False)
@@ -206,35 +208,14 @@ def _with_metadata(repo: str, commit: str, file: HubFile, token: str | None, che
 
 
 def check_disk(config: WorkerConfig, plan: DownloadPlan) -> None:
-    """ConfigError if the download cannot fit the budget or the disk; looks only, creates nothing."""
+    """ConfigError if the download cannot fit the budget or the disk (disk_space's rule, which `check` applies
+    too); looks only, creates nothing."""
     repo_dir = repo_cache_dir(config.cache_dir, plan.repo)
-    have = _plan_bytes_on_disk(repo_dir, plan)
-    budget = config.max_disk_space
-    if budget is not None:
-        others = _tree_bytes(config.cache_dir, exclude=repo_dir)
-        if others + plan.total > budget:
-            held = (
-                f" and the cache already holds {format_size(others)} of other files in {config.cache_dir}"
-                if others
-                else ""
-            )
-            raise ConfigError(
-                [
-                    f"FARLABS_MAX_DISK_SPACE={format_size(budget)} is too small for {plan.repo}: its "
-                    f"files need {format_size(plan.total)}{held}; expected at least "
-                    f"{format_size(others + plan.total)} (or 0 for no limit)"
-                ]
-            )
-    remaining = plan.total - have
-    free = shutil.disk_usage(_existing_parent(config.cache_dir)).free
-    if remaining > 0 and remaining + FREE_SPACE_RESERVE > free:
-        raise ConfigError(
-            [
-                f"FARLABS_CACHE_DIR={str(config.cache_dir)!r} has {format_size(free)} free: expected "
-                f"{format_size(remaining + FREE_SPACE_RESERVE)} for {plan.repo} (free space, or point "
-                "FARLABS_CACHE_DIR at a larger disk)"
-            ]
-        )
+    disk = read_cache_disk(config.cache_dir, repo_dir, config.max_disk_space)
+    problems = disk_problems(config.cache_dir, plan.repo, plan.total, _plan_bytes_on_disk(repo_dir, plan),
+                             config.max_disk_space, disk)
+    if problems:
+        raise ConfigError(problems)
 
 
 def fetch(
@@ -395,39 +376,7 @@ def _snapshot_size(snapshot: Path) -> int:
     return sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file())
 
 
-def _tree_bytes(root: Path, exclude: Path) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        if Path(dirpath) == exclude:
-            dirnames.clear()
-            continue
-        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != exclude]
-        for name in filenames:
-            path = Path(dirpath, name)
-            try:
-                if not path.is_symlink():
-                    total += path.stat().st_size
-            except OSError:
-                pass
-    return total
-
-
-def _existing_parent(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 # -- words -----------------------------------------------------------------------------------------
-def format_size(size: int) -> str:
-    """Decimal units, as disks and the hub count: 3.2 MB, 13.5 GB."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"
-
-
 def format_progress(done: int, total: int) -> str:
     """'downloading weights: 1.20 of 13.48 GB (9%)' with a unit that suits the total."""
     unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if total >= s), ("B", 1))

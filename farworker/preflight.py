@@ -13,13 +13,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
+import requests
+from requests.exceptions import InvalidSchema, InvalidURL, MissingSchema
 
+from farworker import gpu, shm_guard
+from farworker.block_plan import auto_count, per_block_bytes
+from farworker.catalog import MODEL_DISK_BYTES, SUPPORTED_MODEL_SHAPES
 from farworker.config import EX_CONFIG, ConfigError, WorkerConfig, load_config
-from farworker.gpu import GpuInfo
+from farworker.disk_space import disk_problems, format_size, read_cache_disk
+from farworker.gpu import NvmlGpu
+from farworker.instances import resolve_gpu
+from farworker.model_source import complete_snapshot, downloaded_bytes, repo_cache_dir
+from farworker.petals.model_config import block_config_from_pretrained, llama_block_config
+from farworker.status_file import is_fresh, read_status
+from farworker.tiny_model import TINY_CONFIG
 
+# torch is imported inside the checks that need it: `check --config-only` (run before every restart) must not
+# pay seconds for it.
 MIN_VRAM = 8 * 10**9  # the seed's minimum
-MODEL_DISK = {"meta-llama/Llama-2-7b-chat-hf": 14e9, "meta-llama/Llama-2-13b-chat-hf": 27e9,
-              "meta-llama/Llama-2-70b-chat-hf": 140e9}
 CONNECT_TIMEOUT = 3.0
 
 
@@ -52,9 +63,7 @@ def run_preflight(overrides: dict, config_only: bool = False) -> int:
     return 1 if any(r.level == "FAIL" for r in results) else 0
 
 
-def check_gpu(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result:
-    from farworker import gpu
-
+def check_gpu(config: WorkerConfig, gpus: list[NvmlGpu] | None = None) -> Result:
     gpus = gpu.list_gpus() if gpus is None else gpus
     if not gpus:
         if config.device == "cpu" or config.gpu == "cpu":
@@ -113,8 +122,6 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def check_driver_stack(config: WorkerConfig) -> list[Result]:
-    from farworker import gpu
-
     driver = gpu.driver_info()
     if driver is None:
         return []  # check_gpu already says there is no driver
@@ -123,13 +130,10 @@ def check_driver_stack(config: WorkerConfig) -> list[Result]:
     return driver_stack_results(driver, torch.version.cuda, gpu.kernel_module_version(), gpu.persistence_modes())
 
 
-def check_every_gpu(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> list[Result]:
+def check_every_gpu(config: WorkerConfig, gpus: list[NvmlGpu] | None = None) -> list[Result]:
     """VRAM and the blocks `run` would serve, for each GPU a worker would serve on: FARLABS_GPU's when pinned,
     else every GPU NVML lists when there are several (a multi-GPU host runs one worker per GPU, farworker@N,
     each planned on its own card), else the one FARLABS_DEVICE picks."""
-    from farworker import gpu
-    from farworker.instances import resolve_gpu
-
     gpus = gpu.list_gpus() if gpus is None else gpus
     if config.gpu == "cpu":
         return [check_vram(replace(config, device="cpu"), gpus)]
@@ -147,10 +151,8 @@ def check_every_gpu(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> 
             for g in serving]
 
 
-def check_vram(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Result:
+def check_vram(config: WorkerConfig, gpus: list[NvmlGpu] | None = None) -> Result:
     """The serving GPU's memory and the blocks `run` would serve there; gpus: NVML's list unless given."""
-    from farworker import gpu
-
     gpus = gpu.list_gpus() if gpus is None else gpus
     serving = None if config.device == "cpu" else _serving_gpu(config, gpus)
     if serving is None and gpus and config.device != "cpu":
@@ -168,7 +170,7 @@ def check_vram(config: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Resul
     return Result("OK", "VRAM", detail)
 
 
-def blocks_to_serve(config: WorkerConfig, serving: GpuInfo | None) -> tuple[str, str] | None:
+def blocks_to_serve(config: WorkerConfig, serving: NvmlGpu | None) -> tuple[str, str] | None:
     """(level, text) for the blocks `run` would serve on this GPU (None: on CPU), by block_plan's formula.
 
     None when the model's shape is unknown. No network: the shape comes from the model's config.json in
@@ -180,9 +182,6 @@ def blocks_to_serve(config: WorkerConfig, serving: GpuInfo | None) -> tuple[str,
         return "OK", f"would serve {config.num_blocks} blocks (FARLABS_NUM_BLOCKS)"
     try:
         import torch
-
-        from farworker.block_plan import auto_count, per_block_bytes
-        from farworker.model_source import format_size
 
         shape = model_shape(config)
         if shape is None:
@@ -208,29 +207,18 @@ def blocks_to_serve(config: WorkerConfig, serving: GpuInfo | None) -> tuple[str,
 
 def model_shape(config: WorkerConfig):
     """(petals block config, where its shape came from), or None; never asks the hub."""
-    from farworker.config import SUPPORTED_MODEL_SHAPES
-    from farworker.petals.compat import import_petals
-
-    import_petals()
-    from petals.models.llama import DistributedLlamaConfig
-    from petals.utils.auto_config import AutoDistributedConfig
-
     if config.is_tiny_model:
-        from farworker.tiny_model import TINY_CONFIG
-
-        return DistributedLlamaConfig(**TINY_CONFIG), "embedded tiny model"
+        return llama_block_config(**TINY_CONFIG), "embedded tiny model"
     directory = Path(config.model_name) if config.is_local_model else _cached_snapshot(config)
     if directory is not None:
-        return AutoDistributedConfig.from_pretrained(str(directory)), f"{directory / 'config.json'}"
+        return block_config_from_pretrained(str(directory)), f"{directory / 'config.json'}"
     if config.model_name in SUPPORTED_MODEL_SHAPES:
-        return DistributedLlamaConfig(**SUPPORTED_MODEL_SHAPES[config.model_name]), "known shape"
+        return llama_block_config(**SUPPORTED_MODEL_SHAPES[config.model_name]), "known shape"
     return None
 
 
 def _cached_snapshot(config: WorkerConfig) -> Path | None:
     """The cache's snapshot of the model holding a config.json: a complete download first, else the newest."""
-    from farworker.model_source import complete_snapshot, repo_cache_dir
-
     complete = complete_snapshot(config.cache_dir, config.model_name)
     if complete is not None and (complete / "config.json").is_file():
         return complete
@@ -239,31 +227,29 @@ def _cached_snapshot(config: WorkerConfig) -> Path | None:
     return found[-1].parent if found else None
 
 
-def _serving_gpu(config: WorkerConfig, gpus: list[GpuInfo]) -> GpuInfo | None:
+def _serving_gpu(config: WorkerConfig, gpus: list[NvmlGpu]) -> NvmlGpu | None:
     """The GPU `run` would use: FARLABS_DEVICE=cuda:N, else the first (as block_plan.resolve_device)."""
     index = int(config.device.split(":")[1]) if config.device.startswith("cuda:") else 0
     return next((g for g in gpus if g.index == index), None)
 
 
 def check_disk(config: WorkerConfig) -> Result:
-    path = _existing_parent(config.cache_dir)
-    free = shutil.disk_usage(path).free
-    need = MODEL_DISK.get(config.model_name, 0)
-    detail = f"{free / 1e9:.1f} GB free in {config.cache_dir}"
-    if need and free < need:
-        return Result("FAIL", "disk", f"{detail}; {config.model_name} needs about {need / 1e9:.0f} GB: free space "
-                      "or point FARLABS_CACHE_DIR at a larger disk")
-    if config.max_disk_space and need and config.max_disk_space < need:
-        return Result("FAIL", "disk",
-                      f"FARLABS_MAX_DISK_SPACE is below the {need / 1e9:.0f} GB {config.model_name} needs")
-    return Result("OK", "disk", detail + (f" (model needs about {need / 1e9:.0f} GB)" if need else ""))
+    """disk_space's rule, which `run` applies before downloading, with the catalogue's size of the model (a model
+    the catalogue does not size, such as the tiny one or a local directory, needs nothing downloaded)."""
+    need = MODEL_DISK_BYTES.get(config.model_name, 0)
+    repo_dir = repo_cache_dir(config.cache_dir, config.model_name)
+    disk = read_cache_disk(config.cache_dir, repo_dir, config.max_disk_space)
+    problems = disk_problems(config.cache_dir, config.model_name, need,
+                             downloaded_bytes(config.cache_dir, config.model_name), config.max_disk_space, disk)
+    if problems:
+        return Result("FAIL", "disk", "; ".join(problems))
+    detail = f"{format_size(disk.free)} free in {config.cache_dir}"
+    return Result("OK", "disk", detail + (f" (model needs about {format_size(need)})" if need else ""))
 
 
 def check_shm(config: WorkerConfig) -> Result:
-    from farworker.shm_guard import check_shm as shm_problem
-
     usage = shutil.disk_usage("/dev/shm")
-    problem = shm_problem()
+    problem = shm_guard.check_shm()
     detail = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB"
     return Result("FAIL", "/dev/shm", problem) if problem else Result("OK", "/dev/shm", detail)
 
@@ -285,9 +271,6 @@ def check_bootstrap(config: WorkerConfig) -> Result:
 
 
 def check_api(config: WorkerConfig) -> Result:
-    import requests
-    from requests.exceptions import InvalidSchema, InvalidURL, MissingSchema
-
     try:
         answer = requests.get(f"{config.api_base_url}/v1/workers", timeout=CONNECT_TIMEOUT)
     except (InvalidURL, InvalidSchema, MissingSchema) as error:  # no retry can fix these
@@ -304,8 +287,6 @@ def check_api(config: WorkerConfig) -> Result:
 def check_reachability(config: WorkerConfig) -> Result:
     """What the coordinator found when it last dialled this worker's announced addresses (directly, no relay):
     a running worker keeps the coordinator's heartbeat answer in its status file."""
-    from farworker.status_file import is_fresh, read_status
-
     status = read_status(config.state_dir) or {}
     beat = status.get("last_heartbeat") if status and is_fresh(status) else None
     if not beat:
@@ -334,12 +315,6 @@ def _tcp_reachable(host: str, port: int | None) -> bool:
             return True
     except OSError:
         return False
-
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 CHECKS: tuple[Callable[[WorkerConfig], Result], ...] = (

@@ -18,11 +18,20 @@ import threading
 import time
 
 from farworker import __version__, gpu
+from farworker.api_client import CoordinatorClient
+from farworker.block_plan import plan_blocks
 from farworker.config import ConfigError, WorkerConfig
-from farworker.model_source import DownloadInterrupted, format_progress
+from farworker.identity import host_id, load_or_create
+from farworker.instances import adopt_single_unit_state
+from farworker.metrics import start_metrics_server
+from farworker.model_source import DownloadInterrupted, format_progress, resolve_model
 from farworker.notify import Notifier, StartupKeepalive
-from farworker.petals.serving_meter import Counters
+from farworker.outbox import Outbox
+from farworker.petals.model_config import block_config_from_pretrained
+from farworker.petals.server_host import PetalsHost
+from farworker.petals.serving_meter import ServingCounters, ServingMeter
 from farworker.process_tree import end_children
+from farworker.reporting import Reporter
 from farworker.shm_guard import check_shm
 from farworker.status_file import write_status
 
@@ -72,23 +81,12 @@ class Worker:
         self.fault: str | None = None  # why the worker ends itself (a child died, unhealthy too long)
         self._last_status: dict = {}
         self.identity = None
-        from farworker.instances import host_id
-
         self.host_id = host_id(config)  # the same on every instance of this host: the ledger groups by it
         self.stop_deadline = time.monotonic() + STOP_AFTER_DRAIN_SECONDS  # set again once the drain ends
 
     # -- start -------------------------------------------------------------------------------------
     def start(self) -> bool:
         """Bring the server online; False if a stop was requested or the server failed first."""
-        from farworker.block_plan import plan_blocks
-        from farworker.identity import load_or_create
-        from farworker.instances import adopt_single_unit_state
-        from farworker.model_source import resolve_model
-        from farworker.outbox import Outbox
-        from farworker.petals.compat import import_petals
-        from farworker.petals.server_host import PetalsHost
-        from farworker.petals.serving_meter import ServingMeter
-
         cfg = self.config
         problem = check_shm()
         if problem:  # petals would fail the first large request instead
@@ -120,10 +118,7 @@ class Worker:
                 log.info("%s", stopped)
                 return False
             self.phase = "planning blocks"
-            import_petals()
-            from petals.utils.auto_config import AutoDistributedConfig
-
-            block_config = AutoDistributedConfig.from_pretrained(model_path, use_auth_token=cfg.hf_token or None)
+            block_config = block_config_from_pretrained(model_path, token=cfg.hf_token or None)
             self.plan = plan_blocks(cfg, block_config)
             self.model_blocks = block_config.num_hidden_layers
             log.info("Serving %d of %d blocks on %s (%s, quantization %s)", self.plan.num_blocks,
@@ -143,8 +138,6 @@ class Worker:
         self.healthy, self.health_reason = health.ok, health.reason
         self.reporter.beat_now()  # the coordinator sees "online" and the span now, not an interval later
         if cfg.metrics_port:
-            from farworker.metrics import start_metrics_server
-
             # scrapes read the last status written by the health loop: no DHT or NVML work per scrape
             start_metrics_server(cfg.metrics_port, lambda: self._last_status)
         start, end = self.host.blocks
@@ -213,9 +206,6 @@ class Worker:
         return self.phase
 
     def _start_reporter(self) -> None:
-        from farworker.api_client import CoordinatorClient
-        from farworker.reporting import Reporter
-
         client = CoordinatorClient(self.config.api_base_url, self.identity)
         self.reporter = Reporter(
             client, self.outbox, registration=self.registration, heartbeat_payload=self.heartbeat_payload,
@@ -345,7 +335,7 @@ class Worker:
             "blocks": list(blocks) if blocks else None,
             "uptime_seconds": time.time() - self.started_at,
             "gpus": gpu.telemetry(),
-            "counters": (self.meter.snapshot() if self.meter else Counters()).as_dict(),
+            "counters": (self.meter.snapshot() if self.meter else ServingCounters()).as_dict(),
         }
         if state == "joining":  # only then: an online worker's beats stay what coordinators before it knew
             payload["phase"] = self.phase_line()

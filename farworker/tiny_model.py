@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-TINY_MODEL_NAME = "farworker-tiny-llama"
+from farworker.catalog import TINY_MODEL_NAME
+
+# torch, transformers and tokenizers are imported only to build the checkpoint once: the worker, `check` and the
+# tests import this module for the model's name, shape and path.
 TINY_CONFIG = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -63,8 +68,6 @@ def ensure_tiny_checkpoint(root: Path | None = None) -> Path:
     try:
         tmp.rename(directory)
     except OSError:  # another process built it first; theirs is byte-identical
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
@@ -78,9 +81,6 @@ def ensure_tiny_tokenizer(directory: Path) -> None:
     """
     if (directory / "tokenizer.json").is_file():
         return
-    import shutil
-    import tempfile
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

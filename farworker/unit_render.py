@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jinja2
 
+from farworker.config import SETTINGS
+
 UNIT_TEMPLATES = {"farworker.service": "farworker.service.j2", "farworker.env.example": "farworker.env.j2",
                   "farworker-bootstrap.service": "farworker-bootstrap.service.j2"}
 
@@ -29,8 +31,6 @@ def templates_dirs() -> list[Path]:
 
 def example_env() -> dict[str, str]:
     """Every setting with its default; the required ones with a placeholder to replace."""
-    from farworker.config import SETTINGS
-
     placeholders = {"FARLABS_WALLET_ADDRESS": "0xYOUR_WALLET_ADDRESS_40_HEX_DIGITS_HERE0",
                     "FARLABS_API_BASE_URL": "https://coordinator.example.invalid",
                     "FARLABS_DHT_BOOTSTRAP": "/ip4/198.51.100.7/tcp/31337/p2p/QmYourBootstrapPeer"}

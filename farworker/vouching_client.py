@@ -14,6 +14,7 @@ import requests
 
 from farworker import __version__
 from farworker.api_client import CoordinatorError
+from farworker.catalog import dht_prefix_for
 from farworker.mesh_client import Generation, MeshClient
 from farworker.receipts import ClientKey, receipts_for
 
@@ -48,8 +49,6 @@ class VouchingClient:
 
     def __init__(self, model_path: Path, initial_peers: list[str], model_name: str, key: ClientKey,
                  coordinator_url: str, dht_prefix: str | None = None, **client_options):
-        from farworker.petals.server_host import dht_prefix_for
-
         self.model_name, self.key, self.coordinator_url = model_name, key, coordinator_url
         self.mesh = MeshClient(model_path, initial_peers, dht_prefix or dht_prefix_for(model_name), **client_options)
 

@@ -27,7 +27,8 @@ from test_status_and_metrics_gpu import CARDS, _fake_nvml
 from farworker import gpu
 from farworker.cli import main
 from farworker.config import EX_CONFIG, ConfigError, load_config
-from farworker.instances import adopt_single_unit_state, host_id, pin_gpu
+from farworker.identity import host_id
+from farworker.instances import adopt_single_unit_state, pin_gpu
 from farworker.local_mesh import base_env, farworker_command
 from farworker.status_file import write_status
 

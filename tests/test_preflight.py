@@ -10,8 +10,9 @@ import torch
 
 from farworker import preflight
 from farworker.block_plan import auto_num_blocks, per_block_bytes
-from farworker.config import SUPPORTED_MODEL_SHAPES, SUPPORTED_MODELS, load_config
-from farworker.gpu import GpuInfo
+from farworker.catalog import SUPPORTED_MODEL_SHAPES, SUPPORTED_MODELS
+from farworker.config import load_config
+from farworker.gpu import NvmlGpu
 from farworker.model_source import repo_cache_dir
 from farworker.petals.compat import import_petals
 
@@ -29,8 +30,8 @@ def llama_config(**shape):
     return DistributedLlamaConfig(**shape)
 
 
-def gpu(total: float, free: float, index: int = 0) -> GpuInfo:
-    return GpuInfo(index, "Test GPU", f"GPU-test-{index}", int(total), int(free))
+def gpu(total: float, free: float, index: int = 0) -> NvmlGpu:
+    return NvmlGpu(index, "Test GPU", f"GPU-test-{index}", int(total), int(free))
 
 
 def config_for(tmp_path, **env):

@@ -147,20 +147,6 @@ def is_dummy_tensor(tensor) -> bool:
     return is_dummy(tensor)
 
 
-def install_step_batching() -> None:
-    """Make petals build each span's merged inference pool as farworker.petals.step_batching's pool, which runs the
-    concurrent steps of different sessions as one call. Takes effect for servers built after this call.
-
-    petals' ModuleContainer calls ``merge_inference_pools_inplace`` by the name it imported into
-    petals.server.server; that is the name replaced."""
-    import_petals()
-    import petals.server.server as server_module
-
-    from farworker.petals.step_batching import merge_inference_pools_with_batching
-
-    server_module.merge_inference_pools_inplace = merge_inference_pools_with_batching
-
-
 # petals' client InferenceSession keeps its per-server sessions and their positions in private fields; the
 # coordinator's route accounting (what pays workers) reads them here, so a petals upgrade breaks in one place.
 def server_sessions_of(session) -> list:

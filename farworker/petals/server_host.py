@@ -8,16 +8,23 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import re
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+
+import psutil
 
 from farworker.block_plan import BlockPlan
+from farworker.catalog import dht_prefix_for
 from farworker.config import WorkerConfig
-from farworker.petals.compat import import_petals, install_step_batching
+from farworker.petals import tensor_handoff
+from farworker.petals.compat import import_petals
+from farworker.petals.throughput import announced_throughput, measured_rps
+
+# petals' own modules are imported inside the functions that use them, after import_petals() (compat): petals
+# 2.2 cannot be imported before hivemind's names are restored. So is step_batching, which imports torch and
+# transformers at its top: after import_petals(), which silences their import-time warnings.
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT = 10.0  # seconds a DHT probe may take before the server counts as wedged
@@ -27,27 +34,11 @@ RUNTIME_STALL_SECONDS = 120.0
 ANNOUNCE_OFFLINE_TIMEOUT = 5.0  # declaring OFFLINE takes well under a second with the DHT alive
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Health:
     ok: bool
     reason: str = ""
     fatal: bool = False  # a child process died: the worker exits so its supervisor restarts it at once
-
-
-def dht_prefix_for(model_name: str) -> str:
-    """The DHT prefix clients look the blocks up by.
-
-    Every model reaches petals as a directory (the tiny model, a local checkpoint, a downloaded hub
-    snapshot), for which petals has no prefix of its own. Hub models get petals' rule for a repo name
-    (last part, dots to dashes, '-hf' suffix), so clients find them where they expect; local checkpoints
-    and the tiny model their sanitized directory name.
-    """
-    from farworker.config import SUPPORTED_MODELS
-
-    if model_name in SUPPORTED_MODELS:
-        prefix = model_name.split("/")[-1].replace(".", "-")
-        return prefix if prefix.endswith("-hf") else prefix + "-hf"
-    return re.sub(r"[^A-Za-z0-9_-]", "-", Path(model_name).name) or "local-model"
 
 
 class PetalsHost:
@@ -68,14 +59,13 @@ class PetalsHost:
         from petals.server.server import Server
         from petals.utils.convert_block import QuantType
 
-        from farworker.petals import tensor_handoff
-        from farworker.throughput import announced_throughput, measured_rps
+        from farworker.petals import step_batching
 
         tensor_handoff.install()  # before the handler processes fork: they inherit the reducer
         tensor_handoff.keep_small_outputs_private()
         cfg, plan = self.config, self.plan
         if cfg.step_batching:
-            install_step_batching()
+            step_batching.install()
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.server = Server(
             initial_peers=cfg.initial_peers,
@@ -207,8 +197,6 @@ class PetalsHost:
         death of any of them is fatal. petals would restart its container only after up to 2 min (its balance
         check period), and never a dead DHT or p2pd; a fresh process is back online in seconds. (While petals
         replaces its container on purpose, health() reports the blocks not loaded, then watches the new one.)"""
-        import psutil
-
         self._watched_container = self.server.module_container
         self._children = []
         for child in psutil.Process().children(recursive=True):
@@ -217,8 +205,6 @@ class PetalsHost:
 
     def dead_child(self) -> str | None:
         """'child process p2pd (pid 123) died' for the first watched child that is gone or a zombie."""
-        import psutil
-
         for child, name in self._children:
             with contextlib.suppress(psutil.Error):
                 if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
@@ -312,8 +298,6 @@ def get_module_infos_latest(dht, uids: list[str]) -> list:
 
 
 def declare_offline(dht, uids: list[str], server_info, expiration: float) -> None:
-    import dataclasses
-
     from hivemind.utils.timed_storage import get_dht_time
     from petals.data_structures import ServerState
     from petals.utils.dht import declare_active_modules

@@ -35,7 +35,7 @@ SEGMENT_SECONDS = float(os.environ.get("FARWORKER_USAGE_SEGMENT_SECONDS", "10"))
 
 
 @dataclass
-class Counters:
+class ServingCounters:
     requests: int = 0
     inference_steps: int = 0
     tokens_processed: int = 0
@@ -160,7 +160,7 @@ class ServingMeter:
         stores a record a handler could not."""
         self._events: mp.Queue = mp.Queue()
         self._outbox = outbox
-        self.counters = Counters()
+        self.counters = ServingCounters()
         self._last_event = time.monotonic()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._drain, name="serving-meter", daemon=True)
@@ -179,9 +179,9 @@ class ServingMeter:
     def seconds_since_event(self) -> float:
         return time.monotonic() - self._last_event
 
-    def snapshot(self) -> Counters:
+    def snapshot(self) -> ServingCounters:
         with self._lock:
-            return Counters(**vars(self.counters))
+            return ServingCounters(**vars(self.counters))
 
     def _install(self) -> None:
         import_petals()

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
+from farworker.petals.compat import import_petals, is_dummy_tensor
+
 log = logging.getLogger(__name__)
 
 # At most this many sessions' steps in one call, and at most this many tokens (rows x step length). 128 tokens
@@ -167,8 +169,6 @@ class StepBatcher:
 
     @torch.inference_mode()
     def run_batch(self, steps: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor]:
-        from farworker.petals.compat import is_dummy_tensor
-
         dtype = self.backends[steps[0][2][0].uid].dtype
         hidden_states = torch.cat([step[0].to(dtype) for step in steps], dim=0)
         row_counts = [step[0].shape[0] for step in steps]
@@ -193,8 +193,6 @@ class StepBatcher:
 
 def batching_pool_class():
     """BatchingInferencePool, built on petals' PrioritizedTaskPool (imported through the compat layer)."""
-    from farworker.petals.compat import import_petals
-
     import_petals()
     from petals.server import task_pool
 
@@ -289,3 +287,15 @@ def merge_inference_pools_with_batching(backends: dict) -> None:
     for backend in backends.values():
         assert not backend.inference_pool.is_alive()
         backend.inference_pool = merged_pool
+
+
+def install() -> None:
+    """Make petals build each span's merged inference pool as this module's pool, which runs the concurrent steps
+    of different sessions as one call. Takes effect for servers built after this call.
+
+    petals' ModuleContainer calls ``merge_inference_pools_inplace`` by the name it imported into
+    petals.server.server; that is the name replaced."""
+    import_petals()
+    import petals.server.server as server_module
+
+    server_module.merge_inference_pools_inplace = merge_inference_pools_with_batching

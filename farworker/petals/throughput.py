@@ -12,12 +12,15 @@ import json
 import logging
 from pathlib import Path
 
+from farworker.petals.compat import import_petals
+
 log = logging.getLogger(__name__)
 CACHE_FILE = "farworker-throughput.json"
 
 
 def measured_rps(config, device, dtype, quant_type, cache_dir: Path, model_key: str) -> dict[str, float]:
     """{'inference_rps', 'forward_rps'} per block, from the cache or measured now (seconds on CPU)."""
+    import_petals()
     from petals.server.throughput import get_device_name, get_dtype_name, measure_compute_rps
 
     cache_dir.mkdir(parents=True, exist_ok=True)
