@@ -1,10 +1,11 @@
 """Shared pieces of the benchmarks: machine facts, servers as real processes, a mesh client process,
 process-tree accounting (CPU time, RSS/PSS), and cleanup.
 
-Everything listens on 127.0.0.1. Every process a benchmark starts is stopped in a `finally`: SIGTERM
-(farworker) or SIGINT (petals' CLI turns it into a clean shutdown), then SIGKILL of the process group
-only after a bound. The `torch_<pid>_*` files those processes leave in /dev/shm are removed (the pid in
-the name says whose they are; nothing else is touched).
+Servers are started by farworker.local_mesh.ManagedProcess, the launcher the demo and the tests use. Everything
+listens on 127.0.0.1. Every process a benchmark starts is stopped in a `finally`: SIGTERM (farworker) or SIGINT
+(petals' CLI turns it into a clean shutdown), then SIGKILL of the process group only after a bound. The
+`torch_<pid>_*` files those processes leave in /dev/shm are removed (the pid in the name says whose they are;
+nothing else is touched).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from farworker.identity import load_or_create  # noqa: E402  (after the checkout is on sys.path)
+from farworker.local_mesh import ManagedProcess, farworker_command  # noqa: E402
+from farworker.tiny_model import default_cache_root, ensure_tiny_checkpoint  # noqa: E402
 
 WALLET = "0x" + "be" * 20
 PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
@@ -187,8 +192,7 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
 @dataclass
 class Server:
     kind: str  # "farworker" or "petals"
-    proc: subprocess.Popen
-    log_path: Path
+    launched: ManagedProcess
     initial_peer: str
     started_at: float  # time.monotonic() just before Popen
     notify: NotifySocket | None = None
@@ -197,6 +201,14 @@ class Server:
 
     def __post_init__(self):
         self.tree = Tree(self.proc)
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.launched.process
+
+    @property
+    def log_path(self) -> Path:
+        return self.launched.log_path
 
     @property
     def alive(self) -> bool:
@@ -247,19 +259,8 @@ class Server:
         self.tree.close()
         result = {"clean": True}
         if self.alive:
-            # farworker drains on SIGTERM; petals' CLI shuts down on KeyboardInterrupt (SIGINT)
-            self.proc.send_signal(signal.SIGTERM if self.kind == "farworker" else signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                result["clean"] = False
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(10)
+            # the launcher's stop signal (farworker: SIGTERM, petals' CLI: SIGINT), then SIGKILL of the group
+            result["clean"] = self.launched.stop(timeout) != -signal.SIGKILL
         result["returncode"] = self.proc.returncode
         # descendants that outlived the main process (same session: we started it with a new one)
         leftovers = []
@@ -329,14 +330,10 @@ class NotifySocket:
 
 
 def tiny_model_dir() -> Path:
-    from farworker.tiny_model import default_cache_root, ensure_tiny_checkpoint
-
     return ensure_tiny_checkpoint(default_cache_root())
 
 
 def _identity_peer(state_dir: Path, key_name: str, port: int) -> str:
-    from farworker.identity import load_or_create
-
     identity = load_or_create(state_dir / key_name)
     return f"/ip4/127.0.0.1/tcp/{port}/p2p/{identity.peer_id}"
 
@@ -345,8 +342,6 @@ def start_farworker(
     work: Path, name: str, api_url: str, *, model: str = "farworker-tiny-llama", extra_env: dict[str, str] | None = None
 ) -> Server:
     """`farworker run` holding every block of `model` in a new swarm, READY reported to our socket."""
-    from farworker.tiny_model import default_cache_root
-
     state = work / name / "state"
     state.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -368,18 +363,9 @@ def start_farworker(
             **(extra_env or {}),
         }
     )
-    log_path = work / f"{name}.log"
-    with open(log_path, "ab") as out:
-        started, wall = time.monotonic(), time.time()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "farworker", "run"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=str(work),
-            start_new_session=True,
-        )
-    return Server("farworker", proc, log_path, peer, started, notify, wall)
+    started, wall = time.monotonic(), time.time()
+    launched = ManagedProcess(name, farworker_command("run"), env, work / f"{name}.log", cwd=work).start()
+    return Server("farworker", launched, peer, started, notify, wall)
 
 
 def start_raw_petals(
@@ -413,17 +399,14 @@ def start_raw_petals(
         str(state / "identity.key"),
         *(extra_args or []),
     ]
-    log_path = work / f"{name}.log"
-    with open(log_path, "ab") as out:
-        started, wall = time.monotonic(), time.time()
-        proc = subprocess.Popen(
-            args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, cwd=str(work), start_new_session=True
-        )
-    return Server("petals", proc, log_path, peer, started, None, wall)
+    started, wall = time.monotonic(), time.time()
+    launched = ManagedProcess(name, args, clean_env(), work / f"{name}.log", cwd=work,
+                              stop_signal=signal.SIGINT).start()
+    return Server("petals", launched, peer, started, None, wall)
 
 
 class MeshClientProcess:
-    """benchmarks/mesh_client.py in its own process, driven over stdin/stdout one generation at a time."""
+    """benchmarks/bench_client.py in its own process, driven over stdin/stdout one generation at a time."""
 
     def __init__(
         self,
@@ -439,7 +422,7 @@ class MeshClientProcess:
     ):
         args = [
             sys.executable,
-            str(BENCH_DIR / "mesh_client.py"),
+            str(BENCH_DIR / "bench_client.py"),
             "--peer",
             initial_peer,
             "--model",
@@ -516,7 +499,7 @@ def run_local(
     """Local transformers greedy generation in a fresh process (nothing else of ours running)."""
     args = [
         sys.executable,
-        str(BENCH_DIR / "mesh_client.py"),
+        str(BENCH_DIR / "bench_client.py"),
         "--local",
         "--model",
         str(model_dir),

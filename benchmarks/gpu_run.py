@@ -233,7 +233,7 @@ class UtilSampler:
 # -- 2./4. serving --------------------------------------------------------------------------------------
 def serve_and_measure(run: Run, quant: str) -> dict:
     from farworker import gpu
-    from farworker.petals.server_host import dht_prefix_for
+    from farworker.catalog import dht_prefix_for
     from farworker.status_file import read_status
 
     args, work, model = run.args, run.work, run.model_dir
@@ -378,7 +378,7 @@ def multi_gpu_measure(run: Run) -> dict:
     """One worker per visible GPU, each pinned by UUID and holding every block it fits, each with its own client
     (embeddings and head on the same GPU); first instance 0 alone, then all clients at once."""
     from farworker import gpu
-    from farworker.petals.server_host import dht_prefix_for
+    from farworker.catalog import dht_prefix_for
     from farworker.status_file import read_status
 
     args, work, model = run.args, run.work, run.model_dir

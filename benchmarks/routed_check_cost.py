@@ -40,10 +40,10 @@ class Captures:
 
 
 def run_worker(work: Path, name: str, served: str, env: dict, completions: int, seed: int) -> dict:
+    from farworker.catalog import dht_prefix_for
     from farworker.coordinator.app import DEFAULT_SAMPLE_ROUTED
     from farworker.coordinator.mesh import MeshClient
     from farworker.coordinator.spot_check import SpotChecker
-    from farworker.petals.server_host import dht_prefix_for
 
     server = bl.start_farworker(work, name, CLOSED_API, model=served, extra_env=env)
     mesh = None

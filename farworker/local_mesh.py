@@ -1,7 +1,8 @@
 """A private mesh on this machine, as real processes: a bootstrap peer and `farworker run` workers.
 
-Used by `farworker demo` and the tests. Everything listens on loopback only, and every process is
-stopped (SIGTERM, then SIGKILL after a bound) when the mesh closes.
+Used by `farworker demo`, the tests and the benchmarks (ManagedProcess is their one process launcher).
+Everything listens on loopback only, and every process is stopped (SIGTERM, then SIGKILL after a bound) when
+the mesh closes.
 """
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ class MeshProcessError(RuntimeError):
 
 @dataclass
 class ManagedProcess:
+    """A child in a session of its own (so its whole tree can be ended), output appended to ``log_path``."""
+
     name: str
     args: list[str]
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen | None = None
+    cwd: Path | None = None
+    stop_signal: int = signal.SIGTERM  # farworker drains on SIGTERM; petals' own CLI shuts down on SIGINT
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            cwd=self.cwd, start_new_session=True)
         return self
 
     @property
@@ -55,7 +60,7 @@ class ManagedProcess:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -10,7 +10,7 @@ variants run one after another in an order that rotates, so drift on a shared ma
 Figures per variant and level: aggregate tokens/s (all sessions' decode tokens / wall time from the first step
 to the last token) and the p50/p99 of the per-token latency (time between a session's consecutive tokens).
 
-    python benchmarks/step_batching.py --rounds 3 --new-tokens 32 --out benchmarks/results/step_batching.json
+    python benchmarks/step_batching_speed.py --rounds 3 --new-tokens 32 --out benchmarks/results/step_batching.json
 """
 
 from __future__ import annotations
