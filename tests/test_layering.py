@@ -28,7 +28,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "farworker"
 
-# (layer, name patterns), bottom first; the first pattern a module matches places it.
+# (layer, name patterns), top first; the first pattern a module matches places it (so the server host modules
+# named in "worker parts" are not caught by "petals access"'s farworker.petals.*).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("commands", ("farworker", "farworker.__main__", "farworker.cli", "farworker.demo")),
     ("coordinator", ("farworker.coordinator", "farworker.coordinator.*")),
