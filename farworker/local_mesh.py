@@ -57,15 +57,23 @@ class ManagedProcess:
             return ""
 
     def stop(self, timeout: float = 30.0) -> int | None:
+        self.request_stop()
+        return self.wait_stopped(time.monotonic() + timeout)
+
+    def request_stop(self) -> None:
+        """The stop signal, without waiting: the process drains and exits on its own time (see wait_stopped)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(self.stop_signal)
+
+    def wait_stopped(self, deadline: float) -> int | None:
+        """The exit status once the process ended; past ``deadline`` (time.monotonic()) its group is SIGKILLed."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(self.stop_signal)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
         return self.process.returncode
 
     def kill(self) -> None:
@@ -73,6 +81,17 @@ class ManagedProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+
+def stop_all(processes, timeout: float = 30.0) -> None:
+    """Stop ``processes`` together: SIGTERM to each, then wait for all within one ``timeout`` (each one's drain
+    and shutdown take seconds; one after another they add up)."""
+    processes = list(processes)
+    for process in processes:
+        process.request_stop()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.wait_stopped(deadline)
 
 
 def farworker_command(*args: str) -> list[str]:
@@ -98,7 +117,7 @@ def start_bootstrap_peer(work_dir: Path, name: str = "bootstrap") -> tuple[Manag
             return peer, [line for line in maddrs_file.read_text().split() if "/127.0.0.1/" in line]
         if not peer.alive:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)  # a cheap file check; the peer writes it a moment after it listens
     peer.stop()
     raise MeshProcessError(f"bootstrap peer did not start:\n{peer.log_tail()}")
 
@@ -150,7 +169,7 @@ class WorkerHandle:
             if not self.proc.alive:
                 raise MeshProcessError(f"{self.proc.name} exited with {self.proc.process.returncode}:\n"
                                        f"{self.proc.log_tail()}")
-            time.sleep(0.3)
+            time.sleep(0.1)  # a small file read; every test that starts a worker waits here
         raise MeshProcessError(f"{self.proc.name} was not online after {timeout:.0f} s:\n{self.proc.log_tail()}")
 
 

@@ -22,7 +22,7 @@ from polling import wait_for
 from farworker.coordinator.mesh import MeshClient
 from farworker.outbox import Outbox
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # .ci/run's fault step, not the README's test command
 EXIT_FAULT = 70
 HEALTH_PERIOD = 5.0  # WATCHDOG_USEC=10 s: pings and health checks every 5 s
 STOP_BOUND = 23.0  # the README's SIGTERM-to-exit bound with the defaults (15 s drain + 8 s)

@@ -171,6 +171,7 @@ def test_a_broken_session_is_run_again_and_both_attempts_are_billed(mesh):
     mesh.wait_ledger_matches()
 
 
+@pytest.mark.faults  # stops the coordinator: .ci/run's fault step, not the README's test command
 def test_outage_while_clients_generate(mesh):
     from farworker.coordinator.mesh import MeshClient
 
@@ -194,6 +195,7 @@ def test_outage_while_clients_generate(mesh):
     mesh.wait_ledger_matches()
 
 
+@pytest.mark.faults  # kills a worker: .ci/run's fault step, not the README's test command
 def test_worker_sigkill_then_restart_loses_and_doubles_nothing(mesh):
     victim = mesh.workers[0]
     mesh.coordinator.stop()  # so the victim's latest usage is still in its outbox when it dies

@@ -231,7 +231,7 @@ def _free_port_pair() -> int:
 def test_two_instances_of_one_host_serve_together_and_the_ledger_groups_them(tmp_path, bootstrap_peer, tiny_model):
     from farworker.coordinator.app import Settings
     from farworker.coordinator.service import RunningCoordinator
-    from farworker.local_mesh import ManagedProcess, WorkerHandle, worker_env
+    from farworker.local_mesh import ManagedProcess, WorkerHandle, stop_all, worker_env
     from farworker.tiny_model import TINY_MODEL_NAME
 
     coordinator = RunningCoordinator(Settings(
@@ -286,8 +286,7 @@ def test_two_instances_of_one_host_serve_together_and_the_ledger_groups_them(tmp
             healthy = re.search(r'^farworker_healthy\{(.*)\} 1\.0$', scraped, re.M)
             assert healthy and f'worker_instance="{index}"' in healthy[1] and 'gpu_uuid="cpu"' in healthy[1]
     finally:
-        for worker in workers:
-            worker.proc.stop(timeout=30)
+        stop_all((worker.proc for worker in workers), timeout=45)  # together: each drain takes seconds
         coordinator.stop()
 
 

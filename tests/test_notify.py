@@ -13,7 +13,7 @@ import pytest
 from dht_lookup import blocks_online_in_dht
 from notify_listener import NotifyListener
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # wedges a worker: .ci/run's fault step
 
 
 def test_ready_watchdog_wedge_and_stop(start_workers, bootstrap_peer):

@@ -34,6 +34,7 @@ def routed_check_counts(metrics_text: str) -> dict[str, float]:
     return counts
 
 
+@pytest.mark.faults  # alters a worker: .ci/run's fault step, not the README's test command
 def test_routed_requests_quarantine_an_altered_worker_and_not_an_honest_one(tmp_path, tiny_model, bootstrap_peer,
                                                                             start_workers):
     settings = Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0, model_path=tiny_model,

@@ -40,6 +40,7 @@ def altered_checkpoint(tiny_model, directory, scale=1.02):
     return target
 
 
+@pytest.mark.faults  # alters a worker: .ci/run's fault step, not the README's test command
 def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tiny_model, bootstrap_peer,
                                                                    start_workers):
     settings = Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0, model_path=tiny_model,
@@ -88,6 +89,7 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
 INT8_PROBES = 100  # 1,000 through a real int8 worker take ~2 min: benchmarks/probe_cost.py (RESULTS.md, 9)
 
 
+@pytest.mark.faults  # alters a worker: .ci/run's fault step, not the README's test command
 def test_int8_workers_pass_against_the_float_reference_and_an_altered_int8_worker_does_not(
         tmp_path, tiny_model, bootstrap_peer, start_workers):
     """Both workers quantize their weights to int8 (petals' LLM.int8 via bitsandbytes' CPU backend); the

@@ -93,6 +93,7 @@ def _scrape(port: int) -> str | None:
         return None
 
 
+@pytest.mark.faults  # stops a worker: .ci/run's fault step, not the README's test command
 def test_sigterm_lets_an_open_session_finish_and_bills_all_of_it(start_workers, bootstrap_peer, tiny_model):
     """A drain announces the blocks offline, then waits for the open session: the client's steps after the
     SIGTERM still succeed, and every token of the session lands in the outbox before the worker exits."""
@@ -126,6 +127,7 @@ def test_sigterm_lets_an_open_session_finish_and_bills_all_of_it(start_workers, 
     assert sum(r["tokens"] for r in records) == len(PROMPT) + len(later_tokens), records
 
 
+@pytest.mark.faults  # kills a worker: .ci/run's fault step, not the README's test command
 def test_sigkill_mid_session_bills_every_answered_step_once(start_workers, bootstrap_peer, tiny_model):
     """kill -9 while a session is open and its usage segment is not due yet (segments of an hour): every step
     the client got an answer for is held on disk, and the next start moves it to the outbox, once."""
