@@ -11,6 +11,7 @@ import click
 
 from farworker import __version__
 from farworker.config import EX_CONFIG, SETTINGS, ConfigError, load_config
+from farworker.coordinator.extra import require_extra
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
 
@@ -133,6 +134,7 @@ def gpus(as_json):
               help="Where the demo keeps its state (default: a fresh temporary directory).")
 def demo(max_tokens, workers, work_dir):
     """Run a private mesh here: coordinator, workers on the tiny model, a routed request, the ledger."""
+    require_extra()
     _setup_logging("WARNING")
     from farworker.demo import run_demo
 
