@@ -112,7 +112,7 @@ def _multiaddr(item: str, require_peer_id: bool) -> str:
     """One multiaddr, parsed as hivemind's DHT will parse it (a /p2p/ peer id must decode), in a shape we serve.
 
     hivemind 1.1.12 vendors py-multiaddr as hivemind.utils.multiaddr (there is no separate multiaddr package in
-    roles/farworker_package/files/runtime.lock). Importing it imports hivemind and torch, so only settings that are set pay for it.
+    the runtime lock). Importing it imports hivemind and torch, so only settings that are set pay for it.
     """
     from hivemind.utils.multiaddr import Multiaddr
 
