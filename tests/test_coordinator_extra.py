@@ -4,6 +4,7 @@ on real hosts)."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,16 @@ def test_the_extra_is_found_where_it_is_installed():
     from farworker.coordinator.extra import missing_extra
 
     assert missing_extra() is None
+
+
+def pins(name):
+    lock = Path(__file__).resolve().parent.parent / "roles" / "farworker_package" / "files" / name
+    return {line.split("==")[0].lower() for line in lock.read_text().splitlines() if line and line[0] != "#"}
+
+
+def test_the_worker_lock_has_none_of_the_coordinators_set():
+    """runtime.lock is what the role puts on every worker host; coordinator.lock only where the coordinator runs."""
+    worker, coordinator = pins("runtime.lock"), pins("coordinator.lock")
+    assert {"fastapi", "uvicorn", "starlette"} <= coordinator
+    assert not worker & coordinator, worker & coordinator
+    assert {"petals", "hivemind", "pydantic"} <= worker
