@@ -34,13 +34,14 @@ RUN set -eu; \
     rm -rf /var/lib/apt/lists/*
 
 # The dependencies, without farworker's own wheel, so this stage stays cached while only farworker changes.
-# The patterns copy every wheel but farworker-*.whl ("fa" is only fastapi and farworker today; a new
-# dependency starting with "fa" fails the install below loudly: add a pattern for it).
+# A worker image: runtime.lock alone (the coordinator's extra, coordinator.lock, is not installed). The patterns
+# copy every wheel but those starting with "fa" (farworker's own, and fastapi, which the worker does not use; a new
+# worker dependency starting with "fa" fails the install below loudly: add a pattern for it).
 FROM base AS deps
 ARG WHEELHOUSE=wheelhouse
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_VARIANT=cpu
-COPY ${WHEELHOUSE}/runtime.lock ${WHEELHOUSE}/[^f]*.whl ${WHEELHOUSE}/f[^a]*.whl ${WHEELHOUSE}/fastapi-*.whl /wheels/
+COPY ${WHEELHOUSE}/runtime.lock ${WHEELHOUSE}/[^f]*.whl ${WHEELHOUSE}/f[^a]*.whl /wheels/
 # The install recipe of scripts/build-wheelhouse.sh: torch (with its dependencies, from the wheelhouse),
 # then the exact lock with --no-deps (petals' own pins cannot install).
 RUN set -eu; \

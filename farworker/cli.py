@@ -11,6 +11,7 @@ import click
 
 from farworker import __version__
 from farworker.config import EX_CONFIG, SETTINGS, ConfigError, load_config
+from farworker.coordinator.extra import require_extra
 
 # Each command imports the modules it runs inside its own function: `--help`, `status` and `check --config-only`
 # must start in a fraction of a second (no torch, petals or FastAPI), and every petals process that `run` forks
@@ -138,6 +139,7 @@ def gpus(as_json):
               help="Where the demo keeps its state (default: a fresh temporary directory).")
 def demo(max_tokens, workers, work_dir):
     """Run a private mesh here: coordinator, workers on the tiny model, a routed request, the ledger."""
+    require_extra()
     _setup_logging("WARNING")
     from farworker.demo import run_demo
 

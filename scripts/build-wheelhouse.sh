@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build a wheelhouse for hosts that cannot reach a package index (air-gapped fleets, the test containers).
 # Usage: scripts/build-wheelhouse.sh [--cuda] DIR
-# DIR gets: a wheel of every pin in requirements/runtime.lock (built here for the sdist-only ones),
+# DIR gets: a wheel of every pin in roles/farworker_package/files/runtime.lock and coordinator.lock (built here
+# for the sdist-only ones), the two lock files,
 # torch (TORCH_SPEC, default torch==2.13.0) and farworker's own wheel.
 #   default  torch's CPU build, --no-deps (the CPU build needs nothing beyond the lock).
 #   --cuda   the CUDA set for GPU hosts and the CUDA image: PyPI's own manylinux torch wheel *is* the CUDA 13
@@ -10,10 +11,11 @@
 #            The download ignores this machine's pip configuration (--isolated): a configured find-links or
 #            extra index holding a local `+cpu` torch would otherwise win. CUDA_INDEX_URL (default PyPI's
 #            simple index) names another index with the same files (a mirror).
-# The dependency part is cached: it is redone only when runtime.lock, TORCH_SPEC or the set changes.
+# The dependency part is cached: it is redone only when a lock, TORCH_SPEC or the set changes.
 # farworker's wheel is rebuilt every time (seconds) so the wheelhouse always carries the tree's code.
 # Install from it:  pip install --no-index --find-links DIR torch==2.13.0
-#                   pip install --no-index --find-links DIR --no-deps -r requirements/runtime.lock farworker
+#                   pip install --no-index --find-links DIR --no-deps -r DIR/runtime.lock farworker
+#                   (a coordinator host adds -r DIR/coordinator.lock)
 set -euo pipefail
 
 variant=cpu
@@ -23,13 +25,15 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 CUDA_INDEX_URL=${CUDA_INDEX_URL:-https://pypi.org/simple}
 PYTHON=${PYTHON:-python3}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-lock="$root/requirements/runtime.lock"
+locks="$root/roles/farworker_package/files"
+lock="$locks/runtime.lock"
+coordinator_lock="$locks/coordinator.lock"
 
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 stamp="$DIR/.deps-stamp"
 if [[ $variant == cuda ]]; then set_id="cuda $TORCH_SPEC $CUDA_INDEX_URL"; else set_id="$TORCH_SPEC "; fi
-want=$( { cat "$lock"; echo "$set_id"; } | sha256sum | cut -d' ' -f1)
+want=$( { cat "$lock" "$coordinator_lock"; echo "$set_id"; } | sha256sum | cut -d' ' -f1)
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "wheelhouse $DIR: dependencies cached ($variant)"
@@ -40,7 +44,7 @@ else
     # and keeping them spares a 2.7 GB download when only the lock moved.
     rm -f "$DIR"/torch-*.whl
     start=$SECONDS
-    echo "wheelhouse $DIR: downloading $(grep -cE '^[A-Za-z]' "$lock") pins + $TORCH_SPEC ($variant)"
+    echo "wheelhouse $DIR: downloading $(cat "$lock" "$coordinator_lock" | grep -cE '^[A-Za-z]') pins + $TORCH_SPEC ($variant)"
     # Wheels are picked for this machine's Python and glibc: build the wheelhouse on the hosts' OS
     # release (Debian 12 / Python 3.11 for the test containers).
     if [[ $variant == cuda ]]; then
@@ -50,9 +54,9 @@ else
             echo "wheelhouse $DIR: $CUDA_INDEX_URL did not give torch's CUDA build:" "$DIR"/torch-* >&2
             exit 1
         fi
-        "$PYTHON" -m pip download --quiet --no-deps -d "$DIR" -r "$lock"
+        "$PYTHON" -m pip download --quiet --no-deps -d "$DIR" -r "$lock" -r "$coordinator_lock"
     else
-        "$PYTHON" -m pip download --quiet --no-deps -d "$DIR" -r "$lock" "$TORCH_SPEC"
+        "$PYTHON" -m pip download --quiet --no-deps -d "$DIR" -r "$lock" -r "$coordinator_lock" "$TORCH_SPEC"
     fi
     # A few pins exist only as sdists (prefetch_generator, python-baseconv, varint, sdnotify):
     # hosts must not need a compiler or build backends, so turn them into wheels here.
@@ -69,5 +73,5 @@ fi
 
 rm -f "$DIR"/farworker-*.whl
 "$PYTHON" -m pip wheel --quiet --no-deps -w "$DIR" "$root"
-cp "$lock" "$DIR/runtime.lock"
+cp "$lock" "$coordinator_lock" "$DIR/"
 echo "wheelhouse $DIR: $(ls "$DIR"/*.whl | wc -l) wheels, $(du -sh "$DIR" | cut -f1)"

@@ -59,7 +59,7 @@ export ANSIBLE_FORCE_COLOR=0 PY_COLORS=0 ANSIBLE_NOCOLOR=1
 
 if [[ "${SKIP_LINT:-0}" != 1 ]]; then
     step "yamllint"
-    yamllint --strict roles playbooks inventory molecule .yamllint .ansible-lint
+    yamllint --strict roles playbooks inventory molecule .config .yamllint .ansible-lint
     step "ansible-lint (production profile)"
     ansible-lint --offline --nocolor
 fi

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv with farworker and the exact runtime set (requirements/runtime.lock).
+# Creates .venv with farworker, the exact runtime set and the coordinator's additions (the farworker[coordinator]
+# extra: the demo and the tests run the reference coordinator). The pins are the Ansible role's own files,
+# roles/farworker_package/files/{runtime,coordinator}.lock; a worker host gets runtime.lock alone.
 #   bash scripts/setup.sh          runtime only
 #   bash scripts/setup.sh --dev    plus test and lint tools
 # FARWORKER_TORCH picks the torch build: the default is the CPU build these machines carry;
@@ -29,8 +31,9 @@ else
 fi
 # shellcheck disable=SC2086  # FARWORKER_TORCH may carry pip options
 "${install[@]}" ${FARWORKER_TORCH:-torch==2.13.0}
-# Exact pins, no resolver: petals 2.2.0.post1's own pins cannot install today (see requirements/runtime.lock).
-"${install[@]}" --no-deps -r requirements/runtime.lock
+# Exact pins, no resolver: petals 2.2.0.post1's own pins cannot install today (see runtime.lock).
+locks=roles/farworker_package/files
+"${install[@]}" --no-deps -r "$locks/runtime.lock" -r "$locks/coordinator.lock"
 if [ -n "${FARWORKER_WHEELHOUSE:-}" ]; then
   "${install[@]}" --no-deps farworker  # the wheel build-wheelhouse.sh made from this tree
 else

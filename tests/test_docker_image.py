@@ -217,7 +217,7 @@ def test_worker_healthy_and_serves_equal_tokens(worker, identity_probe, tiny_mod
     # The same pinned set as the venv install: every pin of runtime.lock, and torch.
     script = "import importlib.metadata as m; print(*(f'{d.name}=={d.version}' for d in m.distributions()))"
     installed = {p.lower().replace("_", "-") for p in docker("exec", name, "python", "-c", script).stdout.split()}
-    lock = (Path(__file__).parent.parent / "requirements" / "runtime.lock").read_text()
+    lock = (Path(__file__).parent.parent / "roles" / "farworker_package" / "files" / "runtime.lock").read_text()
     pins = [line.strip().lower() for line in lock.splitlines() if line.strip() and not line.startswith("#")]
     missing = [p for p in pins if p.replace("_", "-") not in installed]
     assert not missing, f"pins of runtime.lock missing in the image: {missing}"

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from farworker.config import EX_CONFIG
+from farworker.coordinator.extra import require_extra
 
 
 @click.command("coordinator")
@@ -116,6 +117,7 @@ def coordinator_command(
 ):
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
     ledger, and completions routed through the mesh."""
+    require_extra()  # before anything imports FastAPI: a worker host installs without it
     from farworker.coordinator.service import serve
 
     if model_path is not None and not initial_peers:

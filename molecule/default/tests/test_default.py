@@ -22,7 +22,7 @@ INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 inventory = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 WORKERS = sorted(inventory.get_hosts("farworker"))
 BOOT = inventory.get_hosts("mesh_bootstrap")[0]
-CLIENT = os.path.join(os.path.dirname(__file__), "..", "files", "mesh_client.py")
+MESH_CHECK = os.path.join(os.path.dirname(__file__), "..", "files", "mesh_check.py")
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(PROJECT / "tests"))  # the project's own test helpers (tests/polling.py)
 import polling  # noqa: E402
@@ -97,7 +97,7 @@ def env_file_state(h):
     return h.check_output(f"stat -c '%U:%G %a %s %Y' {ENV_FILE} && sha256sum {ENV_FILE}")
 
 
-@pytest.mark.parametrize("role", ["farworker", "mesh_bootstrap"])
+@pytest.mark.parametrize("role", ["farworker", "mesh_bootstrap", "farworker_package"])
 def test_role_variables_declared_and_documented(role):
     """Every default is declared in meta/argument_specs.yml with the same default, and the README lists it."""
     defaults = role_defaults(role)
@@ -151,8 +151,8 @@ def test_bootstrap_active_with_stable_identity():
 def test_wheelhouse_pushed_from_the_control_node():
     """fw-worker2 has no wheelhouse mount (molecule.yml): the role copied the control node's wheelhouse to it,
     and its venv was installed from that copy with --no-index."""
-    pushed = [name for name in WORKERS if inventory.get_variables(name).get("farworker_wheelhouse_src")]
-    assert pushed, "no worker in the inventory sets farworker_wheelhouse_src"
+    pushed = [name for name in WORKERS if inventory.get_variables(name).get("farworker_package_wheelhouse_src")]
+    assert pushed, "no worker in the inventory sets farworker_package_wheelhouse_src"
     source = os.environ["FARWORKER_WHEELHOUSE"]
     expected = sorted(f for f in os.listdir(source) if f.endswith((".whl", ".tar.gz")))
     for name in pushed:
@@ -164,6 +164,21 @@ def test_wheelhouse_pushed_from_the_control_node():
         for wheel in expected:
             assert files[wheel] == ["root", "644", str(os.path.getsize(os.path.join(source, wheel)))], wheel
         assert h.run("/opt/farworker/venv/bin/farworker --version").rc == 0
+
+
+def test_coordinator_set_only_where_the_coordinator_runs():
+    """The role installs the worker alone (no FastAPI, uvicorn, starlette); the coordinator's host has them, and a
+    worker's `farworker coordinator` says which extra it lacks in one line instead of a traceback."""
+    probe = "/opt/farworker/venv/bin/python -c 'import importlib.util as u; print(u.find_spec(\"{}\") is not None)'"
+    for name in WORKERS:
+        h = host(name)
+        assert [h.check_output(probe.format(m)) for m in ("fastapi", "uvicorn", "starlette")] == ["False"] * 3, name
+        refused = h.run("/opt/farworker/venv/bin/farworker coordinator --port 18999")
+        assert refused.rc != 0 and "farworker[coordinator]" in refused.stderr, refused
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    boot = host(BOOT)
+    assert [boot.check_output(probe.format(m)) for m in ("fastapi", "uvicorn")] == ["True", "True"]
+    assert props(boot, "farworker-coordinator", "ActiveState")["ActiveState"] == "active"
 
 
 @pytest.mark.parametrize("name", WORKERS)
@@ -218,20 +233,20 @@ def test_security_exposure_at_most_3(name):
 
 @pytest.fixture(scope="module")
 def mesh_result():
-    return run_mesh_client()
+    return run_mesh_check()
 
 
-def run_mesh_client() -> dict:
+def run_mesh_check() -> dict:
     """A petals client on the bootstrap host generates through both workers and compares with transformers."""
     boot = host(BOOT)
-    boot.ansible("copy", f"src={CLIENT} dest=/var/tmp/mesh_client.py mode=0644", check=False)
+    boot.ansible("copy", f"src={MESH_CHECK} dest=/var/tmp/mesh_check.py mode=0644", check=False)
     peers = boot.check_output("cat /var/lib/farworker-bootstrap/bootstrap-maddrs.txt").split()
     ip = boot.check_output("hostname -I").split()[0]
     # The bootstrap peer's reachable address, then whatever it printed itself.
     reachable = [m for m in peers if f"/ip4/{ip}/" in m] or peers
     cmd = (
         "cd /var/tmp && HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 timeout 300 "
-        f"/opt/farworker/venv/bin/python /var/tmp/mesh_client.py --initial-peers {','.join(reachable)}"
+        f"/opt/farworker/venv/bin/python /var/tmp/mesh_check.py --initial-peers {','.join(reachable)}"
     )
     result = boot.run(cmd)
     assert result.rc == 0, result.stderr[-4000:]
@@ -362,7 +377,7 @@ def test_package_change_checks_the_config_before_restarting():
     assert props(h, "farworker", "ActiveState")["ActiveState"] == "active"
 
 
-REQUIREMENT_FILE = "/opt/farworker/farworker.txt"  # written by the install tasks (farworker_install_dir)
+REQUIREMENT_FILE = "/opt/farworker/farworker.txt"  # written by the install tasks (farworker_package_dir)
 
 
 def test_configure_tag_pushes_an_env_change_without_touching_the_venv():
@@ -386,9 +401,8 @@ def test_configure_tag_pushes_an_env_change_without_touching_the_venv():
         assert rc == 0, out[-4000:]
         tasks = re.findall(r"^TASK \[([^\]]+)\]", out, re.M)
         assert "farworker : Write the env file" in tasks, tasks
-        install_tasks = r"^farworker : (Install (Python venv support|torch|the pinned runtime set|farworker)$|Push the " \
-                        r"wheelhouse|Copy the pinned runtime set|Write the torch and farworker requirements|Ask pip)"
-        assert "farworker : Install torch" not in tasks and not [t for t in tasks if re.search(install_tasks, t)], tasks
+        assert "farworker : Install the farworker package" not in tasks, tasks
+        assert not [t for t in tasks if t.startswith("farworker_package : ")], tasks
         assert "changed: [" in section(out, "TASK [farworker : Write the env file]")
         assert "changed: [" in section(out, "RUNNING HANDLER [farworker : Restart farworker]")
         assert f'FARLABS_HEARTBEAT_INTERVAL="{interval + 1}"' in h.file(ENV_FILE).content_string
@@ -468,7 +482,7 @@ def test_a_dead_child_ends_in_a_prompt_restart_and_serving(kind):
     journal = h.check_output("journalctl -u farworker --no-pager -n 300")
     assert "Exiting with status 70 so the service is restarted: child process" in journal, journal[-3000:]
     assert back < 5 + 23 + 2 + 60, f"back to READY after {back:.0f} s"  # detection + stop + RestartSec + start
-    result = run_mesh_client()
+    result = run_mesh_check()
     assert result["got"] == result["expected"], result
 
 

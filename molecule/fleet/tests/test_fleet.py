@@ -5,7 +5,9 @@ another, bounded in count and time, for the whole module. The tests run in file 
 fleet through its phases; each request is recorded with the phase it started in. Targets (issue 5):
 no failed request during the rolling upgrade, every request succeeds after the failover, the ledger's
 tokens equal the tokens the client's completions say each worker processed (nothing lost or doubled),
-and a second site.yml run changes nothing.
+and a second site.yml run after the upgrade changes nothing. What any converged mesh shows (a fresh converge's
+idempotence, check mode, the unit, faults under systemd, tokens equal to local transformers) is proven once, in the
+default scenario.
 """
 
 from __future__ import annotations
@@ -235,22 +237,13 @@ def test_rolling_upgrade_without_a_failed_request(fleet):
 
 
 def test_second_site_yml_run_changes_nothing(fleet):
-    rc, out, took = site_yml("-e", "farworker_serial=1", "-e", f"fleet_worker_version={upgrade_version()}",
-                             "-e", "farworker_rolling_settle_sec=5")
+    """The upgrade left a fixed point. One batch: with nothing to change no worker restarts, so serial batches and
+    their settle pauses would only make the run longer (68-76 s for all hosts at once, 120-185 s one by one)."""
+    rc, out, took = site_yml("-e", f"fleet_worker_version={upgrade_version()}")
     print(f"FLEET idempotent site.yml rerun: {took:.0f} s")
     assert rc == 0, out[-12000:]
     rows = recap(out)
     assert rows and all(r["changed"] == 0 for r in rows.values()), rows
-
-
-def test_check_run_changes_nothing(fleet):
-    """`site.yml --check --diff` on the upgraded fleet, as operators run it before a change: changed=0 everywhere."""
-    rc, out, took = site_yml("--check", "--diff", "-e", f"fleet_worker_version={upgrade_version()}")
-    print(f"FLEET site.yml --check: {took:.0f} s")
-    assert rc == 0, out[-12000:]
-    rows = recap(out)
-    assert len(rows) == 4 and all(r["changed"] == 0 for r in rows.values()), (rows, out[-6000:])
-    assert "RUNNING HANDLER" not in out, out[-6000:]
 
 
 def test_every_request_succeeds_after_a_worker_host_stops_abruptly(fleet):

@@ -16,7 +16,7 @@ INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 inventory = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 NAME = inventory.get_hosts("farworker")[0]
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
-CLIENT = PROJECT / "molecule" / "default" / "files" / "mesh_client.py"
+MESH_CHECK = PROJECT / "molecule" / "default" / "files" / "mesh_check.py"
 CONVERGE = PROJECT / "molecule" / "multi_gpu" / "converge.yml"
 sys.path.insert(0, str(PROJECT / "tests"))  # the project's own test helpers (tests/polling.py)
 import polling  # noqa: E402
@@ -81,10 +81,10 @@ def test_farworker_status_without_arguments_lists_every_instance(online):
 
 def test_a_client_generates_through_both_instances(online):
     h = host()
-    h.ansible("copy", f"src={CLIENT} dest=/var/tmp/mesh_client.py mode=0644", check=False)
+    h.ansible("copy", f"src={MESH_CHECK} dest=/var/tmp/mesh_check.py mode=0644", check=False)
     peers = h.check_output("cat /var/lib/farworker-bootstrap/bootstrap-maddrs.txt").split()
     local = [p for p in peers if "/127.0.0.1/" in p] or peers
-    result = h.run(f"HF_HUB_OFFLINE=1 /opt/farworker/venv/bin/python /var/tmp/mesh_client.py "
+    result = h.run(f"HF_HUB_OFFLINE=1 /opt/farworker/venv/bin/python /var/tmp/mesh_check.py "
                    f"--initial-peers {','.join(local)} --forward-mb 4")
     assert result.rc == 0, result.stderr[-3000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])

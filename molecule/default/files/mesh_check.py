@@ -1,6 +1,7 @@
-"""Molecule's mesh client: generate through the workers' blocks and compare with local transformers.
+"""Molecule's mesh check: generate through the workers' blocks and compare with farworker.local_reference.
 
-Runs with the farworker venv's python on the bootstrap container. Prints one JSON line.
+Runs with the farworker venv's python on the bootstrap container. Prints one JSON line: the greedy new tokens
+from the mesh and from local transformers, the servers the client was routed through, and a ~40 MB forward pass.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from farworker.local_reference import generate_locally
 from farworker.petals.compat import import_petals
 from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint
 
@@ -25,14 +27,10 @@ def main() -> None:
 
     checkpoint = ensure_tiny_checkpoint(Path(args.cache))
     petals = import_petals()
-    from transformers import LlamaForCausalLM
 
     torch.manual_seed(7)
     prompt = torch.randint(3, 500, (1, 8))
-    local = LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = local.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
-    del local
+    expected = generate_locally(str(checkpoint), prompt[0].tolist(), args.new_tokens)
 
     model = petals.AutoDistributedModelForCausalLM.from_pretrained(
         str(checkpoint),
@@ -55,8 +53,8 @@ def main() -> None:
         out = blocks(activations)
 
     print(json.dumps({
-        "expected": expected[0].tolist(),
-        "got": got[0].tolist(),
+        "expected": expected,
+        "got": got[0, prompt.shape[1]:].tolist(),
         "servers": sorted(servers),
         "forward_mb": activations.numel() * 4 / 1e6,
         "forward_shape": list(out.shape),
