@@ -135,8 +135,8 @@ def main() -> None:
         bl.write_json(args.out, {"benchmark": "probe_int8_sweep", "machine": info, **sweep})
         return
 
-    from farworker.coordinator.mesh import MeshClient
-    from farworker.coordinator.reachability import check as check_reachability
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
+    from farworker.coordinator.services.reachability import check as check_reachability
     from farworker.coordinator.spot_check import PROBE_TOKENS, SpotChecker, tolerance_for
     from farworker.petals.server_host import dht_prefix_for
 

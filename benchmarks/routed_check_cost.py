@@ -40,8 +40,8 @@ class Captures:
 
 
 def run_worker(work: Path, name: str, served: str, env: dict, completions: int, seed: int) -> dict:
-    from farworker.coordinator.app import DEFAULT_SAMPLE_ROUTED
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
+    from farworker.coordinator.settings import DEFAULT_SAMPLE_ROUTED
     from farworker.coordinator.spot_check import SpotChecker
     from farworker.petals.server_host import dht_prefix_for
 

@@ -11,7 +11,8 @@ CONTRACT_PATH = Path(__file__).resolve().parents[2] / "openapi" / "farworker-api
 
 
 def served_openapi() -> dict:
-    from farworker.coordinator.app import Settings, create_app
+    from farworker.coordinator.app import create_app
+    from farworker.coordinator.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app(Settings(db_path=Path(tmp) / "contract.sqlite"))
@@ -33,7 +34,7 @@ def render() -> str:
     Dumper.add_representer(str, text)
     header = (
         "# The Far Labs coordinator API (workers <-> coordinator, completions). Generated from\n"
-        "# farworker/coordinator/models.py and app.py: python -m farworker.coordinator.contract\n"
+        "# farworker/wire_records.py and farworker/coordinator/: python -m farworker.coordinator.contract\n"
     )
     return header + yaml.dump(served_openapi(), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=110)
 

@@ -6,7 +6,8 @@ one block's weights, not the model. The probe is random hidden states of the mod
 scaled like real activations); the worker runs them through petals' `rpc_forward`. The comparison is the
 L2 error relative to the block's own update, ``||worker - reference|| / ||reference - input||``, against a
 tolerance for the worker's registered dtype and quantization (`tolerance_for`, derivation in docs/trust.md).
-With each probe the coordinator also dials the worker's announced addresses directly (coordinator/reachability.py).
+With each probe the coordinator also dials the worker's announced addresses directly
+(coordinator/services/reachability.py).
 
 RoutedChecks verifies a sampled share of the completions the coordinator routes the same way, with the client's
 real inputs: one server session's first step (its prefill), recomputed through the worker's whole span.
@@ -22,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from farworker.coordinator import reachability
+from farworker.coordinator.services import reachability
 from farworker.mesh_client import FirstStep
 
 log = logging.getLogger("farworker.coordinator")

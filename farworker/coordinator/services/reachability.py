@@ -2,9 +2,10 @@
 
 The job health.petals.dev did for the public swarm. A worker behind NAT, a firewall or with a wrong
 FARLABS_ANNOUNCE_MADDRS still joins the DHT (its connections go out), but clients cannot dial it, or only
-through a relay. The coordinator dials each announced address on its own, never through a relay (petals_compat
-.dial_directly), with every spot check; the answer is stored per worker, shown in ``GET /v1/workers/{id}`` and
-returned in each heartbeat answer, so the worker's journal, ``farworker status`` and ``farworker check`` say it.
+through a relay. The coordinator dials each announced address on its own, never through a relay
+(farworker.petals.compat.dial_directly), with every spot check; the answer is stored per worker, shown in
+``GET /v1/workers/{id}`` and returned in each heartbeat answer, so the worker's journal, ``farworker status`` and
+``farworker check`` say it.
 """
 
 from __future__ import annotations

@@ -117,6 +117,7 @@ def coordinator_command(
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
     ledger, and completions routed through the mesh."""
     from farworker.coordinator.service import serve
+    from farworker.coordinator.settings import Settings
 
     if model_path is not None and not initial_peers:
         click.echo(
@@ -140,10 +141,8 @@ def coordinator_command(
             click.echo(f"--client-keys {client_keys_file}: {err}", err=True)
             sys.exit(EX_CONFIG)
     try:
-        serve(
-            host,
-            port,
-            db_path,
+        settings = Settings(
+            db_path=db_path,
             heartbeat_interval_s=heartbeat_interval,
             model_path=model_path,
             model_name=model_name,
@@ -153,9 +152,9 @@ def coordinator_command(
             probe_period_s=probe_period,
             sample_routed=sample_routed,
             pay_unvouched_rate=pay_unvouched_rate,
-            log_level=log_level,
             **extra,
         )
+        serve(settings, host, port, log_level)
     except OSError as err:
         click.echo(f"cannot serve on {host}:{port} with database {db_path}: {err.strerror or err}", err=True)
         sys.exit(EX_CONFIG)
