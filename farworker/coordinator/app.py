@@ -78,8 +78,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings, app.state.store = settings, store
     app.state.metrics = CollectorRegistry()  # GET /metrics (Prometheus)
     app.state.workers = Workers(store, settings)
-    app.state.runtime = Runtime(settings, store, app.state.workers, app.state.metrics)
-    app.state.completions = Completions(settings, store, app.state.runtime)
+    runtime = app.state.runtime = Runtime(settings, store, app.state.workers, app.state.metrics)
+    # its parts, for operators and tests (None where not configured)
+    app.state.mesh, app.state.routed_checks = runtime.mesh, runtime.routed_checks
+    app.state.spot_checks, app.state.dht_watch = runtime.spot_checks, runtime.dht_watch
+    app.state.completions = Completions(settings, store, runtime)
     app.add_middleware(http.BodyLimit, limit=settings.max_body_bytes)
     app.add_exception_handler(ApiError, http.api_error)
     app.add_exception_handler(RequestValidationError, http.invalid_payload)

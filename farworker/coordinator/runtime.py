@@ -16,36 +16,37 @@ STOP_BOUND_S = 2 * CHECK_STOP_S + DHT_WATCH_STOP_S + CLOSE_TIMEOUT + 5.0  # the 
 
 
 class Runtime:
-    """What runs beside the HTTP routes. Built from the settings (nothing runs yet): the mesh client only with a
-    model, the routed checks with a sample share, the probe loop with a probe period, the DHT watch with a mesh
-    view. ``start()`` starts the threads; ``stop()`` ends everything, once, whoever calls it again."""
+    """What runs beside the HTTP routes, built from the settings: the mesh client only with a model, the routed
+    checks with a sample share, the probe loop with a probe period, the DHT watch with a mesh view (each None
+    otherwise). ``start()`` starts their threads; ``stop()`` ends everything, once, whoever calls it again."""
 
     def __init__(self, settings, store, workers, registry):
-        self.settings, self.store, self.workers, self.registry = settings, store, workers, registry
-        self.mesh = None
+        self.settings = settings
+        self.mesh = self.routed_checks = self.spot_checks = self.dht_watch = None
         if settings.has_mesh:
             self.mesh = CompletionsMesh(settings.model_path, list(settings.initial_peers), settings.dht_prefix)
-        self.routed_checks = None
-        self.spot_checks = None
-        self.dht_watch = None
-        self._stopped = False
+            if settings.sample_routed > 0:
+                self.routed_checks = RoutedChecks(SpotChecker(self.mesh), store, settings.sample_routed,
+                                                  registry=registry)
+            if settings.probe_period_s > 0:
+                self.spot_checks = SpotCheckLoop(SpotChecker(self.mesh), store, settings.probe_period_s,
+                                                 workers.to_probe)
+            if settings.watches_dht:
+                self.dht_watch = DhtWatch(self.mesh, store, settings.heartbeat_interval_s, settings.dht_prefix,
+                                          lambda: settings.model_blocks.get(settings.model_name), workers.to_watch)
+        workers.routed_checks = self.routed_checks  # the worker view shows their counts
+        self._started = self._stopped = False
         self._lock = threading.Lock()
 
+    def _threads(self) -> list:
+        return [part for part in (self.routed_checks, self.spot_checks, self.dht_watch) if part is not None]
+
     def start(self) -> Runtime:
-        if self.mesh is None:
-            return self
-        settings = self.settings
-        if settings.sample_routed > 0:
-            self.routed_checks = RoutedChecks(SpotChecker(self.mesh), self.store, settings.sample_routed,
-                                              registry=self.registry).start()
-            self.workers.routed_checks = self.routed_checks
-        if settings.probe_period_s > 0:
-            self.spot_checks = SpotCheckLoop(SpotChecker(self.mesh), self.store, settings.probe_period_s,
-                                             self.workers.to_probe).start()
-        if settings.watches_dht:
-            self.dht_watch = DhtWatch(self.mesh, self.store, settings.heartbeat_interval_s, settings.dht_prefix,
-                                      lambda: settings.model_blocks.get(settings.model_name),
-                                      self.workers.to_watch).start()
+        with self._lock:
+            if not self._started and not self._stopped:
+                self._started = True
+                for part in self._threads():
+                    part.start()
         return self
 
     def stop(self) -> None:
@@ -55,9 +56,10 @@ class Runtime:
             if self._stopped:
                 return
             self._stopped = True
-        for part, bound in ((self.routed_checks, CHECK_STOP_S), (self.spot_checks, CHECK_STOP_S),
-                            (self.dht_watch, DHT_WATCH_STOP_S)):
-            if part is not None:
-                part.stop(timeout=bound)
+        if self._started:
+            for part, bound in ((self.routed_checks, CHECK_STOP_S), (self.spot_checks, CHECK_STOP_S),
+                                (self.dht_watch, DHT_WATCH_STOP_S)):
+                if part is not None:
+                    part.stop(timeout=bound)
         if self.mesh is not None:
             self.mesh.close()

@@ -449,7 +449,7 @@ class Store:
 
     # --- spot checks ----------------------------------------------------------------------------------
     def record_reachability(self, worker_id: str, reachability_json: str) -> None:
-        """The last dial of the worker's announced addresses (coordinator/reachability.py); replaces the one before."""
+        """The last dial of the worker's announced addresses (services/reachability.py); replaces the one before."""
         with self._tx() as conn:
             conn.execute("UPDATE workers SET reachability = ? WHERE worker_id = ?", (reachability_json, worker_id))
 
