@@ -57,9 +57,15 @@ def make_record(
     }
 
 
+# Errors that only say a value is over one of the coordinator's limits (lengths, counts, times): such a record is
+# kept, and the coordinator's refusal sets it aside for the operator (Reporter), rather than the serving path losing
+# it here. Any other error (a missing field, a wrong type, a span or time the wrong way round) refuses it at once.
+OVER_A_LIMIT = frozenset({"string_too_long", "less_than_equal", "too_long"})
+
+
 def validate_record(record: dict) -> dict:
-    """Return a normalised copy of ``record`` or raise OutboxError naming the bad field: the coordinator's own
-    schema (wire_records.UsageRecord), strictly (no "3" for 3), so a record it would refuse never waits here."""
+    """Return a normalised copy of ``record`` or raise OutboxError naming the bad field. The schema is the
+    coordinator's own (wire_records.UsageRecord), checked strictly (no "3" for 3)."""
     if not isinstance(record, dict):
         raise OutboxError("usage record must be a dict")
     candidate = dict(record)
@@ -68,7 +74,9 @@ def validate_record(record: dict) -> dict:
     try:
         return UsageRecord.model_validate(candidate, strict=True).model_dump()
     except ValidationError as err:
-        raise OutboxError(_first_problem(err)) from None
+        if not all(problem["type"] in OVER_A_LIMIT for problem in err.errors()):
+            raise OutboxError(_first_problem(err)) from None
+    return {**{name: candidate[name] for name in UsageRecord.model_fields}, "id": str(uuid.UUID(candidate["id"]))}
 
 
 def _first_problem(err: ValidationError) -> str:
