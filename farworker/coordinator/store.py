@@ -277,9 +277,9 @@ class Store:
                 )
         return worker_id
 
-    def worker_row(self, worker_id: str) -> sqlite3.Row | None:
+    def worker_row(self, worker_id: str) -> dict | None:
         rows = self._read("SELECT * FROM workers WHERE worker_id = ?", (worker_id,))
-        return rows[0] if rows else None
+        return dict(rows[0]) if rows else None
 
     def heartbeat(self, worker_id: str, payload: dict, now: float) -> None:
         """Store a beat, and the uptime slot it counts for (services/ledger.beat_slot decides, in this transaction)."""
