@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from farworker.config import EX_CONFIG
+from farworker.coordinator.settings import Settings
 
 
 @click.command("coordinator")
@@ -116,8 +117,7 @@ def coordinator_command(
 ):
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
     ledger, and completions routed through the mesh."""
-    from farworker.coordinator.service import serve
-    from farworker.coordinator.settings import Settings
+    from farworker.coordinator.service import serve  # here: `farworker run` registers this command, without FastAPI
 
     if model_path is not None and not initial_peers:
         click.echo(

@@ -7,13 +7,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
+from farworker.coordinator.app import create_app
+from farworker.coordinator.settings import Settings
+
 CONTRACT_PATH = Path(__file__).resolve().parents[2] / "openapi" / "farworker-api.yaml"
 
 
 def served_openapi() -> dict:
-    from farworker.coordinator.app import create_app
-    from farworker.coordinator.settings import Settings
-
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app(Settings(db_path=Path(tmp) / "contract.sqlite"))
         document = app.openapi()
@@ -22,8 +24,6 @@ def served_openapi() -> dict:
 
 
 def render() -> str:
-    import yaml
-
     class Dumper(yaml.SafeDumper):
         pass
 

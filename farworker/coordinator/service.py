@@ -9,10 +9,13 @@ import socket
 import threading
 import time
 
+import uvicorn
+
 from farworker.coordinator.app import create_app
 from farworker.coordinator.runtime import STOP_BOUND_S as RUNTIME_STOP_BOUND_S
 from farworker.coordinator.settings import Settings
 from farworker.process_tree import end_children
+from farworker.threading_policy import apply_requested_policy
 
 log = logging.getLogger("farworker.coordinator")
 
@@ -23,14 +26,10 @@ def _apply_thread_policy() -> None:
     # The completions route runs the petals client beside the mesh's servers: OpenMP threads must not
     # spin on cores the servers need (../shared/facts.md). Set before torch is imported; FARLABS_THREAD_POLICY
     # picks another, as for the worker.
-    from farworker.threading_policy import apply_requested_policy
-
     apply_requested_policy(None)
 
 
 def _uvicorn_config(app, host: str, port: int, log_level: str):
-    import uvicorn
-
     return uvicorn.Config(
         app,
         host=host,
@@ -44,8 +43,6 @@ def _uvicorn_config(app, host: str, port: int, log_level: str):
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8787, log_level: str = "info") -> None:
     """Run the coordinator in the foreground until SIGINT/SIGTERM."""
-    import uvicorn
-
     _apply_thread_policy()
     if not logging.getLogger().handlers:  # registrations and deregistrations, one line each
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,8 +70,6 @@ class RunningCoordinator:
     def __init__(
         self, settings: Settings, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
     ):
-        import uvicorn
-
         _apply_thread_policy()
         self.settings = settings
         self.app = create_app(settings)

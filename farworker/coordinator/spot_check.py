@@ -18,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import random
 import threading
 import time
 from dataclasses import dataclass
+
+from prometheus_client import Counter
 
 from farworker.coordinator.services import reachability
 from farworker.mesh_client import FirstStep
@@ -230,10 +233,6 @@ class RoutedChecks:
 
     def __init__(self, checker: SpotChecker, store, share: float, max_queued: int = 4, registry=None,
                  seed: int | None = None):
-        import queue
-
-        from prometheus_client import Counter
-
         self.checker, self.store, self.share = checker, store, share
         self._rng = random.Random(seed)
         self._queue: queue.Queue[FirstStep | None] = queue.Queue(max_queued)
@@ -264,8 +263,6 @@ class RoutedChecks:
         return self.share > 0 and self._rng.random() < self.share
 
     def submit(self, capture: FirstStep) -> None:
-        import queue
-
         self._count("sampled")
         try:
             self._queue.put_nowait(capture)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from farworker.petals.compat import dial_directly
+
 DIAL_TIMEOUT = 5.0  # seconds per address: a loopback or LAN dial takes milliseconds, a distant one < 1 s
 MAX_ADDRESSES = 8  # dialled per check (a registration may list 64); the first ones are the worker's own order
 RELAYED = "/p2p-circuit"  # a relayed address proves nothing about direct reachability: not dialled
@@ -43,8 +45,6 @@ class Reachability:
 
 def check(peer_id: str, announce_maddrs: list[str], at: float) -> Reachability:
     """Dial the worker's announced direct addresses (at most MAX_ADDRESSES), each on its own."""
-    from farworker.petals.compat import dial_directly
-
     addresses = [a for a in announce_maddrs if RELAYED not in a][:MAX_ADDRESSES]
     return Reachability(at, dial_directly(peer_id, addresses, DIAL_TIMEOUT) if addresses else {})
 
