@@ -136,8 +136,8 @@ def main() -> None:
         return
 
     from farworker.catalog import dht_prefix_for
-    from farworker.coordinator.mesh import MeshClient
-    from farworker.coordinator.reachability import check as check_reachability
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
+    from farworker.coordinator.services.reachability import check as check_reachability
     from farworker.coordinator.spot_check import PROBE_TOKENS, SpotChecker, tolerance_for
 
     info = bl.machine_info()

@@ -41,8 +41,8 @@ class Captures:
 
 def run_worker(work: Path, name: str, served: str, env: dict, completions: int, seed: int) -> dict:
     from farworker.catalog import dht_prefix_for
-    from farworker.coordinator.app import DEFAULT_SAMPLE_ROUTED
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
+    from farworker.coordinator.settings import DEFAULT_SAMPLE_ROUTED
     from farworker.coordinator.spot_check import SpotChecker
 
     server = bl.start_farworker(work, name, CLOSED_API, model=served, extra_env=env)
@@ -55,13 +55,12 @@ def run_worker(work: Path, name: str, served: str, env: dict, completions: int, 
         checker, captures = SpotChecker(mesh), Captures()
         mesh.generate(bl.PROMPT_IDS, 2, 0.0)  # warm-up: connections, lazy imports
         checker.reference_output((0, 4), __import__("torch").zeros(1, 2, mesh.model_config().hidden_size))
-        mesh.routed_checks = captures
         rng = random.Random(seed)
         errors, tolerance, check_cpu, generate_wall = [], None, [], []
         for _ in range(completions):
             prompt = [rng.randrange(3, 500) for _ in range(rng.randrange(4, 40))]
             begin = time.monotonic()
-            mesh.generate(prompt, 8, 0.0)
+            mesh.generate(prompt, 8, 0.0, first_steps=captures)
             generate_wall.append(time.monotonic() - begin)
             capture = captures.items.pop()
             cpu = time.process_time()

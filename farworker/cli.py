@@ -226,7 +226,7 @@ def render_unit(output_dir, venv_dir, user):
 
 
 def _add_coordinator_command() -> None:
-    from farworker.coordinator.cli import coordinator_command
+    from farworker.coordinator.command import coordinator_command
 
     main.add_command(coordinator_command, "coordinator")
 

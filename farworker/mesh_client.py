@@ -89,9 +89,6 @@ class MeshClient:
         self._model = None
         self._tokenizer = None
         self._config = None
-        # The coordinator's routed spot checks (coordinator/spot_check.RoutedChecks): picks requests to verify
-        # and takes one server session's first step of each. None: nothing is captured.
-        self.routed_checks = None
 
     def _load(self):
         if self._model is not None:
@@ -164,13 +161,15 @@ class MeshClient:
 
     def generate(self, prompt: str | list[int], max_tokens: int, temperature: float, *, top_p: float = 1.0,
                  seed: int | None = None, stop: tuple[str, ...] = (), on_token=None,
-                 cancelled: threading.Event | None = None) -> Generation:
+                 cancelled: threading.Event | None = None, first_steps=None) -> Generation:
         """One completion in its own petals inference session; many may run at once (one per thread).
 
         ``on_token(token_id)`` is called as each new token arrives (streaming); ``cancelled`` set ends the
         generation at the next token (a client that went away): what was served so far is still routed
         and returned. ``stop`` strings end it once the decoded completion contains one (the text is cut
-        before it)."""
+        before it). ``first_steps`` (the coordinator's routed checks: ``sample() -> bool`` as the request starts,
+        ``submit(FirstStep)`` once it is done; None: nothing is captured) takes one server session's first step of
+        a sampled request."""
         with self._lock:
             self._load()
         ids = self._prompt_ids(prompt)
@@ -190,8 +189,7 @@ class MeshClient:
             else {"do_sample": False}
         )
         watcher = _TokenWatcher(self, stop, on_token, cancelled)
-        checks = self.routed_checks
-        captured: list | None = [] if checks is not None and checks.sample() else None  # FirstStep each
+        captured: list | None = [] if first_steps is not None and first_steps.sample() else None  # FirstStep each
         seen: list = []  # every server session of every attempt: each one's tokens were served and billed
         for attempt in range(1, GENERATION_ATTEMPTS + 1):
             try:
@@ -228,7 +226,7 @@ class MeshClient:
             if petals_compat.tokens_processed(s) > 0
         ]
         if captured:  # one server session, at random; verified later in the checker's thread, never here
-            checks.submit(random.choice(captured))
+            first_steps.submit(random.choice(captured))
         return Generation(ids, completion, watcher.text(completion), finish, route)
 
     def _generate_once(self, ids: list[int], max_tokens: int, sampling: dict, seed: int | None, watcher, seen: list,

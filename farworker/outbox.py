@@ -9,7 +9,7 @@ step by the handler process that serves it), so a ``kill -9`` in the middle of a
 the next start moves what was held into the outbox (``recover_open_segments``). A segment's record keeps
 its id from its first step to the moment it is added, so recovering it can never double it.
 
-Record (the dict the serving-path hook adds, and the usage item of the API contract)::
+Record (the dict the serving-path hook adds; its schema is farworker/wire_records.UsageRecord)::
 
     {"id": "<uuid4>", "session_id": str, "blocks": [start, end], "tokens": int, "steps": int,
      "started_at": unix seconds (float), "ended_at": unix seconds (float)}
@@ -27,7 +27,9 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-RECORD_FIELDS = ("id", "session_id", "blocks", "tokens", "steps", "started_at", "ended_at")
+from pydantic import ValidationError
+
+from farworker.wire_records import UsageRecord
 
 
 class OutboxError(ValueError):
@@ -55,39 +57,36 @@ def make_record(
     }
 
 
+# Errors that only say a value is over one of the coordinator's limits (lengths, counts, times): such a record is
+# kept, and the coordinator's refusal sets it aside for the operator (Reporter), rather than the serving path losing
+# it here. Any other error (a missing field, a wrong type, a span or time the wrong way round) refuses it at once.
+OVER_A_LIMIT = frozenset({"string_too_long", "less_than_equal", "too_long"})
+
+
 def validate_record(record: dict) -> dict:
-    """Return a normalised copy of ``record`` or raise OutboxError naming the bad field."""
+    """Return a normalised copy of ``record`` or raise OutboxError naming the bad field. The schema is the
+    coordinator's own (wire_records.UsageRecord), checked strictly (no "3" for 3)."""
     if not isinstance(record, dict):
         raise OutboxError("usage record must be a dict")
-    missing = [f for f in RECORD_FIELDS if f not in record]
-    if missing:
-        raise OutboxError(f"usage record lacks {', '.join(missing)}")
+    candidate = dict(record)
+    if isinstance(candidate.get("blocks"), tuple):
+        candidate["blocks"] = list(candidate["blocks"])
     try:
-        uuid.UUID(str(record["id"]))
-    except ValueError:
-        raise OutboxError(f"usage record id must be a UUID, got {record['id']!r}") from None
-    blocks = record["blocks"]
-    if (
-        not isinstance(blocks, list | tuple)
-        or len(blocks) != 2
-        or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
-        or not 0 <= blocks[0] < blocks[1]
-    ):
-        raise OutboxError(f"usage record blocks must be [start, end] with 0 <= start < end, got {blocks!r}")
-    for name in ("tokens", "steps"):
-        value = record[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise OutboxError(f"usage record {name} must be a non-negative integer, got {value!r}")
-    for name in ("started_at", "ended_at"):
-        if not isinstance(record[name], int | float) or isinstance(record[name], bool):
-            raise OutboxError(f"usage record {name} must be unix seconds, got {record[name]!r}")
-    if record["ended_at"] < record["started_at"]:
-        raise OutboxError("usage record ended_at is before started_at")
-    normalised = {name: record[name] for name in RECORD_FIELDS}
-    normalised["id"] = str(record["id"])
-    normalised["session_id"] = str(record["session_id"])
-    normalised["blocks"] = [blocks[0], blocks[1]]
-    return normalised
+        return UsageRecord.model_validate(candidate, strict=True).model_dump()
+    except ValidationError as err:
+        if not all(problem["type"] in OVER_A_LIMIT for problem in err.errors()):
+            raise OutboxError(_first_problem(err)) from None
+    return {**{name: candidate[name] for name in UsageRecord.model_fields}, "id": str(uuid.UUID(candidate["id"]))}
+
+
+def _first_problem(err: ValidationError) -> str:
+    """One line naming the field: 'usage record lacks session_id', 'usage record tokens: ...'."""
+    problem = err.errors()[0]
+    field = ".".join(str(part) for part in problem["loc"])
+    if problem["type"] == "missing":
+        return f"usage record lacks {field}"
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"usage record {field}: {message}" if field else f"usage record: {message}"
 
 
 def _encode(record: dict) -> str:

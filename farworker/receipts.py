@@ -3,7 +3,7 @@
 A client holds an Ed25519 key (a PEM PKCS#8 file, created on first use). The coordinator's operator
 registers the public half in the coordinator's ``--client-keys`` file (``NAME PUBLIC_KEY`` lines, the key
 as base64 of its 32 raw bytes: what ``farworker client-key FILE`` prints). A receipt
-(``farworker.coordinator.models.Receipt``) is signed over::
+(``farworker.wire_records.Receipt``) is signed over::
 
     FAR-RECEIPT-V1\\n{the receipt's fields but "signature", as JSON with sorted keys and no spaces}
 

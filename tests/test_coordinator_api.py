@@ -11,9 +11,9 @@ import requests
 from coordinator_fixtures import GPU_READING, heartbeat, registration, signed_post
 
 from farworker.api_client import CoordinatorClient, CoordinatorError
-from farworker.coordinator import ledger
 from farworker.coordinator.app import Settings
 from farworker.coordinator.service import RunningCoordinator
+from farworker.coordinator.services import ledger
 from farworker.identity import HEADER_PEER_ID, Identity
 from farworker.outbox import make_record
 

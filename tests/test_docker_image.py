@@ -227,7 +227,7 @@ def test_worker_healthy_and_serves_equal_tokens(worker, identity_probe, tiny_mod
     assert status["state"] == "online" and status["healthy"] and status["blocks"] == [0, 4]
     peer_id = status["peer_id"]
 
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
     from farworker.local_reference import generate_locally
 
     prompt, n = [1, 15, 42, 7, 99], 8

@@ -19,7 +19,7 @@ from notify_listener import NotifyListener
 from open_session import open_session_after_steps
 from polling import wait_for
 
-from farworker.coordinator.mesh import MeshClient
+from farworker.coordinator.mesh import CompletionsMesh as MeshClient
 from farworker.outbox import Outbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]  # .ci/run's fault step, not the README's test command

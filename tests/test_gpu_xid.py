@@ -17,9 +17,9 @@ from prometheus_client import generate_latest
 from test_status_and_metrics_gpu import CARDS, FakeEvents, _fake_nvml, xid_counter_samples, xid_total
 
 from farworker import gpu, gpu_xid
-from farworker.coordinator.models import HeartbeatRequest
 from farworker.metrics import build_registry
 from farworker.status_view import format_status
+from farworker.wire_records import HeartbeatRequest
 
 
 def counter_threads() -> list[threading.Thread]:

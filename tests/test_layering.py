@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("petals access", ("farworker.petals", "farworker.petals.*")),
     ("base", ("farworker.catalog", "farworker.config", "farworker.disk_space", "farworker.identity",
               "farworker.receipts", "farworker.gpu", "farworker.gpu_xid", "farworker.status_file",
-              "farworker.outbox", "farworker.notify", "farworker.metrics", "farworker.shm_guard",
+              "farworker.outbox", "farworker.wire_records", "farworker.notify", "farworker.metrics", "farworker.shm_guard",
               "farworker.process_tree", "farworker.threading_policy", "farworker.tiny_model",
               "farworker.local_reference", "farworker.unit_render")),
 )

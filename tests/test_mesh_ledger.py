@@ -142,7 +142,7 @@ def test_a_broken_session_is_run_again_and_both_attempts_are_billed(mesh):
     """A session that breaks after the workers served it (petals' "Broken input cache" when a draining
     worker's session is re-routed) is run once more in a fresh session; the route keeps both attempts,
     because both were served and both are in the workers' usage."""
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
 
     client = MeshClient(mesh.model, mesh.peers, TINY_MODEL_NAME)
     real_generate_once = client._generate_once
@@ -173,7 +173,7 @@ def test_a_broken_session_is_run_again_and_both_attempts_are_billed(mesh):
 
 @pytest.mark.faults  # stops the coordinator: .ci/run's fault step, not the README's test command
 def test_outage_while_clients_generate(mesh):
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
 
     client = MeshClient(mesh.model, mesh.peers, TINY_MODEL_NAME)
     try:
@@ -199,7 +199,7 @@ def test_outage_while_clients_generate(mesh):
 def test_worker_sigkill_then_restart_loses_and_doubles_nothing(mesh):
     victim = mesh.workers[0]
     mesh.coordinator.stop()  # so the victim's latest usage is still in its outbox when it dies
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
 
     client = MeshClient(mesh.model, mesh.peers, TINY_MODEL_NAME)
     try:

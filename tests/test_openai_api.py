@@ -172,7 +172,7 @@ def test_a_client_that_leaves_mid_stream_cancels_and_the_served_part_is_attested
 def test_api_keys_guard_the_api_and_count_usage_per_key(mesh, tokenizer, tmp_path):
     keys_file = tmp_path / "keys"
     keys_file.write_text("# name key\nalice sk-alice-0123456789abcdef\nbob sk-bob-0123456789abcdef0\n")
-    from farworker.coordinator.cli import read_api_keys
+    from farworker.coordinator.command import read_api_keys
 
     settings = Settings(db_path=tmp_path / "keys.sqlite3", heartbeat_interval_s=2.0, model_path=mesh.model,
                         model_name=TINY_MODEL_NAME, initial_peers=tuple(mesh.peers), probe_period_s=0,
@@ -202,7 +202,7 @@ def test_api_keys_guard_the_api_and_count_usage_per_key(mesh, tokenizer, tmp_pat
 
 
 def test_a_bad_api_keys_file_is_one_line_naming_the_line(tmp_path):
-    from farworker.coordinator.cli import read_api_keys
+    from farworker.coordinator.command import read_api_keys
 
     bad = tmp_path / "keys"
     bad.write_text("alice sk-alice-0123456789abcdef\nbob short\n")

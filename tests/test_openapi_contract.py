@@ -104,7 +104,7 @@ def _free_port() -> int:
 def test_coordinator_command_serves_and_stops_on_sigterm(tmp_path):
     port = _free_port()
     db = tmp_path / "c.sqlite"
-    code = "from farworker.coordinator.cli import coordinator_command; coordinator_command()"
+    code = "from farworker.coordinator.command import coordinator_command; coordinator_command()"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--port", str(port), "--db", str(db), "--log-level", "warning"],
         stdout=subprocess.PIPE,
@@ -132,7 +132,7 @@ def test_coordinator_command_serves_and_stops_on_sigterm(tmp_path):
 
 
 def test_coordinator_command_model_without_peers_is_a_config_error(tmp_path):
-    code = "from farworker.coordinator.cli import coordinator_command; coordinator_command()"
+    code = "from farworker.coordinator.command import coordinator_command; coordinator_command()"
     proc = subprocess.run(
         [sys.executable, "-c", code, "--model-path", str(tmp_path), "--db", str(tmp_path / "x")],
         capture_output=True,

@@ -273,7 +273,7 @@ def test_farworker_generate_files_receipts_the_coordinator_counts(mesh, vouched)
 def test_the_coordinator_refuses_a_bad_client_keys_file(tmp_path):
     from click.testing import CliRunner
 
-    from farworker.coordinator.cli import coordinator_command
+    from farworker.coordinator.command import coordinator_command
 
     keys = tmp_path / "client-keys"
     keys.write_text(f"alice {ClientKey.generate().public_key_b64}\nbob not-base64!\n")
@@ -283,7 +283,7 @@ def test_the_coordinator_refuses_a_bad_client_keys_file(tmp_path):
 
 
 def test_covered_token_blocks_are_valued_at_the_cheapest_claims_first():
-    from farworker.coordinator.ledger import paid_far
+    from farworker.coordinator.services.ledger import paid_far
 
     claims = [(10, 1.0), (10, 3.0)]  # (token-blocks, $FAR), cheapest first: 0.1 and 0.3 $FAR per token-block
     assert paid_far(claims, 20, 10) == pytest.approx(1.0)  # half covered: the cheap half

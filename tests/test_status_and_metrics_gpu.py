@@ -24,11 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from farworker import gpu
 from farworker.cli import main
-from farworker.coordinator.models import GpuTelemetry, HeartbeatResponse
+from farworker.coordinator.schemas.workers import HeartbeatResponse
 from farworker.metrics import build_registry, start_metrics_server
 from farworker.reporting import format_rate
 from farworker.status_file import STALE_AFTER, read_status, status_path, write_status
 from farworker.status_view import format_status
+from farworker.wire_records import GpuTelemetry
 
 MIB = 2**20
 

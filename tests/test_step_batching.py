@@ -162,7 +162,7 @@ def test_concurrent_sessions_joining_and_leaving_match_transformers(start_worker
     together); sessions join in later rounds and leave when done. Each must get transformers' greedy tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
     from farworker.local_reference import generate_locally
 
     worker = start_workers("batching", "0:4", env={

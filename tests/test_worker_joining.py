@@ -20,11 +20,11 @@ from polling import wait_for
 
 from farworker.config import load_config
 from farworker.coordinator.app import Settings
-from farworker.coordinator.models import HeartbeatRequest, RegisterRequest
 from farworker.coordinator.service import RunningCoordinator
 from farworker.identity import Identity
 from farworker.local_mesh import ManagedProcess, farworker_command, worker_env
 from farworker.runner import Worker
+from farworker.wire_records import HeartbeatRequest, RegisterRequest
 
 REPO = "meta-llama/Llama-2-7b-chat-hf"  # a name on the fake hub; the bytes are the tiny model's
 PADDING = 32 * 10**6  # an unused shard, so the download lasts

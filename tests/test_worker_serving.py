@@ -11,7 +11,7 @@ from dht_lookup import block_states
 from open_session import open_session_after_steps
 from polling import wait_for
 
-from farworker.coordinator.mesh import MeshClient
+from farworker.coordinator.mesh import CompletionsMesh as MeshClient
 from farworker.local_reference import generate_locally
 from farworker.outbox import Outbox
 

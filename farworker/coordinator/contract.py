@@ -7,12 +7,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
+from farworker.coordinator.app import create_app
+from farworker.coordinator.settings import Settings
+
 CONTRACT_PATH = Path(__file__).resolve().parents[2] / "openapi" / "farworker-api.yaml"
 
 
 def served_openapi() -> dict:
-    from farworker.coordinator.app import Settings, create_app
-
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app(Settings(db_path=Path(tmp) / "contract.sqlite"))
         document = app.openapi()
@@ -21,8 +24,6 @@ def served_openapi() -> dict:
 
 
 def render() -> str:
-    import yaml
-
     class Dumper(yaml.SafeDumper):
         pass
 
@@ -33,7 +34,7 @@ def render() -> str:
     Dumper.add_representer(str, text)
     header = (
         "# The Far Labs coordinator API (workers <-> coordinator, completions). Generated from\n"
-        "# farworker/coordinator/models.py and app.py: python -m farworker.coordinator.contract\n"
+        "# farworker/wire_records.py and farworker/coordinator/: python -m farworker.coordinator.contract\n"
     )
     return header + yaml.dump(served_openapi(), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=110)
 

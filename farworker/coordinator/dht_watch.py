@@ -4,8 +4,8 @@ A heartbeat is the worker's word; the DHT is what clients route by. Twice per he
 interval slot of every worker is looked at, whatever its phase against the worker's registration) the watch reads
 the newest module infos of the served model's blocks and records, for each live worker, whether its whole
 registered span is ONLINE under its peer id. Uptime then counts a slot only with a healthy beat AND an ONLINE
-observation in it (store.up_intervals): a worker that beats but serves nothing, announces JOINING/OFFLINE, or left
-the DHT while its heartbeat process keeps beating earns nothing for those intervals.
+observation in it (services/uptime.up_intervals): a worker that beats but serves nothing, announces JOINING/OFFLINE,
+or left the DHT while its heartbeat process keeps beating earns nothing for those intervals.
 """
 
 from __future__ import annotations
@@ -14,22 +14,13 @@ import logging
 import threading
 import time
 
+from farworker.coordinator.services.ledger import online_slot
+from farworker.coordinator.services.uptime import online_workers
+
 log = logging.getLogger("farworker.coordinator.dht_watch")
 
 LOOKS_PER_INTERVAL = 2
 LOOKUP_TIMEOUT_S = 10.0  # one DHT read; a slower one is a missed look, not a stuck loop
-
-
-def online_workers(rows, states: list[dict[str, str]]) -> list[str]:
-    """The worker ids whose whole span is ONLINE; ``states`` holds one {peer id: state} per block, from block 0."""
-    online = []
-    for row in rows:
-        start, end = row["block_start"], row["block_end"]
-        if start is None or end is None or not 0 <= start < end <= len(states):
-            continue  # no span yet (registered before loading) or one the model does not have: not serving
-        if all(states[block].get(row["peer_id"]) == "ONLINE" for block in range(start, end)):
-            online.append(row["worker_id"])
-    return online
 
 
 class DhtWatch:
@@ -60,7 +51,10 @@ class DhtWatch:
         uids = [f"{self.dht_prefix}.{block}" for block in range(blocks)]
         states = self.mesh.server_states(uids, timeout=LOOKUP_TIMEOUT_S)
         online = online_workers(rows, states)
-        self.store.record_online(online, time.time())
+        now = time.time()
+        by_id = {row["worker_id"]: row for row in rows}
+        slots = {w: online_slot(by_id[w]["registered_at"], now, by_id[w]["heartbeat_interval"]) for w in online}
+        self.store.record_online({w: slot for w, slot in slots.items() if slot is not None})
         return online
 
     def _run(self) -> None:

@@ -8,67 +8,45 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
-from farworker.coordinator.app import Settings, create_app
+import uvicorn
+
+from farworker.coordinator.app import create_app
+from farworker.coordinator.runtime import STOP_BOUND_S as RUNTIME_STOP_BOUND_S
+from farworker.coordinator.settings import Settings
 from farworker.process_tree import end_children
+from farworker.threading_policy import apply_requested_policy
 
 log = logging.getLogger("farworker.coordinator")
+
+STOP_BOUND_S = RUNTIME_STOP_BOUND_S + 5.0  # uvicorn's graceful shutdown (timeout_graceful_shutdown), then the runtime
 
 
 def _apply_thread_policy() -> None:
     # The completions route runs the petals client beside the mesh's servers: OpenMP threads must not
     # spin on cores the servers need (../shared/facts.md). Set before torch is imported; FARLABS_THREAD_POLICY
     # picks another, as for the worker.
-    from farworker.threading_policy import apply_requested_policy
-
     apply_requested_policy(None)
 
 
 def _uvicorn_config(app, host: str, port: int, log_level: str):
-    import uvicorn
-
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         access_log=False,
-        lifespan="off",
+        lifespan="on",  # the app's lifespan starts and stops its runtime (coordinator/runtime.py)
         timeout_graceful_shutdown=5,
     )
 
 
-def serve(
-    host: str = "127.0.0.1",
-    port: int = 8787,
-    db_path: str | Path = "coordinator.sqlite",
-    *,
-    heartbeat_interval_s: float = 30.0,
-    model_path: str | Path | None = None,
-    model_name: str | None = None,
-    initial_peers: tuple[str, ...] = (),
-    dht_prefix: str | None = None,
-    log_level: str = "info",
-    **settings,
-) -> None:
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8787, log_level: str = "info") -> None:
     """Run the coordinator in the foreground until SIGINT/SIGTERM."""
-    import uvicorn
-
     _apply_thread_policy()
     if not logging.getLogger().handlers:  # registrations and deregistrations, one line each
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(
-        Settings(
-            db_path=Path(db_path),
-            heartbeat_interval_s=heartbeat_interval_s,
-            model_path=model_path,
-            model_name=model_name,
-            initial_peers=tuple(initial_peers),
-            dht_prefix=dht_prefix,
-            **settings,
-        )
-    )
+    app = create_app(settings)
     # uvicorn re-raises the SIGTERM/SIGINT it caught once it has finished, with the handlers it found installed:
     # with Python's defaults that killed the process there, before the cleanup below, and the petals client's
     # DHT process and p2pd lived on. Handlers that only note the signal let the cleanup run.
@@ -76,17 +54,8 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop_signals.append(signum))
     try:
-        uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+        uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()  # its lifespan stops the runtime
     finally:
-        if app.state.routed_checks is not None:  # bounded: the verification in progress, then it stops
-            app.state.routed_checks.stop()
-        if app.state.spot_checks is not None:
-            app.state.spot_checks.stop()
-        if app.state.dht_watch is not None:  # bounded: one DHT read's timeout
-            app.state.dht_watch.stop()
-        if app.state.mesh is not None:  # bounded (mesh.CLOSE_TIMEOUT): the client's DHT and p2pd
-            app.state.mesh.close()
-        app.state.store.close()
         end_children(timeout=5.0)  # whatever the client's shutdown left: nothing outlives the coordinator
     if stop_signals:
         # Stopped by a signal and cleaned up: exit now. hivemind's client leaves non-daemon threads behind, and
@@ -101,8 +70,6 @@ class RunningCoordinator:
     def __init__(
         self, settings: Settings, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
     ):
-        import uvicorn
-
         _apply_thread_policy()
         self.settings = settings
         self.app = create_app(settings)
@@ -135,19 +102,11 @@ class RunningCoordinator:
             time.sleep(0.01)
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0 + STOP_BOUND_S) -> None:
+        """Ends the server; its lifespan stops the runtime and closes the store (within STOP_BOUND_S)."""
         self._server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()
-        if self.app.state.routed_checks is not None:
-            self.app.state.routed_checks.stop()
-        if self.app.state.spot_checks is not None:
-            self.app.state.spot_checks.stop()
-        if self.app.state.dht_watch is not None:
-            self.app.state.dht_watch.stop()
-        if self.app.state.mesh is not None:
-            self.app.state.mesh.close()
-        self.app.state.store.close()
 
     def __enter__(self) -> RunningCoordinator:
         return self.start()

@@ -6,7 +6,8 @@ one block's weights, not the model. The probe is random hidden states of the mod
 scaled like real activations); the worker runs them through petals' `rpc_forward`. The comparison is the
 L2 error relative to the block's own update, ``||worker - reference|| / ||reference - input||``, against a
 tolerance for the worker's registered dtype and quantization (`tolerance_for`, derivation in docs/trust.md).
-With each probe the coordinator also dials the worker's announced addresses directly (coordinator/reachability.py).
+With each probe the coordinator also dials the worker's announced addresses directly
+(coordinator/services/reachability.py).
 
 RoutedChecks verifies a sampled share of the completions the coordinator routes the same way, with the client's
 real inputs: one server session's first step (its prefill), recomputed through the worker's whole span.
@@ -17,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import random
 import threading
 import time
 from dataclasses import dataclass
 
-from farworker.coordinator import reachability
+from prometheus_client import Counter
+
+from farworker.coordinator.services import reachability
 from farworker.mesh_client import FirstStep
 
 log = logging.getLogger("farworker.coordinator")
@@ -229,10 +233,6 @@ class RoutedChecks:
 
     def __init__(self, checker: SpotChecker, store, share: float, max_queued: int = 4, registry=None,
                  seed: int | None = None):
-        import queue
-
-        from prometheus_client import Counter
-
         self.checker, self.store, self.share = checker, store, share
         self._rng = random.Random(seed)
         self._queue: queue.Queue[FirstStep | None] = queue.Queue(max_queued)
@@ -263,8 +263,6 @@ class RoutedChecks:
         return self.share > 0 and self._rng.random() < self.share
 
     def submit(self, capture: FirstStep) -> None:
-        import queue
-
         self._count("sampled")
         try:
             self._queue.put_nowait(capture)

@@ -1,7 +1,7 @@
-"""SQLite storage of the reference coordinator: workers, heartbeats, nonces, the usage ledger, completions.
+"""SQLite storage of the reference coordinator (SQL only: the rules deciding what to store live in services/).
 
-One connection behind a lock: the reference coordinator serves a private mesh, and SQLite serialises
-writers anyway. Every write that belongs to one request is one transaction.
+Workers, heartbeats, nonces, the usage ledger, completions. One connection behind a lock: the reference coordinator
+serves a private mesh, and SQLite serialises writers anyway. Every write that belongs to one request is one transaction.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from farworker.coordinator import ledger
+from farworker.coordinator.services import ledger
 
 HEARTBEAT_HISTORY = 500  # kept per worker; older beats only live on as counts
 
@@ -124,7 +124,7 @@ CREATE TABLE IF NOT EXISTS receipts (  -- direct clients' signed receipts: what 
 CREATE INDEX IF NOT EXISTS receipts_peer ON receipts(peer_id);
 CREATE TABLE IF NOT EXISTS uptime_slots (  -- per heartbeat interval since registration: what was observed in it
     worker_id TEXT NOT NULL REFERENCES workers(worker_id),
-    slot INTEGER NOT NULL,  -- ledger.interval_slot; slot 0 (the registration's) is never recorded
+    slot INTEGER NOT NULL,  -- services/uptime.interval_slot; slot 0 (the registration's) is never recorded
     beat INTEGER NOT NULL DEFAULT 0,  -- 1: a valid, healthy heartbeat arrived in it
     online INTEGER NOT NULL DEFAULT 0,  -- 1: the coordinator saw the worker's whole span ONLINE in the DHT in it
     PRIMARY KEY (worker_id, slot)
@@ -277,25 +277,20 @@ class Store:
                 )
         return worker_id
 
-    def worker_row(self, worker_id: str) -> sqlite3.Row | None:
+    def worker_row(self, worker_id: str) -> dict | None:
         rows = self._read("SELECT * FROM workers WHERE worker_id = ?", (worker_id,))
-        return rows[0] if rows else None
+        return dict(rows[0]) if rows else None
 
     def heartbeat(self, worker_id: str, payload: dict, now: float) -> None:
+        """Store a beat, and the uptime slot it counts for (services/ledger.beat_slot decides, in this transaction)."""
         with self._tx() as conn:
             row = conn.execute(
                 "SELECT counted_beat_at, heartbeat_interval, registered_at FROM workers WHERE worker_id = ?",
                 (worker_id,),
             ).fetchone()
-            # Uptime is observed per interval slot since registration: a healthy beat counts for its slot, once.
-            # Beating faster earns nothing (a worker beating twice per interval for half an hour and then
-            # silent is up half the hour, not all of it); the registration stands for slot 0; a worker that
-            # says it is unhealthy is not up.
-            slot = ledger.interval_slot(row["registered_at"], now, row["heartbeat_interval"])
-            last = row["counted_beat_at"]
-            counts = payload.get("healthy", True) and slot > (
-                0 if last is None else ledger.interval_slot(row["registered_at"], last, row["heartbeat_interval"])
-            )
+            counted_slot = ledger.beat_slot(row["registered_at"], row["counted_beat_at"], now,
+                                            row["heartbeat_interval"], payload.get("healthy", True))
+            counts = counted_slot is not None
             updates = {
                 "state": payload["state"],
                 "last_heartbeat_at": now,
@@ -311,7 +306,7 @@ class Store:
                 conn.execute(
                     "INSERT INTO uptime_slots (worker_id, slot, beat) VALUES (?, ?, 1)"
                     " ON CONFLICT (worker_id, slot) DO UPDATE SET beat = 1",
-                    (worker_id, slot),
+                    (worker_id, counted_slot),
                 )
             conn.execute(
                 "INSERT INTO heartbeats (worker_id, received_at, payload) VALUES (?, ?, ?)",
@@ -341,54 +336,35 @@ class Store:
         return rows[0]["worker_id"] if rows else None
 
     # --- observed uptime ----------------------------------------------------------------------------
-    def record_online(self, worker_ids: list[str], now: float) -> None:
-        """The coordinator saw these workers' spans ONLINE in the DHT at ``now`` (coordinator/dht_watch.py)."""
+    def record_online(self, slots: dict[str, int]) -> None:
+        """The coordinator saw these workers' spans ONLINE in the DHT in these slots {worker id: slot}
+        (coordinator/dht_watch.py, services/uptime.online_slot)."""
         with self._tx() as conn:
-            for worker_id in worker_ids:
-                row = conn.execute("SELECT registered_at, heartbeat_interval FROM workers WHERE worker_id = ?",
-                                   (worker_id,)).fetchone()
-                slot = ledger.interval_slot(row["registered_at"], now, row["heartbeat_interval"]) if row else 0
-                if slot > 0:  # slot 0 is the registration's, counted as up whatever happens in it
-                    conn.execute(
-                        "INSERT INTO uptime_slots (worker_id, slot, online) VALUES (?, ?, 1)"
-                        " ON CONFLICT (worker_id, slot) DO UPDATE SET online = 1",
-                        (worker_id, slot),
-                    )
+            for worker_id, slot in slots.items():
+                conn.execute(
+                    "INSERT INTO uptime_slots (worker_id, slot, online) VALUES (?, ?, 1)"
+                    " ON CONFLICT (worker_id, slot) DO UPDATE SET online = 1",
+                    (worker_id, slot),
+                )
 
-    def up_intervals(self, worker_id: str, with_dht: bool) -> int:
-        """Interval slots after the registration's that count as up: a healthy beat in the slot, and (``with_dht``:
-        the coordinator watches the mesh) the span seen ONLINE in the DHT in that same slot. Nothing from the
-        slot of a quarantine on."""
-        row = self.worker_row(worker_id)
-        if row is None:
-            return 0
-        quarantined = self.quarantine_of(worker_id)
-        until = (ledger.interval_slot(row["registered_at"], quarantined["since"], row["heartbeat_interval"])
-                 if quarantined else None)
-        if with_dht:
-            sql = "SELECT COUNT(*) AS n FROM uptime_slots WHERE worker_id = ? AND beat = 1 AND online = 1"
-            args: tuple = (worker_id,)
-            if until is not None:
-                sql, args = sql + " AND slot < ?", (worker_id, until)
-            return int(self._read(sql, args)[0]["n"])
-        # beats only: the running count (ledgers from before uptime_slots have no slots for their older beats)
-        count = int(row["heartbeat_count"])
-        if until is not None:
-            count -= int(self._read("SELECT COUNT(*) AS n FROM uptime_slots WHERE worker_id = ? AND beat = 1"
-                                    " AND slot >= ?", (worker_id, until))[0]["n"])
-        return max(0, count)
+    def count_slots(self, worker_id: str, online: bool, before: int | None = None,
+                    from_slot: int | None = None) -> int:
+        """Slots with a counted beat (and, ``online``, the span seen ONLINE), optionally in [from_slot, before)."""
+        sql = "SELECT COUNT(*) AS n FROM uptime_slots WHERE worker_id = ? AND beat = 1"
+        args: list = [worker_id]
+        if online:
+            sql += " AND online = 1"
+        if before is not None:
+            sql, args = sql + " AND slot < ?", [*args, before]
+        if from_slot is not None:
+            sql, args = sql + " AND slot >= ?", [*args, from_slot]
+        return int(self._read(sql, args)[0]["n"])
 
     # --- ledger -------------------------------------------------------------------------------------
-    def add_usage(
-        self,
-        worker_id: str,
-        records: list[dict],
-        now: float,
-        share_of,
-        reliability: float,
-        far_per_token: float,
-    ) -> list[str]:
-        """Credit new records once; returns the ids now on this worker's ledger (new or seen before)."""
+    def add_usage(self, worker_id: str, records: list[dict], now: float, share_of, reliability: float,
+                  far_per_token: float) -> list[str]:
+        """Store new records once, each with its share (``share_of(start, end)``), the reliability and its claimed
+        $FAR (services/ledger.earned_far); returns the ids now on this worker's ledger (new or seen before)."""
         accepted: dict[str, None] = {}  # ordered, once per id even if the batch repeats one
         with self._tx() as conn:
             for r in records:
@@ -422,13 +398,10 @@ class Store:
                         accepted[r["id"]] = None
         return list(accepted)
 
-    def ledger_totals(self, worker_id: str, since: float) -> dict:
-        """One worker's claims (its usage records), attestations (the routes of the coordinator's own
-        completions that name its peer id, and its probes) and vouchers (direct clients' receipts that name
-        its peer id): tokens and token-blocks of each; claimed $FAR in all, since ``since``, and before its
-        quarantine (nothing after it pays)."""
-        quarantined = self.quarantine_of(worker_id)
-        paid_until = quarantined["since"] if quarantined else float("inf")
+    def ledger_totals(self, worker_id: str, since: float, paid_until: float) -> dict:
+        """One worker's claims (its usage records), the routes of the coordinator's own completions and the probes
+        that name it, and direct clients' receipts that name its peer id: tokens and token-blocks of each; claimed
+        $FAR in all, received before ``paid_until`` (payable), and of those since ``since``."""
         claimed = self._read(
             "SELECT COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(tokens * (block_end - block_start)), 0) AS tb,"
             " COALESCE(SUM(earned_far), 0) AS earned,"
@@ -461,14 +434,14 @@ class Store:
             (worker_id,),
         )[0]
         return {
-            "quarantine": quarantined,  # {"since", "reason"} or None
             "claimed_tokens": int(claimed["tokens"]),
             "claimed_token_blocks": int(claimed["tb"]),
             "claimed_far": float(claimed["earned"]),
             "payable_far": float(claimed["payable"]),
             "payable_far_recent": float(claimed["recent"]),
-            "attested_tokens": int(routed["tokens"]) + int(probed["tokens"]),
-            "attested_token_blocks": int(routed["tb"]) + int(probed["tokens"]),  # a probe covers one block
+            "routed_tokens": int(routed["tokens"]),
+            "routed_token_blocks": int(routed["tb"]),
+            "probed_tokens": int(probed["tokens"]),
             "payable_by_price": [(int(r["tb"]), float(r["far"])) for r in payable_by_price],  # cheapest first
             "vouched_tokens": int(vouched["tokens"]),
             "vouched_token_blocks": int(vouched["tb"]),
@@ -476,7 +449,7 @@ class Store:
 
     # --- spot checks ----------------------------------------------------------------------------------
     def record_reachability(self, worker_id: str, reachability_json: str) -> None:
-        """The last dial of the worker's announced addresses (coordinator/reachability.py); replaces the one before."""
+        """The last dial of the worker's announced addresses (services/reachability.py); replaces the one before."""
         with self._tx() as conn:
             conn.execute("UPDATE workers SET reachability = ? WHERE worker_id = ?", (reachability_json, worker_id))
 

@@ -2,15 +2,18 @@
 
 The job health.petals.dev did for the public swarm. A worker behind NAT, a firewall or with a wrong
 FARLABS_ANNOUNCE_MADDRS still joins the DHT (its connections go out), but clients cannot dial it, or only
-through a relay. The coordinator dials each announced address on its own, never through a relay (petals_compat
-.dial_directly), with every spot check; the answer is stored per worker, shown in ``GET /v1/workers/{id}`` and
-returned in each heartbeat answer, so the worker's journal, ``farworker status`` and ``farworker check`` say it.
+through a relay. The coordinator dials each announced address on its own, never through a relay
+(farworker.petals.compat.dial_directly), with every spot check; the answer is stored per worker, shown in
+``GET /v1/workers/{id}`` and returned in each heartbeat answer, so the worker's journal, ``farworker status`` and
+``farworker check`` say it.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+from farworker.petals.compat import dial_directly
 
 DIAL_TIMEOUT = 5.0  # seconds per address: a loopback or LAN dial takes milliseconds, a distant one < 1 s
 MAX_ADDRESSES = 8  # dialled per check (a registration may list 64); the first ones are the worker's own order
@@ -42,8 +45,6 @@ class Reachability:
 
 def check(peer_id: str, announce_maddrs: list[str], at: float) -> Reachability:
     """Dial the worker's announced direct addresses (at most MAX_ADDRESSES), each on its own."""
-    from farworker.petals.compat import dial_directly
-
     addresses = [a for a in announce_maddrs if RELAYED not in a][:MAX_ADDRESSES]
     return Reachability(at, dial_directly(peer_id, addresses, DIAL_TIMEOUT) if addresses else {})
 

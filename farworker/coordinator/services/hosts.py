@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from farworker.coordinator.models import HostView, WorkerView
+from farworker.coordinator.schemas.ledger import HostView, WorkerView
 
 
 def group_by_host(workers: list[WorkerView]) -> list[HostView]:

@@ -9,6 +9,7 @@ import click
 
 from farworker.config import EX_CONFIG
 from farworker.coordinator.extra import require_extra
+from farworker.coordinator.settings import Settings
 
 
 @click.command("coordinator")
@@ -118,7 +119,7 @@ def coordinator_command(
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
     ledger, and completions routed through the mesh."""
     require_extra()  # before anything imports FastAPI: a worker host installs without it
-    from farworker.coordinator.service import serve
+    from farworker.coordinator.service import serve  # here: `farworker run` registers this command, without FastAPI
 
     if model_path is not None and not initial_peers:
         click.echo(
@@ -142,10 +143,8 @@ def coordinator_command(
             click.echo(f"--client-keys {client_keys_file}: {err}", err=True)
             sys.exit(EX_CONFIG)
     try:
-        serve(
-            host,
-            port,
-            db_path,
+        settings = Settings(
+            db_path=db_path,
             heartbeat_interval_s=heartbeat_interval,
             model_path=model_path,
             model_name=model_name,
@@ -155,9 +154,9 @@ def coordinator_command(
             probe_period_s=probe_period,
             sample_routed=sample_routed,
             pay_unvouched_rate=pay_unvouched_rate,
-            log_level=log_level,
             **extra,
         )
+        serve(settings, host, port, log_level)
     except OSError as err:
         click.echo(f"cannot serve on {host}:{port} with database {db_path}: {err.strerror or err}", err=True)
         sys.exit(EX_CONFIG)

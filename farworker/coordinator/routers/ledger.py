@@ -1,0 +1,71 @@
+"""The ledger's views: workers, hosts, API keys' usage, receipts that vouch for direct traffic, and /metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from farworker.coordinator.errors import ApiError
+from farworker.coordinator.routers import deps
+from farworker.coordinator.schemas.common import ErrorResponse
+from farworker.coordinator.schemas.ledger import (
+    HostList,
+    KeyUsageList,
+    ReceiptsRequest,
+    ReceiptsResponse,
+    WorkerList,
+    WorkerView,
+)
+from farworker.coordinator.services.hosts import group_by_host
+from farworker.coordinator.services.receipts import check_receipts
+
+router = APIRouter(tags=["ledger"])
+
+
+@router.post(
+    "/v1/receipts",
+    response_model=ReceiptsResponse,
+    responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+)
+def receipts(body: ReceiptsRequest, settings: deps.SettingsDep,
+             store: deps.StoreDep) -> ReceiptsResponse:
+    """Direct clients vouch for the server sessions workers ran for them (farworker/receipts.py). Each
+    receipt must come from a registered client key and verify; the batch is refused whole, naming the first
+    bad receipt, and nothing is stored. A receipt counts once, and only for the peer it names."""
+    checked = check_receipts([r.model_dump() for r in body.receipts], settings.client_keys, settings.model_blocks)
+    accepted, duplicates = store.add_receipts(checked, time.time())
+    return ReceiptsResponse(accepted=accepted, duplicates=duplicates)
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text: the routed spot checks' outcomes (farworker_coordinator_routed_checks_total)."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/workers", response_model=WorkerList)
+def list_workers(workers: deps.WorkersDep) -> WorkerList:
+    return WorkerList(workers=workers.views())
+
+
+@router.get("/v1/hosts", response_model=HostList)
+def list_hosts(workers: deps.WorkersDep) -> HostList:
+    """The workers grouped by the host they registered from (one worker per GPU): earnings per host."""
+    return HostList(hosts=group_by_host(workers.views()))
+
+
+@router.get("/v1/workers/{worker_id}", response_model=WorkerView, responses={404: {"model": ErrorResponse}})
+def get_worker(worker_id: str, workers: deps.WorkersDep) -> WorkerView:
+    row = workers.store.worker_row(worker_id)
+    if row is None:
+        raise ApiError(404, f"unknown worker {worker_id}", "unknown_worker")
+    return workers.view(row, time.time())
+
+
+@router.get("/v1/usage", response_model=KeyUsageList)
+def key_usage(store: deps.StoreDep) -> KeyUsageList:
+    """Completions and tokens per API key (empty while the API is open)."""
+    return KeyUsageList(keys=store.key_usage())

@@ -1,0 +1,106 @@
+"""The ledger's views (workers, hosts, API keys' usage) and the receipts route's body and answer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from farworker.wire_records import Receipt, StrictRecord
+
+
+class ReceiptsRequest(StrictRecord):
+    receipts: list[Receipt] = Field(min_length=1, max_length=1000)
+
+
+class ReceiptsResponse(BaseModel):
+    accepted: list[str] = Field(description="receipt ids now on the ledger (new ones and ones already counted)")
+    duplicates: list[str] = Field(
+        description="receipt ids not counted: another receipt already vouches for the same server session"
+    )
+
+
+class WorkerView(BaseModel):
+    worker_id: str
+    peer_id: str
+    wallet_address: str
+    model_name: str
+    blocks: list[int] | None = Field(description="[start, end); null until the worker reports its span")
+    total_blocks: int | None
+    state: str
+    location: str
+    version: str
+    announce_maddrs: list[str]
+    hardware: dict
+    registered_at: float
+    last_heartbeat_at: float | None
+    heartbeat_count: int
+    last_heartbeat: dict | None = Field(
+        description="the last heartbeat as sent: state, blocks, uptime, gpus, counters"
+    )
+    tokens_served: int = Field(description="tokens the worker's usage records claim")
+    tokens_attested: int = Field(description="tokens the coordinator's own completions saw it serve")
+    unattested_tokens: int = Field(description="claimed and not attested by the coordinator's own completions")
+    tokens_vouched: int = Field(description="tokens direct clients' signed receipts say it served")
+    unvouched_tokens: int = Field(
+        description="claimed and neither attested nor vouched (direct traffic without receipts): paid at the "
+        "coordinator's --pay-unvouched-rate, 0 by default"
+    )
+    claimed_far: float = Field(description="what its claims would earn if they were all attested")
+    earnings_far: float = Field(description="paid: the claims' earnings scaled to the attested + vouched share")
+    reliability: float = Field(description="observed uptime, scaled down by the attested share on an over-claim")
+    uptime_pct: float = Field(description="100 x (up_intervals + 1) / intervals since registration (its own counts)")
+    up_intervals: int = Field(description="heartbeat intervals after the registration's counted as up: a healthy "
+                              "beat in it and, with uptime_basis beats_and_dht, its whole span seen ONLINE in the "
+                              "DHT in it; none from a quarantine on")
+    uptime_basis: Literal["beats", "beats_and_dht"] = Field(
+        description="beats_and_dht: the coordinator watches the mesh DHT; beats: it has no mesh view (no model or "
+        "initial peers), so a healthy beat alone counts")
+    earn_rate_far_per_hour: float
+    quarantined: str | None = Field(description="why it failed a spot check; null while in good standing")
+    probes: int = Field(description="spot checks sent to it")
+    probes_passed: int
+    last_probe_at: float | None
+    last_probe_problem: str | None = Field(description="the last probe's failure: a wrong answer or no answer")
+    routed_checks: int = Field(description="its routed completions' first steps recomputed by the coordinator "
+                               "(a sampled share, --sample-routed), since the coordinator started")
+    routed_checks_failed: int = Field(description="of those, how many differed from the reference (a failure "
+                                      "quarantines the worker)")
+    reachable: bool | None = Field(default=None, description="whether the coordinator's last direct dial (no relay) "
+                                   "of its announced addresses connected; null: not dialled yet")
+    reachability_checked_at: float | None = None
+    reachability_problem: str | None = Field(default=None, description="the addresses dialled and why each failed, "
+                                             "when none connected")
+    host_id: str | None = Field(default=None, description="the host it registered from (see GET /v1/hosts)")
+    instance: int | None = Field(default=None, description="its index on that host (one worker per GPU)")
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerView]
+
+
+class HostView(BaseModel):
+    host_id: str | None = Field(description="as the workers registered it; null groups workers that sent none")
+    wallet_addresses: list[str] = Field(description="the payout wallets of the host's workers")
+    worker_ids: list[str] = Field(description="one worker per GPU, by instance index")
+    workers_online: int = Field(description="of them, online now (as GET /v1/workers says)")
+    tokens_served: int = Field(description="the sum of the workers' tokens_served")
+    tokens_attested: int
+    claimed_far: float
+    earnings_far: float = Field(description="the sum of the workers' earnings_far: what the host was paid")
+    earn_rate_far_per_hour: float
+
+
+class HostList(BaseModel):
+    hosts: list[HostView]
+
+
+class KeyUsage(BaseModel):
+    key_name: str
+    completions: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class KeyUsageList(BaseModel):
+    keys: list[KeyUsage]

@@ -1,0 +1,128 @@
+"""The ledger formula's arithmetic: uptime, claimed, attested and paid $FAR of one worker (docs/trust.md, "The ledger
+formula")."""
+
+from __future__ import annotations
+
+import math
+
+DEFAULT_FAR_PER_TOKEN = 0.001
+EARN_RATE_WINDOW_S = 3600.0
+ATTESTED_SLACK_TOKENS = 64  # a worker's records may run ahead of the routes recorded (in-flight completions)
+ATTESTED_SLACK_SHARE = 0.02
+PROBE_BLOCKS = 1  # a spot check's probe runs through one block: its tokens attest that many token-blocks
+OFFLINE_AFTER_INTERVALS = 3
+OFFLINE_SLACK_S = 10.0
+
+
+def interval_slot(registered_at: float, at: float, interval: float) -> int:
+    """Which heartbeat interval since registration ``at`` falls in (0: the registration's own)."""
+    return math.floor(max(0.0, at - registered_at) / interval)
+
+
+def is_offline(last_seen: float, now: float, interval: float) -> bool:
+    """No beat (or registration) for OFFLINE_AFTER_INTERVALS intervals and some slack: the worker is gone,
+    whatever state it last reported (a worker killed while draining never says so)."""
+    return now - last_seen > OFFLINE_AFTER_INTERVALS * interval + OFFLINE_SLACK_S
+
+
+def uptime_fraction(heartbeats: int, registered_at: float, now: float, interval: float) -> float:
+    """(up intervals + 1 for the registration) / intervals since registration, at most 1."""
+    elapsed = max(0.0, now - registered_at)
+    expected = 1 + math.floor(elapsed / interval)
+    return min(1.0, (heartbeats + 1) / expected)
+
+
+def beat_slot(registered_at: float, counted_beat_at: float | None, now: float, interval: float,
+              healthy: bool) -> int | None:
+    """The slot a heartbeat at ``now`` counts for, or None when it counts for none. A healthy beat counts for its
+    slot, once: beating faster earns nothing (a worker beating twice per interval for half an hour and then silent
+    is up half the hour, not all of it); the registration stands for slot 0; a worker that says it is unhealthy
+    is not up."""
+    slot = interval_slot(registered_at, now, interval)
+    last = 0 if counted_beat_at is None else interval_slot(registered_at, counted_beat_at, interval)
+    return slot if healthy and slot > last else None
+
+
+def online_slot(registered_at: float, now: float, interval: float) -> int | None:
+    """The slot a DHT observation at ``now`` counts for; None in slot 0 (the registration's, up whatever happens)."""
+    slot = interval_slot(registered_at, now, interval)
+    return slot if slot > 0 else None
+
+
+def block_share(start: int, end: int, total_blocks: int) -> float:
+    return max(0.0, min(1.0, (end - start) / total_blocks))
+
+
+def earned_far(tokens: int, share: float, reliability: float, far_per_token: float) -> float:
+    return tokens * share * reliability * far_per_token
+
+
+def earn_rate_window(registered_at: float, now: float, interval: float) -> float:
+    return min(EARN_RATE_WINDOW_S, max(interval, now - registered_at))
+
+
+def attested_fraction(claimed_token_blocks: int, attested_token_blocks: int) -> float:
+    """The share of a worker's claims the coordinator attested (1 with nothing claimed)."""
+    if claimed_token_blocks <= 0:
+        return 1.0
+    return max(0.0, min(1.0, attested_token_blocks / claimed_token_blocks))
+
+
+def paid_far(payable_by_price: list[tuple[int, float]], claimed_token_blocks: int, covered_token_blocks: int,
+             unvouched_rate: float = 0.0) -> float:
+    """What a worker is paid: its payable claims' $FAR for the covered (attested or vouched) share of its claimed
+    token-blocks, those valued cheapest first, and the rest of its payable claims at ``unvouched_rate``.
+
+    ``payable_by_price`` is [(token-blocks, $FAR)] of the claims that may pay (not after a quarantine), cheapest
+    $FAR per token-block first. Claims differ in worth per token-block (the reliability when each arrived);
+    valuing the covered ones cheapest first means a claim nobody vouched for, added at a better reliability,
+    never raises what the covered ones pay."""
+    payable_tb = sum(tb for tb, _ in payable_by_price)
+    payable = sum(far for _, far in payable_by_price)
+    budget = attested_fraction(claimed_token_blocks, covered_token_blocks) * payable_tb
+    covered_far = 0.0
+    for tb, far in payable_by_price:
+        take = min(tb, budget)
+        if take <= 0:
+            break
+        covered_far += far * take / tb
+        budget -= take
+    return covered_far + max(0.0, min(1.0, unvouched_rate)) * (payable - covered_far)
+
+
+def over_claimed(claimed_tokens: int, attested_tokens: int) -> bool:
+    slack = max(ATTESTED_SLACK_TOKENS, ATTESTED_SLACK_SHARE * attested_tokens)
+    return claimed_tokens - attested_tokens > slack
+
+
+def attested(totals: dict) -> tuple[int, int]:
+    """(tokens, token-blocks) the coordinator attested: its completions' routes and its probes' answers."""
+    return (totals["routed_tokens"] + totals["probed_tokens"],
+            totals["routed_token_blocks"] + PROBE_BLOCKS * totals["probed_tokens"])
+
+
+def figures(totals: dict, observed_uptime: float, window_s: float, unvouched_rate: float) -> dict:
+    """Claimed, attested and paid for one worker from its ledger totals (Store.ledger_totals, cut at its
+    quarantine): paid never exceeds what was attested or vouched for, except at ``unvouched_rate``."""
+    t = totals
+    attested_tokens, attested_tb = attested(t)
+    covered_tb = attested_tb + t["vouched_token_blocks"]
+    covered_share = attested_fraction(t["claimed_token_blocks"], covered_tb)
+    paid = paid_far(t["payable_by_price"], t["claimed_token_blocks"], covered_tb, unvouched_rate)
+    paid_share = paid / t["payable_far"] if t["payable_far"] > 0 else 0.0
+    over = over_claimed(t["claimed_tokens"], attested_tokens + t["vouched_tokens"])
+    reliability = observed_uptime * (covered_share if over else 1.0)
+    quarantined = t["quarantine"]
+    return {
+        "tokens_served": t["claimed_tokens"],
+        "tokens_attested": attested_tokens,
+        "unattested_tokens": max(0, t["claimed_tokens"] - attested_tokens),
+        "tokens_vouched": t["vouched_tokens"],
+        "unvouched_tokens": max(0, t["claimed_tokens"] - attested_tokens - t["vouched_tokens"]),
+        "claimed_far": round(t["claimed_far"], 9),
+        "earnings_far": round(paid, 9),
+        "reliability": 0.0 if quarantined else round(reliability, 6),
+        "uptime_pct": round(100 * observed_uptime, 3),
+        "earn_rate_far_per_hour": round(t["payable_far_recent"] * paid_share * 3600 / window_s, 9),
+        "quarantined": quarantined["reason"] if quarantined else None,
+    }

@@ -1,0 +1,42 @@
+"""Observed uptime and live state: which workers the DHT shows serving, how many interval slots count as up, and
+the state a worker is shown in (docs/trust.md, "Observed uptime and state")."""
+
+from __future__ import annotations
+
+from farworker.coordinator.services.ledger import interval_slot, is_offline
+
+
+def online_workers(rows, states: list[dict[str, str]]) -> list[str]:
+    """The worker ids whose whole span is ONLINE; ``states`` holds one {peer id: state} per block, from block 0."""
+    online = []
+    for row in rows:
+        start, end = row["block_start"], row["block_end"]
+        if start is None or end is None or not 0 <= start < end <= len(states):
+            continue  # no span yet (registered before loading) or one the model does not have: not serving
+        if all(states[block].get(row["peer_id"]) == "ONLINE" for block in range(start, end)):
+            online.append(row["worker_id"])
+    return online
+
+
+def up_intervals(store, row, with_dht: bool) -> int:
+    """Interval slots after the registration's that count as up: a healthy beat in the slot, and (``with_dht``:
+    the coordinator watches the mesh) the span seen ONLINE in the DHT in that same slot. Nothing from the slot of
+    a quarantine on."""
+    quarantined = store.quarantine_of(row["worker_id"])
+    until = (interval_slot(row["registered_at"], quarantined["since"], row["heartbeat_interval"])
+             if quarantined else None)
+    if with_dht:
+        return store.count_slots(row["worker_id"], online=True, before=until)
+    # beats only: the running count (ledgers from before uptime_slots have no slots for their older beats)
+    count = int(row["heartbeat_count"])
+    if until is not None:
+        count -= store.count_slots(row["worker_id"], online=False, from_slot=until)
+    return max(0, count)
+
+
+def live_state(row, quarantined: bool, now: float) -> str:
+    """What the coordinator observes: quarantined, offline after missed beats, else what the worker said."""
+    if quarantined:
+        return "quarantined"
+    last_seen = row["last_heartbeat_at"] or row["last_registered_at"]
+    return "offline" if is_offline(last_seen, now, row["heartbeat_interval"]) else row["state"]

@@ -1,0 +1,70 @@
+"""Settings: everything a coordinator is started with, built once (by `farworker coordinator`, demo or tests)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farworker.catalog import dht_prefix_for
+from farworker.coordinator.services.ledger import DEFAULT_FAR_PER_TOKEN
+
+DEFAULT_SAMPLE_ROUTED = 0.05  # one routed completion in 20 (docs/trust.md, "Spot checks": its cost)
+
+
+@dataclass
+class Settings:
+    db_path: Path
+    heartbeat_interval_s: float = 30.0
+    signature_window_s: int = 60
+    max_body_bytes: int = 1 << 20
+    far_per_token: float = DEFAULT_FAR_PER_TOKEN
+    # the mesh, for /v1/completions (none configured: the route answers 503)
+    model_path: Path | None = None
+    model_name: str | None = None  # names the model for the ledger and the DHT prefix; default: dir name
+    initial_peers: tuple[str, ...] = ()
+    dht_prefix: str | None = None
+    model_blocks: dict[str, int] = field(default_factory=dict)  # model name -> block count, for the ledger
+    probe_period_s: float = 300.0  # spot checks of each online worker (with a model configured); 0: none
+    # Share of routed completions whose first step on one worker is verified (spot_check.RoutedChecks); None:
+    # DEFAULT_SAMPLE_ROUTED with probes on, 0 with probes off (probe_period_s 0: no spot checks of any kind).
+    sample_routed: float | None = None
+    max_active_generations: int = 8  # petals inference sessions the coordinator runs at once
+    # Requests waiting for a slot; beyond: 429 with Retry-After. A waiting (or running) non-streamed request holds
+    # one of the server's 40 request threads, which the workers' heartbeats need too: 8 + 16 leaves them 16.
+    max_queued_generations: int = 16
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> its name; empty: the inference API is open
+    # direct clients whose receipts vouch for traffic: key id -> (name, Ed25519 public key, base64); empty: none
+    client_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    pay_unvouched_rate: float = 0.0  # share of claims nobody attested or vouched for that is paid anyway (0..1)
+
+    def __post_init__(self):
+        self.db_path = Path(self.db_path)
+        self.initial_peers = tuple(self.initial_peers)
+        if self.sample_routed is None:
+            self.sample_routed = DEFAULT_SAMPLE_ROUTED if self.probe_period_s > 0 else 0.0
+        if self.model_path is not None:
+            self.model_path = Path(self.model_path)
+            self.model_name = self.model_name or self.model_path.name
+            # the prefix the workers' petals servers announce under (farworker.petals.server_host does the same)
+            self.dht_prefix = self.dht_prefix or dht_prefix_for(self.model_name)
+            config = self.model_path / "config.json"
+            if config.is_file() and self.model_name not in self.model_blocks:
+                layers = json.loads(config.read_text()).get("num_hidden_layers")
+                if isinstance(layers, int) and layers > 0:
+                    self.model_blocks[self.model_name] = layers
+
+    def served_models(self) -> list[str]:
+        """The models workers may register for: the one named (--model-name, or the model directory's name) and
+        those whose size is configured; empty: any."""
+        return sorted(set(self.model_blocks) | ({self.model_name} if self.model_name else set()))
+
+    @property
+    def has_mesh(self) -> bool:
+        """A model to route completions through (and to spot-check workers against)."""
+        return self.model_path is not None
+
+    @property
+    def watches_dht(self) -> bool:
+        """The coordinator has a mesh view: its DHT watch decides which intervals count as up."""
+        return self.has_mesh and bool(self.initial_peers)
