@@ -221,6 +221,8 @@ def test_worker_healthy_and_serves_equal_tokens(worker, identity_probe, tiny_mod
     pins = [line.strip().lower() for line in lock.splitlines() if line.strip() and not line.startswith("#")]
     missing = [p for p in pins if p.replace("_", "-") not in installed]
     assert not missing, f"pins of runtime.lock missing in the image: {missing}"
+    # A worker image: the coordinator's extra (coordinator.lock) stays out.
+    assert not {p.split("==")[0] for p in installed} & {"fastapi", "uvicorn", "starlette"}
     assert any(p.startswith("torch==") for p in installed)
 
     status = json.loads(docker("exec", name, "farworker", "status", "--json").stdout)
