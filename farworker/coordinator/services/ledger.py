@@ -1,5 +1,5 @@
-"""The ledger formula's arithmetic: uptime, claimed, attested and paid $FAR of one worker (docs/trust.md, "The ledger
-formula")."""
+"""The ledger formula's arithmetic: uptime, claimed, attested and paid $FAR of one worker, and the paid $FAR's
+settlement (docs/trust.md, "The ledger formula" and its "Settlement")."""
 
 from __future__ import annotations
 
