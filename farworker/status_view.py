@@ -127,8 +127,11 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
             f"{_rate(float(answer.get('earn_rate_far_per_hour') or 0))} $FAR/h, "
             f"reliability {answer.get('reliability', 0):.2f}, uptime {answer.get('uptime_pct', 0):.1f}%"
         )
+        if "settled_far" in answer:  # coordinators before settlement do not say
+            lines.append(earnings_line(answer))
         if answer.get("quarantined"):
-            lines.append(f"QUARANTINED    by the coordinator, paid nothing: {answer['quarantined']}")
+            lines.append(f"QUARANTINED    by the coordinator, paid nothing more, pending earnings forfeited: "
+                         f"{answer['quarantined']}")
         if answer.get("unreachable"):  # clients dial the addresses the coordinator dialled
             lines.append(f"UNREACHABLE    {answer['unreachable']}")
     else:
@@ -146,6 +149,13 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
             f"retired pages {_reading(gpu, 'retired_pages_dbe', '')}, {_xids(gpu)}"
         )
     return lines
+
+
+def earnings_line(answer: dict) -> str:
+    """The coordinator's settlement of the worker's pay (docs/trust.md, "Settlement"), from a heartbeat answer."""
+    amounts = [f"{float(answer.get(key) or 0):.6g} {what}" for key, what in
+               (("settled_far", "settled"), ("pending_far", "pending"), ("forfeited_far", "forfeited"))]
+    return f"earnings       {', '.join(amounts)} $FAR"
 
 
 def _xids(gpu: dict) -> str:

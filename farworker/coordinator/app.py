@@ -45,7 +45,8 @@ reliability x FAR_PER_TOKEN, reliability = uptime share observed from heartbeats
 claims scaled to the share the coordinator attested: the routes of its own completions (peer, span, tokens
 per server session) and direct clients' signed receipts (`POST /v1/receipts`, one per server session, from a
 client key the operator registered). A worker's claims alone pay nothing, unless the operator sets a rate for
-unvouched traffic (see docs/trust.md).
+unvouched traffic (see docs/trust.md). Pay is `pending` for the settlement window (`--settle-after`), then
+`settled`; a quarantine (a failed spot check) forfeits what is still pending.
 """
 
 

@@ -9,7 +9,7 @@ import click
 
 from farworker.config import EX_CONFIG
 from farworker.coordinator.extra import require_extra
-from farworker.coordinator.settings import Settings
+from farworker.coordinator.settings import DEFAULT_SETTLE_AFTER_S, Settings
 
 
 @click.command("coordinator")
@@ -79,6 +79,14 @@ from farworker.coordinator.settings import Settings
     help="Share of claims nobody attested or vouched for (direct traffic without receipts) that is paid anyway.",
 )
 @click.option(
+    "--settle-after",
+    default=DEFAULT_SETTLE_AFTER_S,
+    show_default=True,
+    type=click.FloatRange(0, 10 * 365 * 86400),
+    help="Seconds a worker's earnings stay pending before they settle; a failed probe or audit quarantines the "
+    "worker and forfeits what is still pending. 0: earnings settle at once.",
+)
+@click.option(
     "--probe-period",
     default=300.0,
     show_default=True,
@@ -112,6 +120,7 @@ def coordinator_command(
     api_keys_file,
     client_keys_file,
     pay_unvouched_rate,
+    settle_after,
     probe_period,
     sample_routed,
     log_level,
@@ -154,6 +163,7 @@ def coordinator_command(
             probe_period_s=probe_period,
             sample_routed=sample_routed,
             pay_unvouched_rate=pay_unvouched_rate,
+            settle_after_s=settle_after,
             **extra,
         )
         serve(settings, host, port, log_level)

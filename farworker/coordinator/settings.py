@@ -10,6 +10,7 @@ from farworker.catalog import dht_prefix_for
 from farworker.coordinator.services.ledger import DEFAULT_FAR_PER_TOKEN
 
 DEFAULT_SAMPLE_ROUTED = 0.05  # one routed completion in 20 (docs/trust.md, "Spot checks": its cost)
+DEFAULT_SETTLE_AFTER_S = 86400.0  # a day: time for audits and probes to catch a cheater before it is paid
 
 
 @dataclass
@@ -37,9 +38,14 @@ class Settings:
     # direct clients whose receipts vouch for traffic: key id -> (name, Ed25519 public key, base64); empty: none
     client_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
     pay_unvouched_rate: float = 0.0  # share of claims nobody attested or vouched for that is paid anyway (0..1)
+    # Seconds a worker's earnings stay pending before they settle; a quarantine forfeits what is still pending
+    # (services/ledger.settled_until, docs/trust.md "Settlement"). 0: everything settles at once.
+    settle_after_s: float = DEFAULT_SETTLE_AFTER_S
 
     def __post_init__(self):
         self.db_path = Path(self.db_path)
+        if not self.settle_after_s >= 0:  # NaN too
+            raise ValueError(f"settle_after_s must be 0 or more seconds, got {self.settle_after_s}")
         self.initial_peers = tuple(self.initial_peers)
         if self.sample_routed is None:
             self.sample_routed = DEFAULT_SAMPLE_ROUTED if self.probe_period_s > 0 else 0.0

@@ -398,10 +398,13 @@ class Store:
                         accepted[r["id"]] = None
         return list(accepted)
 
-    def ledger_totals(self, worker_id: str, since: float, paid_until: float) -> dict:
+    def ledger_totals(self, worker_id: str, since: float, paid_until: float,
+                      settled_until: float = float("-inf")) -> dict:
         """One worker's claims (its usage records), the routes of the coordinator's own completions and the probes
         that name it, and direct clients' receipts that name its peer id: tokens and token-blocks of each; claimed
-        $FAR in all, received before ``paid_until`` (payable), and of those since ``since``."""
+        $FAR in all, received before ``paid_until`` (payable), and of those since ``since``. Routes, probes and
+        receipts count only from before ``paid_until`` too (a quarantine freezes what pays), and each price tier of
+        the payable claims also sums the $FAR of those received by ``settled_until``."""
         claimed = self._read(
             "SELECT COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(tokens * (block_end - block_start)), 0) AS tb,"
             " COALESCE(SUM(earned_far), 0) AS earned,"
@@ -413,25 +416,27 @@ class Store:
         routed = self._read(
             "SELECT COALESCE(SUM(r.tokens), 0) AS tokens,"
             " COALESCE(SUM(r.tokens * (r.block_end - r.block_start)), 0) AS tb"
-            " FROM completion_route r JOIN workers w ON w.peer_id = r.peer_id WHERE w.worker_id = ?",
-            (worker_id,),
+            " FROM completion_route r JOIN workers w ON w.peer_id = r.peer_id"
+            " JOIN completions c ON c.id = r.completion_id WHERE w.worker_id = ? AND c.created_at < ?",
+            (worker_id, paid_until),
         )[0]
-        probed = self._read("SELECT COALESCE(SUM(tokens), 0) AS tokens FROM probes WHERE worker_id = ?",
-                            (worker_id,))[0]
+        probed = self._read("SELECT COALESCE(SUM(tokens), 0) AS tokens FROM probes WHERE worker_id = ? AND at < ?",
+                            (worker_id, paid_until))[0]
         # What a covered token-block is worth differs per record (the reliability when it arrived): paid
         # token-blocks are valued cheapest first, so claims added beside covered ones never raise their worth.
         payable_by_price = self._read(
-            "SELECT SUM(tokens * (block_end - block_start)) AS tb, SUM(earned_far) AS far FROM usage"
+            "SELECT SUM(tokens * (block_end - block_start)) AS tb, SUM(earned_far) AS far,"
+            " SUM(CASE WHEN received_at <= ? THEN earned_far ELSE 0 END) AS settled FROM usage"
             " WHERE worker_id = ? AND received_at < ? AND tokens > 0 AND block_end > block_start"
             " GROUP BY ROUND(earned_far / (tokens * (block_end - block_start)), 15) ORDER BY SUM(earned_far) / SUM("
             "tokens * (block_end - block_start))",
-            (worker_id, paid_until),
+            (settled_until, worker_id, paid_until),
         )
         vouched = self._read(
             "SELECT COALESCE(SUM(r.tokens), 0) AS tokens,"
             " COALESCE(SUM(r.tokens * (r.block_end - r.block_start)), 0) AS tb"
-            " FROM receipts r JOIN workers w ON w.peer_id = r.peer_id WHERE w.worker_id = ?",
-            (worker_id,),
+            " FROM receipts r JOIN workers w ON w.peer_id = r.peer_id WHERE w.worker_id = ? AND r.received_at < ?",
+            (worker_id, paid_until),
         )[0]
         return {
             "claimed_tokens": int(claimed["tokens"]),
@@ -442,7 +447,8 @@ class Store:
             "routed_tokens": int(routed["tokens"]),
             "routed_token_blocks": int(routed["tb"]),
             "probed_tokens": int(probed["tokens"]),
-            "payable_by_price": [(int(r["tb"]), float(r["far"])) for r in payable_by_price],  # cheapest first
+            # cheapest first: (token-blocks, $FAR, $FAR settled)
+            "payable_by_price": [(int(r["tb"]), float(r["far"]), float(r["settled"])) for r in payable_by_price],
             "vouched_tokens": int(vouched["tokens"]),
             "vouched_token_blocks": int(vouched["tb"]),
         }

@@ -53,6 +53,9 @@ def heartbeat(worker_id: str, body: HeartbeatRequest, _: deps.SignedWorker,
         uptime_pct=f["uptime_pct"],
         heartbeat_interval=workers.settings.heartbeat_interval_s,
         quarantined=f["quarantined"],
+        settled_far=f["settled_far"],
+        pending_far=f["pending_far"],
+        forfeited_far=f["forfeited_far"],
         unreachable=f["reachability_problem"],
     )
 

@@ -47,7 +47,14 @@ class WorkerView(BaseModel):
         "coordinator's --pay-unvouched-rate, 0 by default"
     )
     claimed_far: float = Field(description="what its claims would earn if they were all attested")
-    earnings_far: float = Field(description="paid: the claims' earnings scaled to the attested + vouched share")
+    earnings_far: float = Field(description="paid: the claims' earnings scaled to the attested + vouched share, "
+                                "as settled_far + pending_far + forfeited_far (the worker keeps the first two)")
+    settled_far: float = Field(description="of earnings_far, the claims accepted --settle-after seconds ago or "
+                               "more (before a quarantine): the worker's to keep")
+    pending_far: float = Field(description="of earnings_far, the newer claims: settle once --settle-after seconds "
+                               "old, unless a quarantine forfeits them first")
+    forfeited_far: float = Field(description="of earnings_far, what was still pending when the worker was "
+                                 "quarantined: never paid")
     reliability: float = Field(description="observed uptime, scaled down by the attested share on an over-claim")
     uptime_pct: float = Field(description="100 x (up_intervals + 1) / intervals since registration (its own counts)")
     up_intervals: int = Field(description="heartbeat intervals after the registration's counted as up: a healthy "
@@ -87,7 +94,11 @@ class HostView(BaseModel):
     tokens_served: int = Field(description="the sum of the workers' tokens_served")
     tokens_attested: int
     claimed_far: float
-    earnings_far: float = Field(description="the sum of the workers' earnings_far: what the host was paid")
+    earnings_far: float = Field(description="the sum of the workers' earnings_far: what the host was paid, "
+                                "settled, pending or forfeited")
+    settled_far: float = Field(description="the sum of the workers' settled_far")
+    pending_far: float = Field(description="the sum of the workers' pending_far")
+    forfeited_far: float = Field(description="the sum of the workers' forfeited_far")
     earn_rate_far_per_hour: float
 
 

@@ -21,6 +21,10 @@ class HeartbeatResponse(BaseModel):
         default=None, description="why the coordinator quarantined this worker (a failed spot check): paid "
         "nothing and routed nothing from then on; null while in good standing"
     )
+    settled_far: float = Field(default=0.0, description="earnings settled (--settle-after seconds old, before any "
+                               "quarantine): the worker's to keep")
+    pending_far: float = Field(default=0.0, description="earnings not settled yet; a quarantine forfeits them")
+    forfeited_far: float = Field(default=0.0, description="earnings forfeited by a quarantine")
     unreachable: str | None = Field(
         default=None, description="'not reachable from the coordinator: tried <address> (<why>); ...' when the "
         "coordinator's last direct dial of every announced address failed (no relay); null when one answered or "

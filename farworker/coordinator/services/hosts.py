@@ -23,6 +23,9 @@ def group_by_host(workers: list[WorkerView]) -> list[HostView]:
             tokens_attested=sum(w.tokens_attested for w in members),
             claimed_far=round(sum(w.claimed_far for w in members), 9),
             earnings_far=round(sum(w.earnings_far for w in members), 9),
+            settled_far=round(sum(w.settled_far for w in members), 9),
+            pending_far=round(sum(w.pending_far for w in members), 9),
+            forfeited_far=round(sum(w.forfeited_far for w in members), 9),
             earn_rate_far_per_hour=round(sum(w.earn_rate_far_per_hour for w in members), 9),
         ))
     return hosts

@@ -1,5 +1,5 @@
-"""The ledger formula's arithmetic: uptime, claimed, attested and paid $FAR of one worker (docs/trust.md, "The ledger
-formula")."""
+"""The ledger formula's arithmetic: uptime, claimed, attested and paid $FAR of one worker, and the paid $FAR's
+settlement (docs/trust.md, "The ledger formula" and its "Settlement")."""
 
 from __future__ import annotations
 
@@ -68,26 +68,56 @@ def attested_fraction(claimed_token_blocks: int, attested_token_blocks: int) -> 
     return max(0.0, min(1.0, attested_token_blocks / claimed_token_blocks))
 
 
-def paid_far(payable_by_price: list[tuple[int, float]], claimed_token_blocks: int, covered_token_blocks: int,
+def paid_shares(payable_by_price: list[tuple], claimed_token_blocks: int, covered_token_blocks: int,
+                unvouched_rate: float = 0.0) -> list[float]:
+    """The share of each price tier's $FAR that is paid (one per tier of ``payable_by_price``, in its order): the
+    covered (attested or vouched) share of the claimed token-blocks, valued cheapest tier first, and
+    ``unvouched_rate`` of the rest. Every claim of a tier is paid the same share of its $FAR (see paid_far)."""
+    payable_tb = sum(tier[0] for tier in payable_by_price)
+    budget = attested_fraction(claimed_token_blocks, covered_token_blocks) * payable_tb
+    rate = max(0.0, min(1.0, unvouched_rate))
+    shares = []
+    for tier in payable_by_price:
+        covered = max(0.0, min(1.0, budget / tier[0])) if tier[0] > 0 else 0.0
+        budget -= covered * tier[0]
+        shares.append(covered + rate * (1.0 - covered))
+    return shares
+
+
+def paid_far(payable_by_price: list[tuple], claimed_token_blocks: int, covered_token_blocks: int,
              unvouched_rate: float = 0.0) -> float:
     """What a worker is paid: its payable claims' $FAR for the covered (attested or vouched) share of its claimed
     token-blocks, those valued cheapest first, and the rest of its payable claims at ``unvouched_rate``.
 
-    ``payable_by_price`` is [(token-blocks, $FAR)] of the claims that may pay (not after a quarantine), cheapest
-    $FAR per token-block first. Claims differ in worth per token-block (the reliability when each arrived);
-    valuing the covered ones cheapest first means a claim nobody vouched for, added at a better reliability,
-    never raises what the covered ones pay."""
-    payable_tb = sum(tb for tb, _ in payable_by_price)
-    payable = sum(far for _, far in payable_by_price)
-    budget = attested_fraction(claimed_token_blocks, covered_token_blocks) * payable_tb
-    covered_far = 0.0
-    for tb, far in payable_by_price:
-        take = min(tb, budget)
-        if take <= 0:
-            break
-        covered_far += far * take / tb
-        budget -= take
-    return covered_far + max(0.0, min(1.0, unvouched_rate)) * (payable - covered_far)
+    ``payable_by_price`` is [(token-blocks, $FAR, ...)] of the claims that may pay (not after a quarantine),
+    grouped by $FAR per token-block, cheapest first. Claims differ in worth per token-block (the reliability when
+    each arrived); valuing the covered ones cheapest first means a claim nobody vouched for, added at a better
+    reliability, never raises what the covered ones pay."""
+    shares = paid_shares(payable_by_price, claimed_token_blocks, covered_token_blocks, unvouched_rate)
+    return sum(tier[1] * share for tier, share in zip(payable_by_price, shares, strict=True))
+
+
+def settled_until(now: float, settle_after: float, quarantined_at: float | None) -> float:
+    """Claims accepted at or before this time are settled (docs/trust.md, "Settlement"): those ``settle_after``
+    seconds old, and of a quarantined worker only those that were so at its quarantine (the rest is forfeited)."""
+    return min(now, math.inf if quarantined_at is None else quarantined_at) - settle_after
+
+
+def settlement(payable_by_price: list[tuple[int, float, float]], covered_token_blocks: int, unvouched_rate: float,
+               quarantined: bool) -> dict[str, float]:
+    """Paid $FAR split by settlement: settled, pending, forfeited; the three add up to paid_far.
+
+    ``payable_by_price`` is [(token-blocks, $FAR, $FAR of the claims accepted by settled_until)] per price tier,
+    cheapest first, of the claims accepted before any quarantine: the claimed token-blocks are theirs. Each claim
+    is paid its tier's share (paid_shares) and counts where its acceptance time puts it: settled, or else pending,
+    or forfeited once its worker is quarantined."""
+    claimed_tb = sum(tier[0] for tier in payable_by_price)
+    shares = paid_shares(payable_by_price, claimed_tb, covered_token_blocks, unvouched_rate)
+    paid = round(sum(tier[1] * share for tier, share in zip(payable_by_price, shares, strict=True)), 9)
+    settled = round(sum(tier[2] * share for tier, share in zip(payable_by_price, shares, strict=True)), 9)
+    unsettled = round(max(0.0, paid - settled), 9)
+    return {"earnings_far": paid, "settled_far": settled,
+            "pending_far": 0.0 if quarantined else unsettled, "forfeited_far": unsettled if quarantined else 0.0}
 
 
 def over_claimed(claimed_tokens: int, attested_tokens: int) -> bool:
@@ -102,17 +132,18 @@ def attested(totals: dict) -> tuple[int, int]:
 
 
 def figures(totals: dict, observed_uptime: float, window_s: float, unvouched_rate: float) -> dict:
-    """Claimed, attested and paid for one worker from its ledger totals (Store.ledger_totals, cut at its
-    quarantine): paid never exceeds what was attested or vouched for, except at ``unvouched_rate``."""
+    """Claimed, attested, paid and its settlement for one worker from its ledger totals (Store.ledger_totals, cut
+    at its quarantine): paid never exceeds what was attested or vouched for, except at ``unvouched_rate``."""
     t = totals
     attested_tokens, attested_tb = attested(t)
     covered_tb = attested_tb + t["vouched_token_blocks"]
     covered_share = attested_fraction(t["claimed_token_blocks"], covered_tb)
-    paid = paid_far(t["payable_by_price"], t["claimed_token_blocks"], covered_tb, unvouched_rate)
+    quarantined = t["quarantine"]
+    settled = settlement(t["payable_by_price"], covered_tb, unvouched_rate, quarantined is not None)
+    paid = settled["earnings_far"]
     paid_share = paid / t["payable_far"] if t["payable_far"] > 0 else 0.0
     over = over_claimed(t["claimed_tokens"], attested_tokens + t["vouched_tokens"])
     reliability = observed_uptime * (covered_share if over else 1.0)
-    quarantined = t["quarantine"]
     return {
         "tokens_served": t["claimed_tokens"],
         "tokens_attested": attested_tokens,
@@ -120,7 +151,7 @@ def figures(totals: dict, observed_uptime: float, window_s: float, unvouched_rat
         "tokens_vouched": t["vouched_tokens"],
         "unvouched_tokens": max(0, t["claimed_tokens"] - attested_tokens - t["vouched_tokens"]),
         "claimed_far": round(t["claimed_far"], 9),
-        "earnings_far": round(paid, 9),
+        **settled,  # earnings_far (paid) = settled_far + pending_far + forfeited_far
         "reliability": 0.0 if quarantined else round(reliability, 6),
         "uptime_pct": round(100 * observed_uptime, 3),
         "earn_rate_far_per_hour": round(t["payable_far_recent"] * paid_share * 3600 / window_s, 9),

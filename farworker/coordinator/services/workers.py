@@ -57,7 +57,7 @@ class Workers:
         accepted = self.store.add_usage(worker_id, records, now,
                                         share_of=lambda start, end: ledger.block_share(start, end, total or end),
                                         reliability=self.uptime(row, now), far_per_token=self.settings.far_per_token)
-        t = self.totals(worker_id, now)
+        t = self.totals(worker_id, now, now)
         attested_tokens, _ = ledger.attested(t)
         if ledger.over_claimed(t["claimed_tokens"], attested_tokens + t["vouched_tokens"]):
             log.warning("worker %s claims %d tokens, %d attested, %d vouched: the rest is paid at the unvouched "
@@ -71,11 +71,14 @@ class Workers:
         not reported its span yet (it registered before loading)."""
         return self.settings.model_blocks.get(row["model_name"]) or row["total_blocks"] or row["block_end"]
 
-    def totals(self, worker_id: str, since: float) -> dict:
-        """The store's totals, cut at the worker's quarantine: nothing received after it pays."""
+    def totals(self, worker_id: str, since: float, now: float) -> dict:
+        """The store's totals, cut at the worker's quarantine: nothing received after it pays. Claims are settled
+        by ``now`` as services/ledger.settled_until says."""
         quarantine = self.store.quarantine_of(worker_id)
         paid_until = quarantine["since"] if quarantine else float("inf")
-        return {**self.store.ledger_totals(worker_id, since, paid_until), "quarantine": quarantine}
+        settled_until = ledger.settled_until(now, self.settings.settle_after_s,
+                                             quarantine["since"] if quarantine else None)
+        return {**self.store.ledger_totals(worker_id, since, paid_until, settled_until), "quarantine": quarantine}
 
     def up_intervals(self, row) -> int:
         return uptime.up_intervals(self.store, row, self.watches_dht)
@@ -87,9 +90,10 @@ class Workers:
         return uptime.live_state(row, self.store.quarantine_of(row["worker_id"]) is not None, now)
 
     def figures(self, row, now: float) -> dict:
-        """Claimed, attested and paid (services/ledger.figures), uptime, probes, routed checks, reachability."""
+        """Claimed, attested, paid and settled (services/ledger.figures), uptime, probes, routed checks,
+        reachability."""
         window = ledger.earn_rate_window(row["registered_at"], now, row["heartbeat_interval"])
-        totals = self.totals(row["worker_id"], now - window)
+        totals = self.totals(row["worker_id"], now - window, now)
         checks = self.routed_checks.view(row["worker_id"]) if self.routed_checks is not None else NO_ROUTED_CHECKS
         return {
             **ledger.figures(totals, self.uptime(row, now), window, self.settings.pay_unvouched_rate),
