@@ -42,8 +42,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("petals access", ("farworker.petals", "farworker.petals.*")),
     ("base", ("farworker.catalog", "farworker.config", "farworker.disk_space", "farworker.identity",
               "farworker.receipts", "farworker.gpu", "farworker.gpu_xid", "farworker.status_file",
-              "farworker.outbox", "farworker.wire_records", "farworker.notify", "farworker.metrics", "farworker.shm_guard",
-              "farworker.process_tree", "farworker.threading_policy", "farworker.tiny_model",
+              "farworker.outbox", "farworker.wire_records", "farworker.notify", "farworker.metrics",
+              "farworker.shm_guard", "farworker.process_tree", "farworker.threading_policy", "farworker.tiny_model",
               "farworker.local_reference", "farworker.unit_render")),
 )
 ORDER = ("petals access", "base", "worker parts", "worker", "coordinator", "commands")  # bottom to top
