@@ -1,0 +1,127 @@
+"""A dishonest worker, made from outside the package: put this folder first on a `farworker run` process's
+PYTHONPATH and set FARWORKER_ADVERSARY; Python imports this module at start-up (sitecustomize), before petals or
+farworker are imported, and patches them as they load. The server's handler and runtime processes are forked
+from the patched process, so they inherit the patches.
+
+- ``decode-skip``: every one-position inference step returns its input hidden states unchanged (nothing is
+  computed); longer steps (the prefill) are computed honestly.
+- ``decode-noise``: one-position steps are computed, then 1 % relative noise is added to each output position
+  (noise of norm 0.01 x the position's hidden-state norm).
+- ``framer``: every step is computed and answered honestly to the client, but the copy pushed to the next server
+  (petals' rpc_push, handler._push_outputs) is altered (negated), so that server computes on wrong inputs. The
+  next server computes on whichever copy of a step arrives first; on loopback the client's own copy wins, so the
+  framer holds each reply after the first for PUSH_LEAD seconds, letting its push arrive first.
+
+Decode steps reach the runtime through farworker's step-batching pool (farworker/petals/step_batching.py): its
+StepBatcher is the pool's process function for every inference step, batched (a CoBatch of several sessions'
+steps) or alone (petals' merged step), so the compute patches wrap StepBatcher.__call__. Any other kind set in
+the variable stops the process at start-up: a mistyped adversary must not pass for an honest worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+KIND = os.environ.get("FARWORKER_ADVERSARY", "")
+KINDS = ("decode-skip", "decode-noise", "framer")
+NOISE = 0.01  # decode-noise: relative to each output position's norm
+PUSH_LEAD = 0.2  # framer: seconds its pushes get ahead of its replies
+
+
+def _step_inputs(args) -> list:
+    """The hidden states of each step a StepBatcher call runs (one for petals' merged step, several batched)."""
+    from farworker.petals.step_batching import CoBatch
+
+    if args and isinstance(args[0], CoBatch):
+        return [step[0] for step in args[0].steps]
+    return [args[0]]
+
+
+def _patch_step_batching(module) -> None:
+    import torch
+
+    honest_call = module.StepBatcher.__call__
+
+    def call(self, *args):
+        inputs = _step_inputs(args)
+        one_position = all(hidden.ndim == 3 and hidden.shape[1] == 1 for hidden in inputs)
+        if KIND == "decode-skip" and one_position:
+            return (torch.cat([hidden.float() for hidden in inputs], dim=0),)
+        outputs = honest_call(self, *args)
+        if KIND == "decode-noise" and one_position:
+            (hidden,) = outputs
+            noise = torch.randn_like(hidden)
+            noise = noise / noise.norm(dim=-1, keepdim=True) * hidden.norm(dim=-1, keepdim=True) * NOISE
+            return (hidden + noise,)
+        return outputs
+
+    module.StepBatcher.__call__ = call
+
+
+def _patch_handler(module) -> None:
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+
+    honest_push = module.TransformerConnectionHandler._push_outputs
+
+    async def push_altered(self, request, serialized_outputs, metadata):
+        altered = -deserialize_torch_tensor(serialized_outputs)
+        return await honest_push(self, request, serialize_torch_tensor(altered, serialized_outputs.compression),
+                                 metadata)
+
+    honest_inference = module.TransformerConnectionHandler.rpc_inference
+
+    @functools.wraps(honest_inference)  # hivemind registers rpc_* methods by their annotations
+    async def rpc_inference(self, requests, context):
+        import asyncio
+
+        replies = 0
+        async for reply in honest_inference(self, requests, context):
+            replies += 1
+            if replies > 1:  # petals pushed this step's outputs before handing the reply over: let the push lead
+                await asyncio.sleep(PUSH_LEAD)
+            yield reply
+
+    module.TransformerConnectionHandler._push_outputs = push_altered
+    module.TransformerConnectionHandler.rpc_inference = rpc_inference
+
+
+PATCHES = {"decode-skip": {"farworker.petals.step_batching": _patch_step_batching},
+           "decode-noise": {"farworker.petals.step_batching": _patch_step_batching},
+           "framer": {"petals.server.handler": _patch_handler}}
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Runs a patch on a module right after it is executed, whoever imports it first."""
+
+    def __init__(self, patches: dict):
+        self.patches = patches
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.patches:
+            return None
+        sys.meta_path.remove(self)  # find the real spec without coming back here
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        patch, exec_module = self.patches[name], spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            patch(module)
+            print(f"adversary {KIND}: patched {name}", file=sys.stderr, flush=True)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+if KIND:
+    if KIND not in KINDS:
+        raise SystemExit(f"FARWORKER_ADVERSARY: unknown kind {KIND!r} (one of {', '.join(KINDS)})")
+    sys.meta_path.insert(0, _PatchAfterImport(PATCHES[KIND]))
