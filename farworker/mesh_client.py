@@ -161,7 +161,7 @@ class MeshClient:
 
     def generate(self, prompt: str | list[int], max_tokens: int, temperature: float, *, top_p: float = 1.0,
                  seed: int | None = None, stop: tuple[str, ...] = (), on_token=None,
-                 cancelled: threading.Event | None = None, first_steps=None) -> Generation:
+                 cancelled: threading.Event | None = None, first_steps=None, audits=None) -> Generation:
         """One completion in its own petals inference session; many may run at once (one per thread).
 
         ``on_token(token_id)`` is called as each new token arrives (streaming); ``cancelled`` set ends the
@@ -169,7 +169,9 @@ class MeshClient:
         and returned. ``stop`` strings end it once the decoded completion contains one (the text is cut
         before it). ``first_steps`` (the coordinator's routed checks: ``sample() -> bool`` as the request starts,
         ``submit(FirstStep)`` once it is done; None: nothing is captured) takes one server session's first step of
-        a sampled request."""
+        a sampled request. ``audits`` (the coordinator's session audits, coordinator/services/audit.SessionAudits:
+        ``watch(peer_id, span, session_id)`` as petals opens each server session, a SessionCapture or None;
+        ``submit(captures)`` once the request is over) keeps every step of the server sessions it chooses."""
         with self._lock:
             self._load()
         ids = self._prompt_ids(prompt)
@@ -191,9 +193,10 @@ class MeshClient:
         watcher = _TokenWatcher(self, stop, on_token, cancelled)
         captured: list | None = [] if first_steps is not None and first_steps.sample() else None  # FirstStep each
         seen: list = []  # every server session of every attempt: each one's tokens were served and billed
+        audited = _Audited(audits)  # every step of the server sessions the audits choose, every attempt
         for attempt in range(1, GENERATION_ATTEMPTS + 1):
             try:
-                output = self._generate_once(ids, max_tokens, sampling, seed, watcher, seen, captured)
+                output = self._generate_once(ids, max_tokens, sampling, seed, watcher, seen, captured, audited)
                 break
             except _Cancelled:
                 output = None
@@ -207,7 +210,9 @@ class MeshClient:
                     watcher.restart()
                     continue
                 log.warning("completion failed in the mesh: %s", err)
+                audited.submit()  # the steps it answered are audited all the same
                 raise MeshError(f"the mesh could not serve the request: {err}") from None
+        audited.submit()  # audited later in the audits' thread, never here
         completion = watcher.tokens if output is None or watcher.stopped else output[0, len(ids):].tolist()
         eos = getattr(self._config, "eos_token_id", None)
         if watcher.stopped or output is None:
@@ -230,7 +235,7 @@ class MeshClient:
         return Generation(ids, completion, watcher.text(completion), finish, route)
 
     def _generate_once(self, ids: list[int], max_tokens: int, sampling: dict, seed: int | None, watcher, seen: list,
-                       captured: list | None = None):
+                       captured: list | None = None, audited: _Audited | None = None):
         import torch
 
         model = self._model
@@ -238,6 +243,8 @@ class MeshClient:
             self._track(session, seen)
             if captured is not None:
                 petals_compat.on_first_steps(session, lambda *first_step: _capture(captured, *first_step))
+            if audited is not None and audited.audits is not None:
+                petals_compat.on_every_step(session, audited.watch)
             try:
                 if seed is not None and sampling["do_sample"]:
                     torch.manual_seed(seed)  # per thread's generator would be better; torch has one global CPU RNG
@@ -296,6 +303,38 @@ def _capture(captured: list, server_session, sent, returned) -> None:
                                   str(server_session.session_id), sent, returned))
     except Exception:  # a spot check must never fail the request it samples
         log.exception("could not capture a first step for a routed check")
+
+
+class _Audited:
+    """The server sessions of one request that the coordinator's audits chose, each captured step by step."""
+
+    def __init__(self, audits):
+        self.audits = audits
+        self.captures: list = []
+
+    def watch(self, peer_id: str, span: tuple[int, int], session_id: str):
+        try:
+            capture = self.audits.watch(peer_id, span, session_id)
+        except Exception:  # an audit must never fail the request it watches
+            log.exception("could not choose whether to audit a server session")
+            return None
+        if capture is None:
+            return None
+        self.captures.append(capture)
+
+        def record(*step):
+            try:
+                capture.add(*step)
+            except Exception:  # nor may keeping a step: the session is then not audited, and counted so
+                log.exception("could not capture a step for an audit")
+                capture.give_up("the capture failed")
+
+        return record
+
+    def submit(self) -> None:
+        if self.audits is not None:
+            captures, self.captures = self.captures, []
+            self.audits.submit(captures)
 
 
 def _keep(seen: list, server_sessions) -> None:

@@ -195,10 +195,47 @@ def _watch_first_step(server_session, callback) -> None:
         first = not server_session.stepped
         outputs = original_step(inputs, prompts, hypo_ids, step_id=step_id)
         if first:
-            del server_session.step  # later steps go straight to petals
+            if server_session.__dict__.get("step") is step:
+                del server_session.step  # later steps go straight to petals (unless another watch wraps this one)
             if is_dummy_tensor(prompts):
                 # on its first step a server session sends its whole history (petals' _ServerInferenceSession.step)
                 callback(server_session, server_session.history.detach().clone(), outputs.detach().clone())
+        return outputs
+
+    server_session.step = step
+
+
+def on_every_step(session, watch) -> None:
+    """For each server session petals opens for ``session`` (re-routes included), ``watch(peer_id, span,
+    session_id)`` returns None (the session is not watched: petals' own step runs, nothing is kept) or a
+    ``record(position, sent, returned, plain)`` called after each of that server session's steps with the first
+    position the step covered, the hidden states actually sent (on a server session's first step, its whole
+    history: a session opened by a re-route replays every earlier position), those returned, and ``plain``: no
+    deep prompts and no beam reorder, so the step is recomputable from the hidden states alone."""
+    original_enter = session._enter_server_sessions
+
+    def enter_and_watch(chosen_spans):
+        server_sessions = original_enter(chosen_spans)
+        for server_session in server_sessions:
+            span = server_session.span
+            record = watch(span.peer_id.to_base58(), (int(span.start), int(span.end)), str(server_session.session_id))
+            if record is not None:
+                _record_steps(server_session, record)
+        return server_sessions
+
+    session._enter_server_sessions = enter_and_watch
+
+
+def _record_steps(server_session, record) -> None:
+    original_step = server_session.step  # the bound method; the instance attribute below shadows it
+
+    def step(inputs, prompts, hypo_ids, *, step_id):
+        first = not server_session.stepped
+        position = tokens_processed(server_session)
+        outputs = original_step(inputs, prompts, hypo_ids, step_id=step_id)
+        # petals' _ServerInferenceSession.step sends its whole history on the first step, then the new positions
+        sent = server_session.history if first else inputs
+        record(position, sent, outputs, is_dummy_tensor(prompts) and is_dummy_tensor(hypo_ids))
         return outputs
 
     server_session.step = step
