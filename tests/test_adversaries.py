@@ -4,8 +4,9 @@ the package, serve a split tiny model; a petals client compares what the mesh re
 - decode-skip on 2:4: prefill positions match, every decode position is wrong, and greedy tokens differ from
   local transformers' (issue 18's report);
 - decode-noise on 2:4: prefill positions match, decode positions are ~1 % off;
-- framer on 0:2: with petals' server-to-server push, the honest 2:4 computes on the framer's altered push and the
-  client's decode positions are wrong; the same mesh, a client without push, gets the right answer.
+- framer on 0:2: with a client that names the next server (petals' server-to-server push), the honest 2:4 computes
+  on the framer's altered push and the client's decode positions are wrong; the same mesh, a client without push
+  (as the coordinator's), gets the right answer.
 """
 
 from __future__ import annotations
@@ -93,6 +94,5 @@ def test_framer_corrupts_its_neighbour_through_push_and_not_without_it(mesh, tin
     finally:
         stop(workers)
     assert max(pushed[:PROMPT_LENGTH]) < HONEST_ERROR, pushed  # the first step is never pushed
-    # the client's own copy may arrive first now and then; most decode steps run on the altered push
-    assert sum(error > 0.05 for error in pushed[PROMPT_LENGTH:]) >= DECODE_STEPS // 2, pushed
+    assert min(pushed[PROMPT_LENGTH:]) > 0.05, pushed  # every decode step ran on the altered push
     assert max(unpushed) < HONEST_ERROR, unpushed

@@ -7,10 +7,11 @@ from the patched process, so they inherit the patches.
   computed); longer steps (the prefill) are computed honestly.
 - ``decode-noise``: one-position steps are computed, then 1 % relative noise is added to each output position
   (noise of norm 0.01 x the position's hidden-state norm).
-- ``framer``: every step is computed and answered honestly to the client, but the copy pushed to the next server
-  (petals' rpc_push, handler._push_outputs) is altered (negated), so that server computes on wrong inputs. The
-  next server computes on whichever copy of a step arrives first; on loopback the client's own copy wins, so the
-  framer holds each reply after the first for PUSH_LEAD seconds, letting its push arrive first.
+- ``framer``: every step is computed and answered honestly to the client, but first the step's outputs, altered
+  (negated), are pushed to the next server (petals' rpc_push, with handler._push_outputs) under the session id the
+  client disclosed in the step's ``next_servers``; that server computes on whichever copy of a step arrives first,
+  here always the push. (petals 2.2.0.post1's own push never fires: rpc_inference pushes with the session's
+  first request's metadata, which never carries ``next_servers``; a framer pushes by itself.)
 
 Decode steps reach the runtime through farworker's step-batching pool (farworker/petals/step_batching.py): its
 StepBatcher is the pool's process function for every inference step, batched (a CoBatch of several sessions'
@@ -29,7 +30,6 @@ import sys
 KIND = os.environ.get("FARWORKER_ADVERSARY", "")
 KINDS = ("decode-skip", "decode-noise", "framer")
 NOISE = 0.01  # decode-noise: relative to each output position's norm
-PUSH_LEAD = 0.2  # framer: seconds its pushes get ahead of its replies
 
 
 def _step_inputs(args) -> list:
@@ -64,28 +64,29 @@ def _patch_step_batching(module) -> None:
 
 def _patch_handler(module) -> None:
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-
-    honest_push = module.TransformerConnectionHandler._push_outputs
-
-    async def push_altered(self, request, serialized_outputs, metadata):
-        altered = -deserialize_torch_tensor(serialized_outputs)
-        return await honest_push(self, request, serialize_torch_tensor(altered, serialized_outputs.compression),
-                                 metadata)
+    from hivemind.utils.serializer import MSGPackSerializer
 
     honest_inference = module.TransformerConnectionHandler.rpc_inference
 
     @functools.wraps(honest_inference)  # hivemind registers rpc_* methods by their annotations
     async def rpc_inference(self, requests, context):
-        import asyncio
+        latest = {}  # the step request the handler read last: the one the next reply answers
 
-        replies = 0
-        async for reply in honest_inference(self, requests, context):
-            replies += 1
-            if replies > 1:  # petals pushed this step's outputs before handing the reply over: let the push lead
-                await asyncio.sleep(PUSH_LEAD)
+        async def watched():
+            async for request in requests:
+                latest["request"] = request
+                yield request
+
+        async for reply in honest_inference(self, watched(), context):
+            request = latest.get("request")
+            metadata = MSGPackSerializer.loads(request.metadata) if request is not None and request.metadata else {}
+            if metadata.get("next_servers") and reply.tensors:
+                # pushed (and received) before the client gets its honest reply: the neighbour computes on it
+                altered = -deserialize_torch_tensor(reply.tensors[0])
+                await self._push_outputs(request, serialize_torch_tensor(altered, reply.tensors[0].compression),
+                                         metadata)
             yield reply
 
-    module.TransformerConnectionHandler._push_outputs = push_altered
     module.TransformerConnectionHandler.rpc_inference = rpc_inference
 
 
