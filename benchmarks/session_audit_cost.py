@@ -14,7 +14,12 @@ coordinator's own generation client (farworker/mesh_client.py) in this process.
 3. Drops: 8 client threads, --concurrent completions each, through SessionAudits (one audit at a time, 4 queued)
    at --audit-share (default 0.05) and at share 1.0.
 
-    python benchmarks/session_audit_cost.py --out benchmarks/results/session_audit_cost.json
+With --int8-sessions N instead: one honest `farworker run` with int8 weights (petals' LLM.int8 on CPU) holding all
+4 blocks in its own swarm; N greedy completions (random prompts of 4 to 39 tokens, 8 new tokens), every session
+audited against the float32 reference: the worst position's error per session against int8's span tolerance.
+
+    cd benchmarks && python session_audit_cost.py --out results/session_audit_cost.json
+    cd benchmarks && python session_audit_cost.py --int8-sessions 1000 --out results/session_audit_int8.json
 """
 
 from __future__ import annotations
@@ -164,6 +169,46 @@ def drops(model, peers, prefix, share: float, per_client: int, new_tokens: int) 
             "settled": settled, "audit_cpu_s": audits.cpu_s}
 
 
+def int8_sessions(sessions: int) -> dict:
+    from farworker.catalog import dht_prefix_for
+    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.services.audit import audit_session
+    from farworker.coordinator.spot_check import SpotChecker, span_tolerance
+
+    work = Path(tempfile.mkdtemp(prefix="fw-bench-audit-int8-"))
+    server = bl.start_farworker(work, "int8", "http://127.0.0.1:9", extra_env={"FARLABS_QUANT_TYPE": "int8"})
+    client = None
+    try:
+        server.wait_ready()
+        model = bl.tiny_model_dir()
+        client = MeshClient(model, [server.initial_peer], dht_prefix_for(model.name), use_server_to_server=False)
+        reference, audits, rng = SpotChecker(client).reference_output, EverySession(), random.Random(8)
+        tolerance = span_tolerance("float32", "int8", 4)
+        errors, positions, worst_at = [], [], []
+        for _ in range(sessions):
+            prompt = [rng.randrange(3, 500) for _ in range(rng.randrange(4, 40))]
+            client.generate(prompt, 8, 0.0, audits=audits)
+            for capture in audits.items:
+                result = audit_session(capture, reference, tolerance)
+                errors.append(result.error)
+                positions.append(result.positions)
+                worst_at.append(result.worst_position >= len(prompt))
+                capture.release()
+            audits.items.clear()
+    finally:
+        if client is not None:
+            client.close()
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    ordered = sorted(errors)
+    return {"sessions": len(errors), "span_blocks": 4, "tolerance": tolerance,
+            "over_tolerance": sum(e > tolerance for e in errors),
+            "error": {"min": ordered[0], "median": ordered[len(ordered) // 2],
+                      "p99": ordered[int(0.99 * (len(ordered) - 1))], "max": ordered[-1]},
+            "worst_position_in_decode_share": sum(worst_at) / len(worst_at),
+            "positions": {"min": min(positions), "max": max(positions)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
@@ -171,8 +216,16 @@ def main() -> None:
     parser.add_argument("--audited", type=int, default=10)
     parser.add_argument("--concurrent", type=int, default=5, help="completions per client thread")
     parser.add_argument("--audit-share", type=float, default=0.05)
+    parser.add_argument("--int8-sessions", type=int, default=0, help="run only the honest int8 audit series")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.int8_sessions:
+        result = int8_sessions(args.int8_sessions)
+        bl.log(f"int8: {result}")
+        bl.write_json(args.out, {"benchmark": "session_audit_int8", "machine": bl.machine_info(),
+                                 "loadavg_at_end": [round(x, 2) for x in __import__("os").getloadavg()],
+                                 "int8": result})
+        return
     from farworker.catalog import dht_prefix_for
     from farworker.local_mesh import start_bootstrap_peer, start_worker
 
