@@ -93,7 +93,7 @@ def push_worth(model, peers, prefix, rounds: int, new_tokens: int) -> dict:
 
 
 def audit_cost(model, peers, prefix, workers, completions: int, new_tokens: int) -> dict:
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
     from farworker.coordinator.services.audit import audit_session
     from farworker.coordinator.spot_check import SpotChecker, span_tolerance
 
@@ -133,7 +133,7 @@ def audit_cost(model, peers, prefix, workers, completions: int, new_tokens: int)
 def drops(model, peers, prefix, share: float, per_client: int, new_tokens: int) -> dict:
     from prometheus_client import CollectorRegistry
 
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
     from farworker.coordinator.services.audit import AuditSampler, SessionAudits
     from farworker.coordinator.spot_check import SpotChecker
 
@@ -171,7 +171,7 @@ def drops(model, peers, prefix, share: float, per_client: int, new_tokens: int) 
 
 def int8_sessions(sessions: int) -> dict:
     from farworker.catalog import dht_prefix_for
-    from farworker.coordinator.mesh import MeshClient
+    from farworker.coordinator.mesh import CompletionsMesh as MeshClient
     from farworker.coordinator.services.audit import audit_session
     from farworker.coordinator.spot_check import SpotChecker, span_tolerance
 

@@ -31,11 +31,10 @@ class CheckpointBlocks:
 
     def load_block(self, block: int):
         from farworker.petals.compat import import_petals
+        from farworker.petals.remote_blocks import load_reference_block
 
-        import_petals()
-        from petals.server.from_pretrained import load_pretrained_block
-
-        return load_pretrained_block(str(self.model_path), block, torch_dtype=torch.float32)
+        import_petals()  # as the coordinator's mesh client has done before it loads a block
+        return load_reference_block(self.model_path, block, None)  # petals reads the config from the checkpoint
 
 
 @pytest.fixture(scope="module")

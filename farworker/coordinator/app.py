@@ -83,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     # its parts, for operators and tests (None where not configured)
     app.state.mesh, app.state.routed_checks = runtime.mesh, runtime.routed_checks
     app.state.spot_checks, app.state.dht_watch = runtime.spot_checks, runtime.dht_watch
+    app.state.session_audits = runtime.session_audits
     app.state.completions = Completions(settings, store, runtime)
     app.add_middleware(http.BodyLimit, limit=settings.max_body_bytes)
     app.add_exception_handler(ApiError, http.api_error)

@@ -101,6 +101,14 @@ from farworker.coordinator.settings import DEFAULT_SETTLE_AFTER_S, Settings
     "(a failure quarantines) [default: 0.05, or 0 with --probe-period 0].",
 )
 @click.option(
+    "--audit-share",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help="Share of server sessions the coordinator audits at every position after the request (a failure "
+    "quarantines); a worker's first 20 sessions and a worker near its tolerance at 0.5 "
+    "[default: 0.05, or 0 with --probe-period 0].",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -123,6 +131,7 @@ def coordinator_command(
     settle_after,
     probe_period,
     sample_routed,
+    audit_share,
     log_level,
 ):
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
@@ -162,6 +171,7 @@ def coordinator_command(
             max_body_bytes=max_body_bytes,
             probe_period_s=probe_period,
             sample_routed=sample_routed,
+            audit_share=audit_share,
             pay_unvouched_rate=pay_unvouched_rate,
             settle_after_s=settle_after,
             **extra,

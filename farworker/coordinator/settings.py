@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from farworker.catalog import dht_prefix_for
+from farworker.coordinator.services.audit import DEFAULT_AUDIT_SHARE
 from farworker.coordinator.services.ledger import DEFAULT_FAR_PER_TOKEN
 
 DEFAULT_SAMPLE_ROUTED = 0.05  # one routed completion in 20 (docs/trust.md, "Spot checks": its cost)
@@ -30,6 +31,9 @@ class Settings:
     # Share of routed completions whose first step on one worker is verified (spot_check.RoutedChecks); None:
     # DEFAULT_SAMPLE_ROUTED with probes on, 0 with probes off (probe_period_s 0: no spot checks of any kind).
     sample_routed: float | None = None
+    # Share of server sessions audited at every position (services/audit.AuditSampler: new workers and those near
+    # their tolerance at a higher share); None: DEFAULT_AUDIT_SHARE with probes on, 0 with probes off.
+    audit_share: float | None = None
     max_active_generations: int = 8  # petals inference sessions the coordinator runs at once
     # Requests waiting for a slot; beyond: 429 with Retry-After. A waiting (or running) non-streamed request holds
     # one of the server's 40 request threads, which the workers' heartbeats need too: 8 + 16 leaves them 16.
@@ -49,6 +53,8 @@ class Settings:
         self.initial_peers = tuple(self.initial_peers)
         if self.sample_routed is None:
             self.sample_routed = DEFAULT_SAMPLE_ROUTED if self.probe_period_s > 0 else 0.0
+        if self.audit_share is None:
+            self.audit_share = DEFAULT_AUDIT_SHARE if self.probe_period_s > 0 else 0.0
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
             self.model_name = self.model_name or self.model_path.name

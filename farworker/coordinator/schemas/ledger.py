@@ -73,6 +73,10 @@ class WorkerView(BaseModel):
                                "(a sampled share, --sample-routed), since the coordinator started")
     routed_checks_failed: int = Field(description="of those, how many differed from the reference (a failure "
                                       "quarantines the worker)")
+    sessions_audited: int = Field(default=0, description="its server sessions recomputed at every position by the "
+                                  "coordinator (a sampled share, --audit-share), since the coordinator started")
+    sessions_audit_failed: int = Field(default=0, description="of those, how many differed from the reference at "
+                                       "some position (a failure quarantines the worker)")
     reachable: bool | None = Field(default=None, description="whether the coordinator's last direct dial (no relay) "
                                    "of its announced addresses connected; null: not dialled yet")
     reachability_checked_at: float | None = None

@@ -215,7 +215,8 @@ class Completions:
             try:
                 result = self.mesh.generate(prompt_ids_of(), body.max_tokens, body.temperature, top_p=body.top_p,
                                             seed=body.seed, stop=body.stop_strings(), on_token=on_token,
-                                            cancelled=cancelled, first_steps=self.runtime.routed_checks)
+                                            cancelled=cancelled, first_steps=self.runtime.routed_checks,
+                                            audits=self.runtime.session_audits)
             except MeshError as err:
                 raise ApiError(err.status, str(err), err.code, err.field) from None
             finally:

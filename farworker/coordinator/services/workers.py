@@ -15,6 +15,7 @@ from farworker.coordinator.services import ledger, reachability, uptime
 log = logging.getLogger("farworker.coordinator")
 
 NO_ROUTED_CHECKS = {"routed_checks": 0, "routed_checks_failed": 0}
+NO_SESSION_AUDITS = {"sessions_audited": 0, "sessions_audit_failed": 0}
 
 
 class Workers:
@@ -23,6 +24,7 @@ class Workers:
 
     def __init__(self, store, settings, routed_checks=None):
         self.store, self.settings, self.routed_checks = store, settings, routed_checks
+        self.session_audits = None  # the runtime's SessionAudits: their in-memory counts in the view
 
     @property
     def watches_dht(self) -> bool:
@@ -95,12 +97,14 @@ class Workers:
         window = ledger.earn_rate_window(row["registered_at"], now, row["heartbeat_interval"])
         totals = self.totals(row["worker_id"], now - window, now)
         checks = self.routed_checks.view(row["worker_id"]) if self.routed_checks is not None else NO_ROUTED_CHECKS
+        audits = self.session_audits.view(row["worker_id"]) if self.session_audits is not None else NO_SESSION_AUDITS
         return {
             **ledger.figures(totals, self.uptime(row, now), window, self.settings.pay_unvouched_rate),
             "up_intervals": self.up_intervals(row),
             "uptime_basis": "beats_and_dht" if self.watches_dht else "beats",
             **self.store.probe_summary(row["worker_id"]),
             **checks,
+            **audits,
             **reachability.view(row["reachability"]),
         }
 
