@@ -50,6 +50,7 @@ class SessionCapture:
     steps: list[tuple[int, object, object]] = field(default_factory=list, repr=False)
     held_bytes: int = 0
     problem: str | None = None  # why this session cannot be audited (its tensors are let go)
+    over_budget: bool = False  # the reason was the memory budget: its audit is dropped, not unverifiable
 
     def add(self, position: int, sent, returned, plain: bool) -> None:
         """One step of the server session; ``plain``: no deep prompts and no beam reorder (petals would change
@@ -63,6 +64,7 @@ class SessionCapture:
             return self.give_up(f"a step at position {position} after {expected} positions, or of another shape")
         size = (sent.numel() * sent.element_size()) + (returned.numel() * returned.element_size())
         if not self.budget.take(size):
+            self.over_budget = True
             return self.give_up(f"over the capture memory budget ({self.budget.max_bytes} bytes)")
         self.held_bytes += size
         self.steps.append((position, sent.detach().clone(), returned.detach().clone()))

@@ -187,7 +187,7 @@ class SessionAudits:
 
     def submit(self, captures: list[SessionCapture]) -> None:
         for capture in captures:
-            if capture.problem is not None and capture.problem.startswith("over the capture memory budget"):
+            if capture.over_budget:
                 self._count("dropped_memory")
             elif capture.problem is not None or not capture.steps:
                 capture.release()
