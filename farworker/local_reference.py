@@ -10,7 +10,10 @@ def generate_locally(model_path: str, prompt_ids: list[int], max_new_tokens: int
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    from farworker.petals.compat import MODULE_BUILD_LOCK
+
+    with MODULE_BUILD_LOCK:  # not while a coordinator in this process loads a block (compat.MODULE_BUILD_LOCK)
+        model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     with torch.inference_mode():
         output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=0)

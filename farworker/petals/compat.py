@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 import warnings
 from types import ModuleType
+
+# accelerate's init_empty_weights (petals' block loading) patches torch.nn.Module for the whole process while it
+# runs: a model built in another thread meanwhile gets parameters on the meta device, and two overlapping uses can
+# leave the patch in place. The coordinator loads reference blocks in background threads (probes, routed checks,
+# session audits), so every such load, and every model build that may overlap one, holds this lock.
+MODULE_BUILD_LOCK = threading.RLock()
 
 # name restored on `hivemind` -> the submodule that still defines it in hivemind 1.1.12
 RESTORED_NAMES: dict[str, str] = {

@@ -11,7 +11,10 @@ def load_reference_block(model_path, block: int, config):
     import torch
     from petals.server.from_pretrained import load_pretrained_block
 
-    return load_pretrained_block(str(model_path), block, config=config, torch_dtype=torch.float32)
+    from farworker.petals.compat import MODULE_BUILD_LOCK
+
+    with MODULE_BUILD_LOCK:  # init_empty_weights patches torch for the whole process (compat.MODULE_BUILD_LOCK)
+        return load_pretrained_block(str(model_path), block, config=config, torch_dtype=torch.float32)
 
 
 def forward_through(sequence_manager, peer_id: str, block: int, hidden):
