@@ -4,6 +4,7 @@ splitting the tiny model, one of them patched from outside the package.
 
 - decode-skip and decode-noise (on 2:4) compute every prefill honestly, so probes and routed checks pass them;
   each is quarantined at its first audited session, and the honest worker of 0:2 never is.
+- an honest int8 worker passes every audit (its error is int8's own, inside its registered tolerance);
 - framer (on 0:2) pushes altered outputs to its neighbour: the coordinator's client runs without push and names
   no next server, so the framing has no effect: the client's tokens are transformers' own, and nobody is
   quarantined.
@@ -118,3 +119,18 @@ def test_a_framer_has_no_effect_on_the_coordinators_sessions(mesh):
     for peer_id in (framer_id, neighbour_id):
         view = worker_view(mesh.url, peer_id)
         assert view["quarantined"] is None and view["state"] == "online", view
+
+
+def test_an_honest_int8_worker_passes_its_audits(mesh):
+    """int8 weights (petals' LLM.int8 on CPU) read ~1e-2 of the span's update at their worst position: inside the
+    registered precision's tolerance, so audits at every position do not blame honest quantization."""
+    float32_id, int8_id = mesh.serve(second_env={"FARLABS_QUANT_TYPE": "int8"})
+    for _ in range(3):
+        answer = mesh.complete()
+        assert answer.status_code == 200, answer.text
+        wait_for(lambda: settled(mesh.url), 60, "the completion's sessions audited")
+    counts = audit_counts(mesh.url)
+    assert counts["chosen"] == 6 and counts["passed"] == 6 and counts["failed"] == 0, counts
+    for peer_id in (float32_id, int8_id):
+        view = worker_view(mesh.url, peer_id)
+        assert view["quarantined"] is None and view["sessions_audited"] == 3, view
