@@ -103,6 +103,11 @@ def test_a_worker_cheating_on_decode_steps_is_quarantined_at_its_first_audited_s
     position = int(cheat["quarantined"].split("at position ", 1)[1].split(" ", 1)[0])
     assert position >= len(PROMPT), cheat["quarantined"]
     wait_for(lambda: "QUARANTINED by the coordinator" in mesh.workers[1].proc.log_tail(400), 30, "the cheat told")
+    # settlement (docs/trust.md): a cheat caught at its first audited session keeps nothing, whenever its usage
+    # records arrived (before the quarantine: forfeited; after: never paid); the honest neighbour's pay is pending
+    wait_for(lambda: worker_view(mesh.url, honest_id)["pending_far"] > 0, 60, "the honest worker's usage credited")
+    cheat = worker_view(mesh.url, cheat_id)
+    assert cheat["settled_far"] == 0 and cheat["pending_far"] == 0, cheat
 
 
 def test_a_framer_has_no_effect_on_the_coordinators_sessions(mesh):
