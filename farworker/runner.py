@@ -32,6 +32,8 @@ from farworker.petals.server_host import PetalsHost
 from farworker.petals.serving_meter import ServingCounters, ServingMeter
 from farworker.process_tree import end_children
 from farworker.reporting import Reporter
+from farworker.shm_cleanup import RECORD_NAME as SHM_RECORD
+from farworker.shm_cleanup import tracker as shm_tracker
 from farworker.shm_guard import check_shm
 from farworker.status_file import write_status
 
@@ -98,6 +100,8 @@ class Worker:
         if moved:
             log.info("Instance 0 took over the single-unit worker's %s from %s", ", ".join(moved), cfg.state_dir.parent)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # Files a SIGKILLed previous run left in /dev/shm go now; this run's pids are recorded for the next.
+        shm_tracker().keep_record(cfg.state_dir / SHM_RECORD)
         self.identity = load_or_create(cfg.identity_path)
         self._write_status()  # replaces a previous run's file: nobody may read it as this run's health
         self.outbox = Outbox(cfg.state_dir / "outbox.sqlite3")
