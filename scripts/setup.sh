@@ -41,5 +41,9 @@ else
 fi
 if [ "${1:-}" = "--dev" ]; then
   "${install[@]}" -r requirements/dev.txt
+  # tests/test_clock_offset.py shifts a worker's clock with Debian's libfaketime
+  if ! command -v faketime >/dev/null && command -v apt-get >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then apt-get install -y -q faketime; else sudo apt-get install -y -q faketime; fi
+  fi
 fi
 .venv/bin/farworker --version
