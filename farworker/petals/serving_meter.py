@@ -274,4 +274,4 @@ class ServingMeter:
         if stored:
             self._outbox.notify_listeners()  # the reporter sends it soon
         else:
-            self._outbox.add(payload)
+            self._outbox.add_or_hold(payload)  # a full state dir: held in memory, serving goes on
