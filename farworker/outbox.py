@@ -151,7 +151,8 @@ class Outbox:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite already rolled back a COMMIT refused by a full disk
+                    conn.execute("ROLLBACK")
                 raise
 
     @staticmethod
