@@ -5,6 +5,7 @@ pid (farworker/petals/shm_files.py), and the tests collect their processes' pids
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -44,6 +45,14 @@ class TreePids:
         return self.pids
 
 
+def running(pid: int) -> psutil.Process | None:
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process
+    except psutil.Error:
+        return None
+
+
 def files_of(pids: set[int]) -> list[Path]:
     return [path for pid, paths in files_by_pid().items() if pid in pids for path in paths]
 
@@ -57,6 +66,32 @@ def test_demo_leaves_no_shm_file_of_its_processes():
     pids = tree.stop()
     assert proc.returncode == 0, out
     assert len(pids) > 10, pids  # bootstrap, coordinator, workers, their handlers and DHT processes were seen
+    assert files_of(pids) == []
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_sigtermed_demo_stops_its_mesh_and_leaves_no_shm_file():
+    proc = subprocess.Popen([sys.executable, "-m", "farworker", "demo", "--max-tokens", "4"], env=base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tree = TreePids(proc.pid)
+    try:
+        deadline = time.monotonic() + 120
+        while len(tree.pids) < 6 and time.monotonic() < deadline:  # bootstrap, workers and their processes
+            time.sleep(0.2)
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        pids = tree.stop()
+        # torch_shm_manager leaves on its own once its last client is gone (seconds): it unlinks their files then
+        deadline = time.monotonic() + 15
+        while (left_alive := [p for p in map(running, pids) if p is not None]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for process in left_alive:  # orphans are init's children now: found by pid
+            process.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert left_alive == [], "the demo's mesh outlived it"
     assert files_of(pids) == []
 
 
