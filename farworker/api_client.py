@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import urlsplit
 
 import requests
 
 from farworker import __version__
+from farworker.clock_offset import offset_from_date
 from farworker.identity import Identity
 
 
@@ -43,6 +45,7 @@ class CoordinatorClient:
         self.timeout = timeout
         self._session = session or requests.Session()
         self._session.headers["User-Agent"] = f"farworker/{__version__}"
+        self.clock_offset: float | None = None  # this host minus the coordinator, from the last answer's Date
 
     def close(self) -> None:
         self._session.close()
@@ -52,6 +55,7 @@ class CoordinatorClient:
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", **self.identity.sign("POST", urlsplit(url).path, body)}
         what = f"POST {path}"
+        sent_at = time.time()
         try:
             response = self._session.post(url, data=body, headers=headers, timeout=self.timeout)
         except requests.Timeout:
@@ -63,6 +67,9 @@ class CoordinatorClient:
             raise CoordinatorError(f"{what}: cannot reach {self.base_url} ({reason})") from None
         except requests.RequestException as err:
             raise CoordinatorError(f"{what}: {err}") from None
+        offset = offset_from_date(response.headers.get("Date"), sent_at, time.time())
+        if offset is not None:
+            self.clock_offset = offset
         try:
             answer = response.json()
         except ValueError:

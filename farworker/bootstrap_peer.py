@@ -15,6 +15,7 @@ from farworker.config import ConfigError, _bootstrap_list, _Invalid, _multiaddr_
 from farworker.identity import load_or_create
 from farworker.notify import Notifier
 from farworker.petals.compat import restore_hivemind_names
+from farworker.process_tree import end_children
 
 log = logging.getLogger("farworker.bootstrap")
 MADDRS_FILE = "bootstrap-maddrs.txt"
@@ -41,6 +42,11 @@ def run_bootstrap_peer(host_maddrs: str, announce_maddrs: str, identity: str | N
     identity_path = Path(identity) if identity else state / "bootstrap-identity.key"
     load_or_create(identity_path)
 
+    # Before the DHT starts: a stop asked for while it starts is kept, and the DHT is then shut down as usual
+    # (Python's default would end this process at once and orphan the DHT's process and p2pd).
+    notifier, stop = Notifier(), threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     hivemind = restore_hivemind_names()
     dht = hivemind.DHT(
         initial_peers=_split(initial_peers), host_maddrs=_split(host_maddrs),
@@ -54,9 +60,6 @@ def run_bootstrap_peer(host_maddrs: str, announce_maddrs: str, identity: str | N
     for addr in maddrs:
         print(addr, flush=True)
 
-    notifier, stop = Notifier(), threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     notifier.ready(f"bootstrap peer {dht.peer_id.to_base58()}")
     period = min(notifier.watchdog_interval or 5.0, 5.0)
     while not stop.wait(period):
@@ -64,4 +67,5 @@ def run_bootstrap_peer(host_maddrs: str, announce_maddrs: str, identity: str | N
             notifier.watchdog()
     notifier.stopping("stopping")
     dht.shutdown()
+    end_children(timeout=5.0)  # the DHT's process and p2pd, within a deadline; then their /dev/shm files go
     return 0

@@ -55,6 +55,14 @@ def exits_78_on_config_error(func):
 @click.version_option(__version__, prog_name="farworker")
 def main():
     """Far Labs GPU mesh worker: serve Petals model blocks, report work to the coordinator, earn $FAR."""
+    if click.get_current_context().invoked_subcommand in PROCESS_TREE_COMMANDS:
+        from farworker.shm_cleanup import tracker
+
+        tracker()  # notes the pids this command's processes have: their /dev/shm files go at its exit
+
+
+# Commands whose processes (theirs, or petals' and hivemind's under them) share tensors through /dev/shm.
+PROCESS_TREE_COMMANDS = {"run", "demo", "bootstrap", "generate", "coordinator"}
 
 
 @main.command()

@@ -8,6 +8,7 @@ transformers on the same checkpoint; the earnings ledger. Exit 0 only when the t
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import requests
 
 from farworker.local_mesh import shared_cache_dir, split_blocks, start_bootstrap_peer, start_worker
 from farworker.local_reference import generate_locally
+from farworker.process_tree import end_children
 from farworker.threading_policy import apply_requested_policy
 from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, ensure_tiny_checkpoint
 
@@ -35,6 +37,13 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
     model = ensure_tiny_checkpoint(shared_cache_dir())
     say(f"model      {TINY_MODEL_NAME} ({TINY_CONFIG['num_hidden_layers']} blocks, built locally: {model})")
     processes, coordinator = [], None
+
+    def stop_on_signal(signum, _frame):
+        # Python's default ends the demo at once, and the mesh's processes (sessions of their own) lived on as
+        # orphans with their /dev/shm files: raise instead, so the `finally` below stops them.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         bootstrap, peers = start_bootstrap_peer(work)
         processes.append(bootstrap.stop)
@@ -85,6 +94,7 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
             coordinator.stop()
         for stop in reversed(processes):
             stop()
+        end_children()  # the coordinator's petals client's DHT and p2pd; then this tree's /dev/shm files go
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
 

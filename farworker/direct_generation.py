@@ -8,6 +8,7 @@ from pathlib import Path
 from farworker.api_client import CoordinatorError
 from farworker.config import EX_CONFIG
 from farworker.mesh_client import MeshError
+from farworker.process_tree import end_children
 from farworker.receipts import ClientKeyError, load_or_create
 from farworker.vouching_client import VouchingClient
 
@@ -37,6 +38,7 @@ def run_generate(coordinator_url: str, key_file: str, initial_peers: str, model_
         return EX_TEMPFAIL
     finally:
         client.close()
+        end_children(timeout=5.0)  # the petals client's DHT process and p2pd; then their /dev/shm files go
     generation = result.generation
     print(generation.text if generation.text is not None else " ".join(map(str, generation.completion_ids)))
     print(f"{len(result.accepted)} of {len(result.receipts)} receipts counted by the coordinator "

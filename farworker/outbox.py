@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -31,6 +32,9 @@ from pydantic import ValidationError
 
 from farworker.wire_records import UsageRecord
 
+log = logging.getLogger(__name__)
+
+MAX_HELD = 50_000  # usage records kept in memory while the state dir refuses writes: ~10 MB, hours of serving
 
 class OutboxError(ValueError):
     """A record does not have the shape above."""
@@ -104,6 +108,11 @@ class Outbox:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._listeners: list[Callable[[], None]] = []
+        # Records the disk refused (state dir full), oldest first, written by write_held() once there is space.
+        self._held: list[dict] = []
+        self.held_dropped = 0  # beyond MAX_HELD: counted, and said in the journal and the status
+        self.held_since: float | None = None
+        self._held_lock = threading.RLock()  # the meter's thread holds, the runner's writes them
         with self._lock:
             self._connection().execute(
                 "CREATE TABLE IF NOT EXISTS outbox ("
@@ -142,7 +151,8 @@ class Outbox:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite already rolled back a COMMIT refused by a full disk
+                    conn.execute("ROLLBACK")
                 raise
 
     @staticmethod
@@ -170,6 +180,51 @@ class Outbox:
             conn.execute("DELETE FROM open_segments WHERE id = ?", (record["id"],))
         self.notify_listeners()
         return record["id"]
+
+    def add_or_hold(self, record: dict) -> bool:
+        """``add``, but when the disk refuses the write (a full state dir), keep the record in memory instead
+        (at most MAX_HELD, oldest first) so serving goes on; write_held() stores them once there is space.
+        Returns whether the record is on disk. Order is kept: while records are held, new ones queue behind."""
+        record = validate_record(record)
+        with self._held_lock:
+            if self.write_held():
+                try:
+                    self.add(record)
+                    return True
+                except (sqlite3.OperationalError, OSError) as err:
+                    self._start_holding(err)
+            if len(self._held) >= MAX_HELD:
+                self.held_dropped += 1
+                log.error("usage record %s lost: %d records already held in memory (state dir full)",
+                          record["id"], MAX_HELD)
+            else:
+                self._held.append(record)
+            return False
+
+    def write_held(self) -> bool:
+        """Store the records held in memory, oldest first; True when none is left."""
+        with self._held_lock:
+            while self._held:
+                try:
+                    self.add(self._held[0])
+                except (sqlite3.OperationalError, OSError):
+                    return False
+                self._held.pop(0)
+                if not self._held:
+                    log.warning("state dir writable again: the usage records held in memory since %s are in the "
+                                "outbox", time.strftime("%H:%M:%S", time.localtime(self.held_since)))
+                    self.held_since = None
+            return True
+
+    def held(self) -> dict:
+        """For the status: records held in memory now, and lost beyond the bound."""
+        return {"held_in_memory": len(self._held), "held_dropped": self.held_dropped, "held_since": self.held_since}
+
+    def _start_holding(self, err: Exception) -> None:
+        if self.held_since is None:
+            self.held_since = time.time()
+            log.error("usage outbox %s refuses writes (%s): usage records are held in memory (at most %d) and "
+                      "written once the state dir has space; free space there", self.path, err, MAX_HELD)
 
     def hold_open(self, record: dict) -> None:
         """Keep the running segment of an open session on disk (replacing its previous version), called

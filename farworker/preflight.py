@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from requests.exceptions import InvalidSchema, InvalidURL, MissingSchema
 from farworker import gpu, shm_guard
 from farworker.block_plan import auto_count, per_block_bytes
 from farworker.catalog import MODEL_DISK_BYTES, SUPPORTED_MODEL_SHAPES
+from farworker.clock_offset import MAX_OFFSET_S, clock_problem, describe, offset_from_date
 from farworker.config import EX_CONFIG, ConfigError, WorkerConfig, load_config
 from farworker.disk_space import disk_problems, format_size, read_cache_disk
 from farworker.gpu import NvmlGpu
@@ -56,6 +58,7 @@ def run_preflight(overrides: dict, config_only: bool = False) -> int:
         return 0
     # the GPU line, then one VRAM line per GPU a worker would serve on, then the host-wide checks
     results = [check_gpu(config), *check_every_gpu(config), *(check(config) for check in CHECKS)]
+    results += check_api_and_clock(config)
     results += check_driver_stack(config)
     results.append(check_reachability(config))  # the coordinator's view of this host, last
     for result in results:
@@ -271,17 +274,41 @@ def check_bootstrap(config: WorkerConfig) -> Result:
 
 
 def check_api(config: WorkerConfig) -> Result:
+    return _ask_api(config)[0]
+
+
+def check_api_and_clock(config: WorkerConfig) -> list[Result]:
+    """The coordinator API line, then the clock line when the API answered (its Date header)."""
+    result, offset = _ask_api(config)
+    return [result] if offset is None else [result, check_clock(offset)]
+
+
+def _ask_api(config: WorkerConfig) -> tuple[Result, float | None]:
+    """The API's line and this host's clock offset from the answer's Date header (None without an answer)."""
+    sent_at = time.time()
     try:
         answer = requests.get(f"{config.api_base_url}/v1/workers", timeout=CONNECT_TIMEOUT)
     except (InvalidURL, InvalidSchema, MissingSchema) as error:  # no retry can fix these
         return Result("FAIL", "coordinator API", f"{config.api_base_url} is malformed ({error}): "
-                      "fix FARLABS_API_BASE_URL")
+                      "fix FARLABS_API_BASE_URL"), None
     except requests.RequestException as error:
         # reporting.Reporter retries registration with backoff; usage waits in the outbox meanwhile
         return Result("WARN", "coordinator API", f"{config.api_base_url} unreachable ({type(error).__name__}): "
                       "`farworker run` serves anyway, retries registration and keeps usage in its outbox until the "
-                      "API answers; check FARLABS_API_BASE_URL and outbound HTTP(S)")
-    return Result("OK", "coordinator API", f"{config.api_base_url} answers (HTTP {answer.status_code})")
+                      "API answers; check FARLABS_API_BASE_URL and outbound HTTP(S)"), None
+    offset = offset_from_date(answer.headers.get("Date"), sent_at, time.time())
+    return Result("OK", "coordinator API", f"{config.api_base_url} answers (HTTP {answer.status_code})"), offset
+
+
+def check_clock(offset: float | None) -> Result:
+    """The offset from the coordinator's Date header (check_api's answer): beyond 30 s, `run`'s reports are
+    about to be refused."""
+    problem = clock_problem(offset)
+    if problem:
+        return Result("FAIL", "clock", problem)
+    if offset is None:
+        return Result("OK", "clock", "not measured: the coordinator did not answer with a Date header")
+    return Result("OK", "clock", f"{describe(offset)} the coordinator's (within {MAX_OFFSET_S:g} s)")
 
 
 def check_reachability(config: WorkerConfig) -> Result:
@@ -318,5 +345,5 @@ def _tcp_reachable(host: str, port: int | None) -> bool:
 
 
 CHECKS: tuple[Callable[[WorkerConfig], Result], ...] = (
-    check_disk, check_shm, check_bootstrap, check_api,
-)  # after check_gpu and check_every_gpu (a VRAM line per GPU); check_driver_stack comes last
+    check_disk, check_shm, check_bootstrap,
+)  # after check_gpu and check_every_gpu (a VRAM line per GPU); then check_api_and_clock; check_driver_stack last

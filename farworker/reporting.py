@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from farworker.api_client import CoordinatorClient, CoordinatorError
+from farworker.clock_offset import MAX_OFFSET_S, clock_problem, journal_line
 from farworker.outbox import Outbox
 
 log = logging.getLogger("farworker.reporting")
@@ -95,6 +96,7 @@ class Reporter:
         self.state = "unregistered"  # unregistered -> registered -> draining -> stopped
         self.last_heartbeat: dict | None = None  # {"at": unix s, "payload": ..., "answer": ...}
         self.last_error: str | None = None
+        self.clock_off = False  # the coordinator refused a signed report and the Date header shows why
         self.stats = {
             "register_attempts": 0,
             "heartbeats": 0,
@@ -192,6 +194,7 @@ class Reporter:
             "last_heartbeat": self.last_heartbeat,
             "last_error": self.last_error,
             "outbox_depth": self.outbox.depth(),
+            "clock_offset_s": self.client.clock_offset,
             **self.stats,
         }
 
@@ -231,8 +234,9 @@ class Reporter:
         except CoordinatorError as err:
             self._registration_stale = self._registration_stale or stale
             self.last_error = str(err)
-            log.warning("registration failed: %s; retrying %s", err, "at the next heartbeat" if again
-                        else "with backoff")
+            if not self._clock_explains(err):
+                log.warning("registration failed: %s; retrying %s", err, "at the next heartbeat" if again
+                            else "with backoff")
             return False
         with self._lock:
             self.worker_id = answer["worker_id"]
@@ -264,7 +268,8 @@ class Reporter:
                 log.warning("%s; registering again", err)
                 self.worker_id = None
                 return
-            log.warning("heartbeat failed: %s", err)
+            if not self._clock_explains(err):
+                log.warning("heartbeat failed: %s", err)
             self._api_failed()
             return
         self._wake.clear()
@@ -281,12 +286,26 @@ class Reporter:
         self.last_error = None
         self._api_backoff.reset()
         self._api_retry_at = 0.0
+        if self.clock_off:
+            self.clock_off = False
+            log.info("clock is back within %g s of the coordinator's: signed reports are accepted again",
+                     MAX_OFFSET_S)
         if answer.get("quarantined"):  # paid nothing and routed nothing until an operator looks
             log.error("%s; QUARANTINED by the coordinator: %s", heartbeat_line(payload, answer), answer["quarantined"])
         else:
             log.info(heartbeat_line(payload, answer))
         if answer.get("unreachable"):  # clients cannot dial it directly either: it serves little or nothing
             log.warning("%s; check FARLABS_ANNOUNCE_MADDRS, the firewall and port forwarding", answer["unreachable"])
+
+    def _clock_explains(self, err: CoordinatorError) -> bool:
+        """A 401 while this host's clock is off: say "clock is N s off" once per change, not each refusal."""
+        offset = self.client.clock_offset
+        if err.status != 401 or clock_problem(offset) is None:
+            return False
+        if not self.clock_off:
+            self.clock_off = True
+            log.error(journal_line(offset))
+        return True
 
     def _api_failed(self) -> None:
         self._api_retry_at = time.monotonic() + self._api_backoff.next_delay()
@@ -301,9 +320,10 @@ class Reporter:
                 log.warning("%s; registering again", err)
                 self.worker_id = None
             else:
-                log.warning(
-                    "usage flush failed (%d records wait in the outbox): %s", self.outbox.depth(), err
-                )
+                if not self._clock_explains(err):
+                    log.warning(
+                        "usage flush failed (%d records wait in the outbox): %s", self.outbox.depth(), err
+                    )
                 self._api_failed()
 
     def _flush(self, deadline: float | None = None) -> bool:

@@ -32,6 +32,8 @@ from farworker.petals.server_host import PetalsHost
 from farworker.petals.serving_meter import ServingCounters, ServingMeter
 from farworker.process_tree import end_children
 from farworker.reporting import Reporter
+from farworker.shm_cleanup import RECORD_NAME as SHM_RECORD
+from farworker.shm_cleanup import tracker as shm_tracker
 from farworker.shm_guard import check_shm
 from farworker.status_file import write_status
 
@@ -72,6 +74,7 @@ class Worker:
         self.model_blocks: int | None = None  # the model's block count, once its config is read
         self.progress = {"done": 0, "total": 0}  # of the weight download
         self.meter = None
+        self._status_error: str | None = None
         self.outbox = None
         self.reporter = None
         self.started_at = time.time()
@@ -98,6 +101,8 @@ class Worker:
         if moved:
             log.info("Instance 0 took over the single-unit worker's %s from %s", ", ".join(moved), cfg.state_dir.parent)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # Files a SIGKILLed previous run left in /dev/shm go now; this run's pids are recorded for the next.
+        shm_tracker().keep_record(cfg.state_dir / SHM_RECORD)
         self.identity = load_or_create(cfg.identity_path)
         self._write_status()  # replaces a previous run's file: nobody may read it as this run's health
         self.outbox = Outbox(cfg.state_dir / "outbox.sqlite3")
@@ -258,6 +263,10 @@ class Worker:
         self.state = "stopped"
         if self.identity is not None:  # the state dir exists: start got past its checks
             self._write_status()
+        held = self.outbox.held()["held_in_memory"] if self.outbox is not None else 0
+        if held:  # the state dir stayed full to the end: said plainly, these are not billed
+            log.error("%d usage records held in memory are lost: the state dir %s had no space up to the stop",
+                      held, self.config.state_dir)
         log.info("Stopped cleanly")
 
     def stop_seconds_left(self) -> float:
@@ -345,8 +354,17 @@ class Worker:
         return payload
 
     def _write_status(self) -> None:
+        if self.outbox is not None:
+            self.outbox.write_held()  # usage held in memory while the state dir was full: on disk once it can be
         self._last_status = self.status_snapshot()
-        write_status(self.config.state_dir, self._last_status)
+        try:
+            write_status(self.config.state_dir, self._last_status)
+        except OSError as err:  # a full state dir: serving goes on; the journal says it, once per error
+            if str(err) != self._status_error:
+                log.error("status file not written in %s: %s", self.config.state_dir, err)
+            self._status_error = str(err)
+        else:
+            self._status_error = None
 
     def status_snapshot(self) -> dict:
         """What `farworker status`, /metrics and docker's HEALTHCHECK see."""
@@ -365,6 +383,7 @@ class Worker:
             "counters": counters.as_dict() if counters else {},
             "last_heartbeat": last,
             "outbox_depth": self.outbox.depth() if self.outbox else 0,
+            "usage_held": self.outbox.held() if self.outbox else None,  # in memory: the state dir refused them
             "gpus": gpu.telemetry(),
             "instance": self.config.instance,
             "gpu": self.config.gpu or None,  # as configured: an index, a UUID or cpu (gpus has the UUID)

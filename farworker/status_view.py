@@ -119,6 +119,10 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
         f"{counters.get('requests', 0)} requests, {counters.get('errors', 0)} errors",
         f"usage outbox   {status.get('outbox_depth', 0)} records waiting",
     ]
+    held = status.get("usage_held") or {}
+    if held.get("held_in_memory") or held.get("held_dropped"):
+        lines.append(f"STATE DIR FULL {held.get('held_in_memory', 0)} usage records held in memory, "
+                     f"{held.get('held_dropped', 0)} lost beyond the bound: free space in the state dir")
     beat = status.get("last_heartbeat")
     if beat:
         answer = beat.get("answer") or {}

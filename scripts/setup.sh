@@ -41,5 +41,11 @@ else
 fi
 if [ "${1:-}" = "--dev" ]; then
   "${install[@]}" -r requirements/dev.txt
+  # tests/test_clock_offset.py shifts a worker's clock with Debian's libfaketime
+  if ! command -v faketime >/dev/null && command -v apt-get >/dev/null; then
+    sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+    # a fresh machine's package lists may be empty: update once when the plain install cannot find it
+    "${sudo[@]}" apt-get install -y -q faketime || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q faketime; }
+  fi
 fi
 .venv/bin/farworker --version

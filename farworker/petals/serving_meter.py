@@ -85,13 +85,21 @@ def _store(sink, path: str, kind: str, record: dict) -> None:
     sink.put((kind, record, stored))
 
 
+_hold_failing: dict[int, bool] = {}  # pid -> its last hold_open failed (said once, not at every step)
+
+
 def _hold(path: str, record: dict) -> None:
     if record["tokens"] <= 0:
         return
     try:
         _outbox_here(path).hold_open(record)
     except Exception as err:  # noqa: BLE001 - as above; the segment is still added when it closes
-        log.warning("open segment %s not held on disk: %s", record["id"], err)
+        if not _hold_failing.get(os.getpid()):
+            log.warning("open segments not held on disk (%s), until a write succeeds: a SIGKILL mid-session "
+                        "would lose their steps", err)
+        _hold_failing[os.getpid()] = True
+    else:
+        _hold_failing[os.getpid()] = False
 
 
 def _tokens_of(request) -> int:
@@ -274,4 +282,4 @@ class ServingMeter:
         if stored:
             self._outbox.notify_listeners()  # the reporter sends it soon
         else:
-            self._outbox.add(payload)
+            self._outbox.add_or_hold(payload)  # a full state dir: held in memory, serving goes on
