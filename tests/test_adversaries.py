@@ -21,7 +21,7 @@ from farworker.local_reference import generate_locally
 from farworker.mesh_client import MeshClient
 from farworker.tiny_model import TINY_MODEL_NAME
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # real workers altered on purpose
 PROMPT_LENGTH, DECODE_STEPS = 6, 8
 TOKENS = random.Random(18).sample(range(3, 500), PROMPT_LENGTH + DECODE_STEPS)
 HONEST_ERROR = 1e-4  # float32 mesh vs float32 transformers: round-off only

@@ -26,7 +26,7 @@ from farworker.local_mesh import start_bootstrap_peer, start_worker
 from farworker.local_reference import generate_locally
 from farworker.tiny_model import TINY_MODEL_NAME
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # real workers altered on purpose
 PROMPT, NEW_TOKENS = [1, 17, 230, 45, 99, 3], 6
 
 
