@@ -23,7 +23,8 @@ from farworker.local_mesh import base_env, start_bootstrap_peer, start_worker, s
 from farworker.threading_policy import apply_thread_policy
 from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+pytestmark = [pytest.mark.slow, pytest.mark.faults,
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
               pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")]
 
 
