@@ -16,13 +16,14 @@ from pathlib import Path
 import click
 import requests
 
-from farworker.local_mesh import shared_cache_dir, split_blocks, start_bootstrap_peer, start_worker
+from farworker.local_mesh import shared_cache_dir, split_blocks, start_bootstrap_peer, start_worker, stop_all
 from farworker.local_reference import generate_locally
 from farworker.process_tree import end_children
 from farworker.threading_policy import apply_requested_policy
 from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, ensure_tiny_checkpoint
 
 PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
+WORKERS_STOP_TIMEOUT = 30.0  # seconds for all workers together to drain and exit, then their groups are killed
 
 
 def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
@@ -36,7 +37,7 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
     started = time.monotonic()
     model = ensure_tiny_checkpoint(shared_cache_dir())
     say(f"model      {TINY_MODEL_NAME} ({TINY_CONFIG['num_hidden_layers']} blocks, built locally: {model})")
-    processes, coordinator = [], None
+    bootstrap, handles, coordinator = None, [], None
 
     def stop_on_signal(signum, _frame):
         # Python's default ends the demo at once, and the mesh's processes (sessions of their own) lived on as
@@ -46,16 +47,14 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
     signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         bootstrap, peers = start_bootstrap_peer(work)
-        processes.append(bootstrap.stop)
         say(f"bootstrap  {peers[0]}")
         coordinator = RunningCoordinator(Settings(
             db_path=work / "coordinator.sqlite3", heartbeat_interval_s=2.0, model_path=model,
             model_name=TINY_MODEL_NAME, initial_peers=tuple(peers),
         )).start()
         say(f"coordinator {coordinator.url}")
-        handles = [start_worker(work, f"worker{i + 1}", coordinator.url, peers, span)
-                   for i, span in enumerate(split_blocks(TINY_CONFIG["num_hidden_layers"], workers))]
-        processes += [h.proc.stop for h in handles]
+        for i, span in enumerate(split_blocks(TINY_CONFIG["num_hidden_layers"], workers)):
+            handles.append(start_worker(work, f"worker{i + 1}", coordinator.url, peers, span))
         for handle in handles:
             status = handle.wait_online()
             say(f"{handle.proc.name:<10} online: blocks {status['blocks'][0]}:{status['blocks'][1]}, "
@@ -92,8 +91,9 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
     finally:
         if coordinator is not None:  # first: its petals client must not outlive the peers it talks to
             coordinator.stop()
-        for stop in reversed(processes):
-            stop()
+        stop_all((handle.proc for handle in handles), timeout=WORKERS_STOP_TIMEOUT)  # drain together, one deadline
+        if bootstrap is not None:  # last: the workers announce their blocks offline through it
+            bootstrap.stop()
         end_children()  # the coordinator's petals client's DHT and p2pd; then this tree's /dev/shm files go
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -55,6 +55,9 @@ CONFIRMING_ONLINE = "confirming online"
 STEP_BUDGET_SECONDS = {"planning blocks": 600.0, "joining the DHT": 600.0, "loading blocks": ONLINE_TIMEOUT,
                        CONFIRMING_ONLINE: 150.0}
 CONFIRM_LOG_PERIOD = 15.0
+# How often a start looks whether it is online: petals announces ONLINE just as the blocks are ready, so the first
+# DHT lookups come soon after (each one is a DHT query: backed off to the slower period while they say no).
+ONLINE_POLL_FIRST, ONLINE_POLL_MAX = 0.1, 0.5
 EXIT_START_STUCK = 75  # EX_TEMPFAIL: retry later (the unit restarts it; 78 would stop the retries)
 EXIT_FAULT = 70  # EX_SOFTWARE: a child process died or the server stayed unhealthy; the supervisor restarts us
 # Unhealthy this long without a fatal cause (DHT unanswered, announcements expired, a stuck runtime) ends the
@@ -156,6 +159,7 @@ class Worker:
         waits, so a start that cannot confirm is seen and, past the budget, restarted instead of hanging."""
         deadline = time.monotonic() + ONLINE_TIMEOUT
         told = 0.0
+        poll = ONLINE_POLL_FIRST
         while not self.stop_requested.is_set() and time.monotonic() < deadline:
             failure = self.host.failure()
             if failure:
@@ -174,7 +178,8 @@ class Worker:
                     told = time.monotonic()
                     log.warning("Blocks loaded and serving, not confirmed online yet (%.0f s): %s",
                                 time.monotonic() - self._phase_since, self.online_problem)
-            self.stop_requested.wait(0.5)
+                poll = min(ONLINE_POLL_MAX, 2 * poll)
+            self.stop_requested.wait(poll)
         return False
 
     @property

@@ -8,7 +8,6 @@ torch_shm_manager) is seen within one health period; the worker stops as on SIGT
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import time
@@ -18,6 +17,7 @@ import pytest
 from notify_listener import NotifyListener
 from open_session import open_session_after_steps
 from polling import wait_for
+from shm_files import TreePids, torch_files_of
 
 from farworker.coordinator.mesh import CompletionsMesh as MeshClient
 from farworker.outbox import Outbox
@@ -46,19 +46,16 @@ def child_of_kind(worker_pid: int, kind: str) -> psutil.Process:
     return found[-1]
 
 
-def shm_files() -> set[str]:
-    return set(glob.glob("/dev/shm/torch_*"))
-
-
 @pytest.mark.parametrize("kind", ["handler", "dht", "dht_p2pd", "handler_p2pd", "torch_shm_manager"])
 def test_a_dead_child_ends_the_worker_at_once(kind, start_workers, bootstrap_peer):
     listener = NotifyListener()
     try:
         worker = start_workers("faulty", "0:4", bootstrap_peer, env={
             "NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "10000000", "FARLABS_DRAIN_TIMEOUT": "5"})
+        tree = TreePids(worker.proc.process.pid)  # only the files the worker's own processes make are its own
         worker.wait_online()
         listener.wait_for("READY", "1", timeout=30)
-        shm_before = shm_files()
+        shm_before = torch_files_of(tree.sample())
         everyone = psutil.Process(worker.proc.process.pid).children(recursive=True)
         victim = child_of_kind(worker.proc.process.pid, kind)
         killed_at = time.monotonic()
@@ -76,7 +73,7 @@ def test_a_dead_child_ends_the_worker_at_once(kind, start_workers, bootstrap_pee
         assert any(v.startswith("restarting: child process") for _, v in listener.fields("STATUS"))
         assert listener.times("STOPPING", "1"), "STOPPING=1 before the exit"
         assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "children left"
-        assert shm_files() - shm_before == set(), "torch_* files left in /dev/shm"
+        assert torch_files_of(tree.close()) - shm_before == set(), "the worker left torch_* files in /dev/shm"
     finally:
         listener.close()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from shm_files import torch_files_of
 
 from farworker.petals import tensor_handoff
 
@@ -17,11 +17,6 @@ def _echo_and_mutate(queue_in, queue_out):
     small, shared, big = queue_in.get()
     shared.numpy()[:] += 1  # visible to the sender only if it really is shared memory
     queue_out.put((small, float(big.numpy().sum())))
-
-
-def _torch_shm_files() -> set[str]:
-    shm = Path("/dev/shm")
-    return {p.name for p in shm.iterdir() if p.name.startswith("torch_")} if shm.is_dir() else set()
 
 
 @pytest.fixture
@@ -54,9 +49,10 @@ def test_small_tensors_leave_no_shm_file_and_shared_ones_stay_shared(installed):
     shared = torch.zeros(4).share_memory_()
     big = torch.ones(tensor_handoff.BYTES_LIMIT // 4 + 1)  # above the limit: torch's shared-memory path
     small = torch.full((1, 1, 512), 3.0)
-    before = _torch_shm_files()
+    before = torch_files_of([os.getpid()])
     child = ctx.Process(target=_echo_and_mutate, args=(queue_in, queue_out))
     child.start()
+    ours = [os.getpid(), child.pid]  # only these two processes' files: other programs make torch files too
     queue_in.put((small, shared, big))
     echoed, big_sum = queue_out.get()
     child.join(30)
@@ -65,7 +61,7 @@ def test_small_tensors_leave_no_shm_file_and_shared_ones_stay_shared(installed):
     assert torch.equal(shared, torch.ones(4))  # the child's += reached us: still shared memory
     assert not small.is_shared() and not echoed.is_shared()  # bytes, not moved into /dev/shm
     assert big.is_shared()  # torch's reducer moved it
-    new_files = _torch_shm_files() - before
+    new_files = torch_files_of(ours) - before
     assert len(new_files) <= 1, new_files  # at most the big tensor's file (torch may unlink it at once)
 
 

@@ -18,7 +18,7 @@ import psutil
 from farworker.block_plan import BlockPlan
 from farworker.catalog import dht_prefix_for
 from farworker.config import WorkerConfig
-from farworker.petals import tensor_handoff
+from farworker.petals import lazy_peft, tensor_handoff
 from farworker.petals.compat import import_petals
 from farworker.petals.throughput import announced_throughput, measured_rps
 
@@ -61,6 +61,7 @@ class PetalsHost:
 
         from farworker.petals import step_batching
 
+        lazy_peft.install()  # petals' backends would import bitsandbytes (seconds of CPU) for adapters we never load
         tensor_handoff.install()  # before the handler processes fork: they inherit the reducer
         tensor_handoff.keep_small_outputs_private()
         cfg, plan = self.config, self.plan

@@ -1,0 +1,62 @@
+"""The /dev/shm files that a test's own processes made, and nobody else's.
+
+Other programs run beside the tests (CI shares machines), and they make torch files too: a test never compares
+the whole machine's /dev/shm. torch names every shared-memory file it creates "/torch_<pid>_<random>_<counter>"
+with the creating process's pid (ATen's NewProcessWideShmHandle: the format string "/torch_{}_{}_{}" in
+libtorch_cpu, filled with getpid(), a random number and a per-process counter), so the pids of the processes a
+test started tell which files are theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import psutil
+
+SHM_DIR = "/dev/shm"
+
+
+def torch_files_of(pids) -> set[str]:
+    """Names of the torch files in /dev/shm created by one of ``pids``."""
+    prefixes = tuple(f"torch_{pid}_" for pid in pids)
+    if not prefixes:
+        return set()
+    try:
+        return {entry.name for entry in os.scandir(SHM_DIR) if entry.name.startswith(prefixes)}
+    except OSError:
+        return set()
+
+
+class TreePids:
+    """Every pid seen in a process's tree (the process and all its descendants) from now until it exits or
+    ``close()``: children come and go, so the tree is sampled, not read once."""
+
+    def __init__(self, root_pid: int, period: float = 0.2):
+        self.root_pid = root_pid
+        self.pids: set[int] = {root_pid}
+        self._root = psutil.Process(root_pid)  # remembers its start time: a reused pid is not taken for it
+        self._period = period
+        self._stop = threading.Event()
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="tree-pids", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> set[int]:
+        try:
+            if self._root.is_running():
+                self.pids.update(child.pid for child in self._root.children(recursive=True))
+            else:  # the root has exited: nothing more to see
+                self._stop.set()
+        except psutil.Error:
+            self._stop.set()
+        return self.pids
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self.sample()
+
+    def close(self) -> set[int]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.pids
