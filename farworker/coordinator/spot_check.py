@@ -15,18 +15,15 @@ real inputs: one server session's first step (its prefill), recomputed through t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import queue
 import random
 import threading
 import time
 from dataclasses import dataclass
 
-from prometheus_client import Counter
-
 from farworker.coordinator.services import reachability
+from farworker.coordinator.services.check_queue import CheckQueue
 from farworker.mesh_client import FirstStep
 
 log = logging.getLogger("farworker.coordinator")
@@ -221,7 +218,7 @@ class SpotCheckLoop:
             log.info("worker %s is %s", row["worker_id"], result.problem)
 
 
-class RoutedChecks:
+class RoutedChecks(CheckQueue):
     """Verifies a share of the completions the coordinator routes, with the client's own inputs: for a sampled
     request, one server session's first step is recomputed (SpotChecker.verify_routed) and a wrong answer
     quarantines the worker like a failed probe.
@@ -231,72 +228,32 @@ class RoutedChecks:
     most ``max_queued`` wait, and captures beyond are dropped (and counted): a burst of traffic never makes the
     coordinator hold more than a few prompts' hidden states or fall behind."""
 
+    OUTCOMES = ("sampled", "verified", "failed", "dropped", "unverifiable")
+
     def __init__(self, checker: SpotChecker, store, share: float, max_queued: int = 4, registry=None,
                  seed: int | None = None):
+        super().__init__(max_queued=max_queued, thread_name="routed-checks", registry=registry,
+                         metric="farworker_coordinator_routed_checks",
+                         description="Routed completions sampled for a spot check: sampled; verified (recomputed "
+                         "and compared); failed (of those verified, differed: quarantined); dropped (queue full); "
+                         "unverifiable (unknown or already quarantined worker, or the recomputation failed)")
         self.checker, self.store, self.share = checker, store, share
         self._rng = random.Random(seed)
-        self._queue: queue.Queue[FirstStep | None] = queue.Queue(max_queued)
-        self._lock = threading.Lock()
-        self._per_worker: dict[str, dict[str, int]] = {}  # worker id -> {"verified", "failed"}
-        self.counts = {"sampled": 0, "verified": 0, "failed": 0, "dropped": 0, "unverifiable": 0}
-        self._counter = Counter("farworker_coordinator_routed_checks", "Routed completions sampled for a spot "
-                                "check: sampled; verified (recomputed and compared); failed (of those verified, "
-                                "differed: quarantined); dropped (queue full); unverifiable (unknown or already "
-                                "quarantined worker, or the recomputation failed)",
-                                ["outcome"], registry=registry)
-        for outcome in self.counts:
-            self._counter.labels(outcome)  # every outcome shows from the start, at 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="routed-checks", daemon=True)
-
-    def start(self) -> RoutedChecks:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        with contextlib.suppress(Exception):
-            self._queue.put_nowait(None)  # wake the thread; with a full queue it is busy and sees the flag next
-        self._thread.join(timeout)
 
     def sample(self) -> bool:
         return self.share > 0 and self._rng.random() < self.share
 
     def submit(self, capture: FirstStep) -> None:
         self._count("sampled")
-        try:
-            self._queue.put_nowait(capture)
-        except queue.Full:
+        if not self._offer(capture):
             self._count("dropped")
 
     def view(self, worker_id: str) -> dict:
         """For GET /v1/workers: this worker's routed requests verified since the coordinator started."""
-        with self._lock:
-            counts = self._per_worker.get(worker_id, {})
-            return {"routed_checks": counts.get("verified", 0), "routed_checks_failed": counts.get("failed", 0)}
+        counts = self.worker_counts(worker_id)
+        return {"routed_checks": counts.get("verified", 0), "routed_checks_failed": counts.get("failed", 0)}
 
-    def _count(self, *outcomes: str, worker_id: str | None = None) -> None:
-        with self._lock:
-            for outcome in outcomes:
-                self.counts[outcome] += 1
-                if worker_id is not None:
-                    per_worker = self._per_worker.setdefault(worker_id, {})
-                    per_worker[outcome] = per_worker.get(outcome, 0) + 1
-        for outcome in outcomes:
-            self._counter.labels(outcome).inc()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            capture = self._queue.get()
-            if capture is None or self._stop.is_set():
-                return
-            try:
-                self._verify(capture)
-            except Exception:  # a verification must never end the thread (a block that cannot load, a DHT hiccup)
-                log.exception("routed check of %s failed", capture.peer_id)
-                self._count("unverifiable")
-
-    def _verify(self, capture: FirstStep) -> None:
+    def _check(self, capture: FirstStep) -> None:
         worker_id = self.store.worker_by_peer(capture.peer_id)
         row = self.store.worker_row(worker_id) if worker_id else None
         if row is None or self.store.quarantine_of(worker_id):

@@ -17,16 +17,17 @@ answers differ anywhere (a skipped or noisy decode step, not only the prefill) i
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import hmac
 import logging
-import queue
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 
+from prometheus_client import Gauge
+
+from farworker.coordinator.services.check_queue import CheckQueue
 from farworker.coordinator.spot_check import ProbeResult, record_verdict, span_tolerance
 from farworker.session_capture import CaptureBudget, SessionCapture
 
@@ -137,7 +138,7 @@ class AuditSampler:
             recent.append(result.error / result.tolerance)
 
 
-class SessionAudits:
+class SessionAudits(CheckQueue):
     """The coordinator's audits of whole sessions: the mesh client asks ``watch(peer_id, span, session_id)`` as
     petals opens each server session (a SessionCapture for those chosen, else None) and hands the request's
     captures to ``submit()`` when it is done; ``submit`` never waits. One audit runs at a time in this object's
@@ -148,36 +149,17 @@ class SessionAudits:
 
     def __init__(self, checker, store, sampler: AuditSampler, *, budget_bytes: int = DEFAULT_CAPTURE_BUDGET,
                  max_queued: int = MAX_QUEUED, registry=None):
-        from prometheus_client import Counter, Gauge
-
+        super().__init__(max_queued=max_queued, thread_name="session-audits", registry=registry,
+                         metric="farworker_coordinator_session_audits",
+                         description="Server sessions chosen for an audit of every position, and how each ended: "
+                         "passed; failed (quarantined); dropped (the queue was full); dropped_memory (over the "
+                         "capture memory budget); unverifiable (unknown or quarantined worker, deep prompts, beam "
+                         "reorder, recomputation failed)")
         self.checker, self.store, self.sampler = checker, store, sampler
         self.budget = CaptureBudget(budget_bytes)
-        self._queue: queue.Queue[SessionCapture | None] = queue.Queue(max_queued)
-        self._lock = threading.Lock()
-        self.counts = dict.fromkeys(self.OUTCOMES, 0)
         self.cpu_s = 0.0  # CPU time of every audit's recomputation so far
-        self._per_worker: dict[str, dict[str, int]] = {}
-        self._counter = Counter("farworker_coordinator_session_audits", "Server sessions chosen for an audit of "
-                                "every position, and how each ended: passed; failed (quarantined); dropped (the "
-                                "queue was full); dropped_memory (over the capture memory budget); unverifiable "
-                                "(unknown or quarantined worker, deep prompts, beam reorder, recomputation failed)",
-                                ["outcome"], registry=registry)
-        for outcome in self.OUTCOMES:
-            self._counter.labels(outcome)
         Gauge("farworker_coordinator_audit_capture_bytes", "Bytes of hidden states held by session captures",
               registry=registry).set_function(lambda: self.budget.held)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="session-audits", daemon=True)
-
-    def start(self) -> SessionAudits:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        with contextlib.suppress(Exception):
-            self._queue.put_nowait(None)  # wake the thread; with a full queue it is busy and sees the flag next
-        self._thread.join(timeout)
 
     def watch(self, peer_id: str, span: tuple[int, int], session_id: str) -> SessionCapture | None:
         if not self.sampler.chosen(peer_id, session_id):
@@ -193,41 +175,20 @@ class SessionAudits:
                 capture.release()
                 self._count("unverifiable")
             else:
-                try:
-                    self._queue.put_nowait(capture)
-                except queue.Full:
+                if not self._offer(capture):
                     capture.release()
                     self._count("dropped")
 
     def view(self, worker_id: str) -> dict:
         """For GET /v1/workers: this worker's sessions audited since the coordinator started."""
-        with self._lock:
-            counts = self._per_worker.get(worker_id, {})
-            return {"sessions_audited": counts.get("passed", 0) + counts.get("failed", 0),
-                    "sessions_audit_failed": counts.get("failed", 0)}
+        counts = self.worker_counts(worker_id)
+        return {"sessions_audited": counts.get("passed", 0) + counts.get("failed", 0),
+                "sessions_audit_failed": counts.get("failed", 0)}
 
-    def _count(self, outcome: str, worker_id: str | None = None) -> None:
-        with self._lock:
-            self.counts[outcome] += 1
-            if worker_id is not None:
-                per_worker = self._per_worker.setdefault(worker_id, {})
-                per_worker[outcome] = per_worker.get(outcome, 0) + 1
-        self._counter.labels(outcome).inc()
+    def _done(self, capture: SessionCapture) -> None:
+        capture.release()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            capture = self._queue.get()
-            if capture is None or self._stop.is_set():
-                return
-            try:
-                self._audit(capture)
-            except Exception:  # an audit must never end the thread (a block that cannot load)
-                log.exception("audit of a session of %s failed", capture.peer_id)
-                self._count("unverifiable")
-            finally:
-                capture.release()
-
-    def _audit(self, capture: SessionCapture) -> None:
+    def _check(self, capture: SessionCapture) -> None:
         worker_id = self.store.worker_by_peer(capture.peer_id)
         row = self.store.worker_row(worker_id) if worker_id else None
         if row is None or self.store.quarantine_of(worker_id):
@@ -241,7 +202,7 @@ class SessionAudits:
         if result.passed:
             log.debug("audit of worker %s, blocks %d:%d, %d positions: worst error %.3g at %s (tolerance %g)",
                       worker_id, *capture.span, result.positions, result.error, result.worst_position, tolerance)
-            self._count("passed", worker_id)
+            self._count("passed", worker_id=worker_id)
             return
         record_verdict(self.store, self.checker.mesh, worker_id, result.as_probe(), wrong=True)
-        self._count("failed", worker_id)
+        self._count("failed", worker_id=worker_id)
