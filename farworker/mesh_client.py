@@ -101,13 +101,16 @@ class MeshClient:
         import torch
 
         try:
-            model = petals.AutoDistributedModelForCausalLM.from_pretrained(
-                str(self.model_path),
-                initial_peers=self.initial_peers,
-                dht_prefix=self.dht_prefix,
-                torch_dtype=torch.float32,
-                **self.client_options,
-            )
+            # transformers builds the client's layers under accelerate's init_empty_weights, which patches torch for
+            # the whole process: a local model built meanwhile in another thread got meta weights
+            with petals_compat.MODULE_BUILD_LOCK:
+                model = petals.AutoDistributedModelForCausalLM.from_pretrained(
+                    str(self.model_path),
+                    initial_peers=self.initial_peers,
+                    dht_prefix=self.dht_prefix,
+                    torch_dtype=torch.float32,
+                    **self.client_options,
+                )
         except Exception as err:
             raise MeshError(f"cannot start the mesh client for {self.model_path}: {err}") from None
         self._config = model.config
