@@ -184,12 +184,18 @@ def on_first_steps(session, callback) -> None:
     the hidden states the server returned. Server sessions that a re-route creates later are watched too.
 
     Sessions with deep prompts (p-tuning) are skipped: the server adds them inside the span."""
+    _on_entered_server_sessions(session, lambda server_session: _watch_first_step(server_session, callback))
+
+
+def _on_entered_server_sessions(session, each) -> None:
+    """Call ``each(server_session)`` for every server session petals opens for ``session``, the ones a re-route
+    opens later included (petals' InferenceSession._enter_server_sessions)."""
     original_enter = session._enter_server_sessions
 
     def enter_and_watch(chosen_spans):
         server_sessions = original_enter(chosen_spans)
         for server_session in server_sessions:
-            _watch_first_step(server_session, callback)
+            each(server_session)
         return server_sessions
 
     session._enter_server_sessions = enter_and_watch
@@ -219,18 +225,13 @@ def on_every_step(session, watch) -> None:
     position the step covered, the hidden states actually sent (on a server session's first step, its whole
     history: a session opened by a re-route replays every earlier position), those returned, and ``plain``: no
     deep prompts and no beam reorder, so the step is recomputable from the hidden states alone."""
-    original_enter = session._enter_server_sessions
+    def watch_one(server_session) -> None:
+        span = server_session.span
+        record = watch(span.peer_id.to_base58(), (int(span.start), int(span.end)), str(server_session.session_id))
+        if record is not None:
+            _record_steps(server_session, record)
 
-    def enter_and_watch(chosen_spans):
-        server_sessions = original_enter(chosen_spans)
-        for server_session in server_sessions:
-            span = server_session.span
-            record = watch(span.peer_id.to_base58(), (int(span.start), int(span.end)), str(server_session.session_id))
-            if record is not None:
-                _record_steps(server_session, record)
-        return server_sessions
-
-    session._enter_server_sessions = enter_and_watch
+    _on_entered_server_sessions(session, watch_one)
 
 
 def _record_steps(server_session, record) -> None:
