@@ -20,7 +20,7 @@ def test_the_runtime_starts_its_threads_and_stops_them_once(tmp_path):
     store = Store(settings.db_path)
     workers = Workers(store, settings)
     runtime = Runtime(settings, store, workers, CollectorRegistry())
-    parts = [runtime.routed_checks, runtime.spot_checks, runtime.dht_watch]
+    parts = [runtime.routed_checks, runtime.session_audits, runtime.spot_checks, runtime.dht_watch]
     assert all(part is not None for part in parts) and workers.routed_checks is runtime.routed_checks
     runtime.start().start()  # a second start starts nothing more
     assert all(part._thread.is_alive() for part in parts)
