@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from farworker.coordinator import http
 from farworker.coordinator.errors import ApiError
-from farworker.coordinator.routers import ledger, openai, workers
+from farworker.coordinator.routers import ledger, openai, page, workers
 from farworker.coordinator.runtime import Runtime
 from farworker.coordinator.schemas.common import ErrorResponse
 from farworker.coordinator.services.completions import Completions
@@ -88,7 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(http.BodyLimit, limit=settings.max_body_bytes)
     app.add_exception_handler(ApiError, http.api_error)
     app.add_exception_handler(RequestValidationError, http.invalid_payload)
-    for router in (workers.router, ledger.router, openai.router):
+    for router in (workers.router, ledger.router, openai.router, page.router):
         app.include_router(router)
     http.document_signatures(app)
     return app

@@ -109,6 +109,12 @@ from farworker.coordinator.settings import DEFAULT_SETTLE_AFTER_S, Settings
     "[default: 0.05, or 0 with --probe-period 0].",
 )
 @click.option(
+    "--hide-wallets",
+    is_flag=True,
+    default=False,
+    help="The mesh page (GET /) shows wallet addresses shortened, not in full (the JSON API is unchanged).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -132,6 +138,7 @@ def coordinator_command(
     probe_period,
     sample_routed,
     audit_share,
+    hide_wallets,
     log_level,
 ):
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
@@ -174,6 +181,7 @@ def coordinator_command(
             audit_share=audit_share,
             pay_unvouched_rate=pay_unvouched_rate,
             settle_after_s=settle_after,
+            hide_wallets=hide_wallets,
             **extra,
         )
         serve(settings, host, port, log_level)

@@ -45,6 +45,9 @@ class Settings:
     # Seconds a worker's earnings stay pending before they settle; a quarantine forfeits what is still pending
     # (services/ledger.settled_until, docs/trust.md "Settlement"). 0: everything settles at once.
     settle_after_s: float = DEFAULT_SETTLE_AFTER_S
+    # The mesh page (GET /) shows wallet addresses shortened (0x1234…abcd) instead of in full; JSON at /v1 is
+    # unchanged (the workers' own tools read it).
+    hide_wallets: bool = False
 
     def __post_init__(self):
         self.db_path = Path(self.db_path)

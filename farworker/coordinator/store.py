@@ -562,6 +562,25 @@ class Store:
     def completion_routes(self) -> list[dict]:
         return [dict(r) for r in self._read("SELECT * FROM completion_route ORDER BY rowid")]
 
+    def latest_completions(self, limit: int) -> list[dict]:
+        """The newest ``limit`` completions, newest first, each with its route (the mesh page's last routes)."""
+        completions = [dict(r) for r in self._read(
+            "SELECT id, created_at, model, prompt_tokens, completion_tokens FROM completions"
+            " ORDER BY created_at DESC, id LIMIT ?", (limit,))]
+        routes: dict[str, list[dict]] = {c["id"]: [] for c in completions}
+        if routes:
+            marks = ", ".join("?" * len(routes))
+            for r in self._read(f"SELECT * FROM completion_route WHERE completion_id IN ({marks}) ORDER BY rowid",
+                                tuple(routes)):
+                routes[r["completion_id"]].append(dict(r))
+        return [{**c, "route": routes[c["id"]]} for c in completions]
+
+    def probes(self, worker_id: str, limit: int) -> list[dict]:
+        """A worker's newest ``limit`` probes (and failed routed checks and audits), newest first."""
+        return [dict(r) for r in self._read(
+            "SELECT at, block, tokens, error, tolerance, problem FROM probes WHERE worker_id = ?"
+            " ORDER BY seq DESC LIMIT ?", (worker_id, limit))]
+
     def counts(self) -> dict[str, int]:
         """Row count per data table (tests check that refused requests stored nothing)."""
         return {t: self._read(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in DATA_TABLES}
