@@ -15,7 +15,7 @@ from farworker.coordinator.routers import deps
 from farworker.coordinator.services import mesh_page
 
 WEB = Path(__file__).resolve().parent.parent / "web"
-STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 # The page runs only what it serves itself: a stored name or location with markup shows as text (autoescape), and a
 # script that slipped through anyway would not run.
 SECURITY_HEADERS = {
@@ -89,6 +89,12 @@ def worker(worker_id: str, workers: deps.WorkersDep) -> HTMLResponse:
 @router.get("/fragments/workers/{worker_id}", response_class=HTMLResponse)
 def worker_fragment(worker_id: str, workers: deps.WorkersDep) -> HTMLResponse:
     return _html("_worker.html", view=_worker(workers, worker_id))
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    """Browsers ask for it whatever the page says: the page's icon, not a 404 in every console."""
+    return static("icon.svg")
 
 
 @router.get("/static/{name}")
