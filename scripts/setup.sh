@@ -41,11 +41,16 @@ else
 fi
 if [ "${1:-}" = "--dev" ]; then
   "${install[@]}" -r requirements/dev.txt
-  # tests/test_clock_offset.py shifts a worker's clock with Debian's libfaketime
-  if ! command -v faketime >/dev/null && command -v apt-get >/dev/null; then
+  # Debian packages the tests use: tests/test_clock_offset.py shifts a worker's clock with libfaketime;
+  # tests/test_mesh_page.py drives the coordinator's page in chromium (Playwright's own browser download is not
+  # reachable from these machines)
+  missing=()
+  command -v faketime >/dev/null || missing+=(faketime)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
-    # a fresh machine's package lists may be empty: update once when the plain install cannot find it
-    "${sudo[@]}" apt-get install -y -q faketime || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q faketime; }
+    # a fresh machine's package lists may be empty: update once when the plain install cannot find them
+    "${sudo[@]}" apt-get install -y -q "${missing[@]}" || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q "${missing[@]}"; }
   fi
 fi
 .venv/bin/farworker --version
