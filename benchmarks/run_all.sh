@@ -18,3 +18,4 @@ python benchmarks/usage_hold_cost.py --rounds 7 --n 300 --out "$out/usage_hold_c
 python benchmarks/gpu_run.py --cpu --out "$out/gpu_run_cpu_dry_run.json"
 python benchmarks/probe_cost.py --probes 1000 --out "$out/probe_cost.json"
 python benchmarks/probe_cost.py --sweep-only --out "$out/probe_int8_sweep.json"
+python benchmarks/page_load.py --workers 100 --rounds 30 --browser --out "$out/page_load.json"
