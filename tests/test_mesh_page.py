@@ -260,3 +260,76 @@ def test_a_killed_worker_turns_offline_on_the_open_page(mesh, tab):
     wait_for(lambda: holders(t) == [1, 1, 0, 0], SEE, "blocks 2 and 3 shown as gaps")
     assert t.page.locator(".strip .block.gap").count() == 2
     assert t.not_reloaded()
+
+
+# -- without a browser or a mesh: the page's rules and its answers to bad requests ---------------------------------
+def view(worker_id: str, state: str, blocks, healthy: bool = True):
+    from farworker.coordinator.schemas.ledger import WorkerView
+
+    return WorkerView.model_construct(worker_id=worker_id, state=state, blocks=blocks,
+                                      last_heartbeat={"state": state, "healthy": healthy})
+
+
+def test_coverage_counts_only_workers_that_serve_their_span():
+    from farworker.coordinator.services.mesh_page import coverage
+
+    workers = [
+        view("a", "online", [0, 3]),
+        view("b", "online", [2, 5]),
+        view("c", "offline", [0, 6]),  # silent for 3 intervals
+        view("d", "quarantined", [0, 6]),
+        view("e", "online", [5, 6], healthy=False),  # its own beat says it is unhealthy
+        view("f", "joining", [4, 6]),  # still loading
+        view("g", "online", None),  # span not known yet
+    ]
+    assert [cell["holders"] for cell in coverage(workers, 6)] == [1, 1, 2, 1, 1, 0]
+    assert coverage(workers, None) == []
+
+
+@pytest.fixture(scope="module")
+def bare_coordinator(tmp_path_factory):
+    """A coordinator without a mesh (no petals), 2 workers of one host and one more, wallets hidden."""
+    work = tmp_path_factory.mktemp("bare")
+    running = RunningCoordinator(Settings(db_path=work / "c.sqlite3", heartbeat_interval_s=30,
+                                          model_blocks={TINY_MODEL_NAME: 4}, hide_wallets=True)).start()
+    try:
+        ids = []
+        for i, (host, instance, span) in enumerate([("h-" + "1" * 16, 0, (0, 2)), ("h-" + "1" * 16, 1, (2, 4)),
+                                                    (None, None, (0, 4))]):
+            identity = load_or_create(work / f"key{i}")
+            body = {**registration(identity, blocks=span), "wallet_address": "0x" + f"{i + 1:02d}" * 20}
+            if host:
+                body.update(host_id=host, instance=instance)
+            answer = signed_post(running.url, identity, "/v1/workers/register", body)
+            assert answer.status_code == 200, answer.text
+            ids.append(answer.json()["worker_id"])
+            beat = signed_post(running.url, identity, f"/v1/workers/{ids[-1]}/heartbeat", heartbeat(blocks=span))
+            assert beat.status_code == 200, beat.text
+        yield running, ids
+    finally:
+        running.stop()
+
+
+def test_the_page_shows_hosts_hides_wallets_and_carries_its_headers(bare_coordinator):
+    running, ids = bare_coordinator
+    for path in ("/", "/fragments/mesh", f"/workers/{ids[0]}", f"/fragments/workers/{ids[0]}", "/static/page.js"):
+        answer = requests.get(running.url + path, timeout=10)
+        assert answer.status_code == 200, (path, answer.text)
+        assert answer.headers["content-security-policy"].startswith("default-src 'self'; script-src 'self';"), path
+        assert "<script>" not in answer.text and " style=" not in answer.text and " on" + "click" not in answer.text
+    page = requests.get(running.url + "/", timeout=10).text
+    assert 'data-host-id="h-1111111111111111"' in page and "2 of 2" in page  # the two-GPU host; the lone one not
+    assert page.count('data-host-id="') == 1
+    for i in (1, 2, 3):
+        assert "0x" + f"{i:02d}" * 20 not in page and "0x" + f"{i:02d}" * 2 + "…" + f"{i:02d}" * 2 in page
+    assert page.count('class="block covered"') == 4  # two holders each: the lone worker and one of the host's
+
+
+@pytest.mark.parametrize("path", ["/workers/w-unknown", "/fragments/workers/w-unknown", "/static/nothing.js",
+                                  "/static/page.py", "/static/..%2Fcoordinator%2Fweb%2Ftemplates%2Fbase.html"])
+def test_a_page_that_does_not_exist_is_a_one_line_404(bare_coordinator, path):
+    running, _ = bare_coordinator
+    answer = requests.get(running.url + path, timeout=10)
+    assert answer.status_code == 404, answer.text
+    body = answer.json()  # ours, naming what is missing; a path with a slash is no route at all (FastAPI's own)
+    assert "\n" not in body.get("error", body.get("detail")) and "{%" not in answer.text
