@@ -51,7 +51,11 @@ class Mesh:
             model_path=self.model,
             model_name=TINY_MODEL_NAME,
             initial_peers=tuple(self.peers),
-            probe_period_s=0,  # quarantine goes through the verdict path below, not a timed probe round
+            # every routed completion's first step on one worker is recomputed (the worker page lists them); no
+            # timed probe within the test (quarantine goes through the verdict path below), no session audits
+            probe_period_s=3600,
+            sample_routed=1.0,
+            audit_share=0,
             hide_wallets=True,
         )).start()
         return self.coordinator
@@ -168,16 +172,30 @@ def test_a_completion_appears_in_the_last_routes_without_a_reload(mesh, tab):
         assert f"blocks {span['blocks'][0]}:{span['blocks'][1]}" in text and f"{span['tokens']} tokens" in text
     assert t.not_reloaded()
     assert t.errors == [] and t.dialogs == []
-    screenshots(t, mesh)
+
+    # the sampled check of that completion: on the checked worker's page, with its error against the tolerance
+    checked = wait_for(lambda: [w["worker_id"] for w in requests.get(f"{mesh.url}/v1/workers", timeout=10).json()[
+        "workers"] if w["routed_checks"]], SEE, "the completion's routed check")
+    worker_page = tab(viewport={"width": 1280, "height": 900})
+    worker_page.open(f"{mesh.url}/workers/{checked[0]}")
+    worker_page.wait("document.querySelector('#routed-checks tr.routed-check.passed') !== null")
+    cells = worker_page.page.eval_on_selector_all("#routed-checks tr.routed-check.passed:first-child td",
+                                                  "cells => cells.map(c => c.textContent.trim())")
+    span = next(s["blocks"] for s in body["route"] if s["worker_id"] == checked[0])
+    assert cells[1] == f"{span[0]}:{span[1]}" and cells[6] == "passed", cells
+    assert float(cells[3]) <= float(cells[4]), cells  # the error, under the tolerance
+    screenshots(t, mesh, worker_page)
 
 
-def screenshots(desktop: Tab, mesh) -> None:
-    """The page on a desktop and on a phone, for the docs: to $FARWORKER_PAGE_SCREENSHOTS (e.g. docs/img) if set."""
+def screenshots(desktop: Tab, mesh, worker_page: Tab) -> None:
+    """The page on a desktop and on a phone, and a worker's page, for the docs: to $FARWORKER_PAGE_SCREENSHOTS
+    (e.g. docs/img) if set."""
     folder = os.environ.get("FARWORKER_PAGE_SCREENSHOTS")
     if not folder:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     desktop.page.screenshot(path=str(Path(folder) / "mesh-page-desktop.png"), full_page=True)
+    worker_page.page.screenshot(path=str(Path(folder) / "mesh-page-worker.png"), full_page=True)
     phone = Tab(desktop.context.browser, **PHONE)
     try:
         phone.open(mesh.url + "/")

@@ -20,6 +20,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from farworker.coordinator.services import reachability
@@ -31,6 +32,7 @@ log = logging.getLogger("farworker.coordinator")
 # A worker's addresses are dialled with each probe at the default period (300 s), but not more often than this:
 # a dial starts a p2p daemon per address (~0.2 CPU s, benchmarks/probe_cost.py), a probe ~0.03 CPU s.
 REDIAL_AFTER_S = 60.0
+RECENT_ROUTED_CHECKS = 20  # kept per worker, in memory, for the mesh page (a passed check is stored nowhere else)
 PROBE_TOKENS = 8  # sequence length of a probe: a few positions exercise attention and the rotary embedding
 # Relative L2 error a correct block stays under, by the precision the worker computes in (docs/trust.md).
 # float32: round-off of a float32 block against a float32 reference is ~1e-6 (measured on the tiny Llama);
@@ -239,6 +241,18 @@ class RoutedChecks(CheckQueue):
                          "unverifiable (unknown or already quarantined worker, or the recomputation failed)")
         self.checker, self.store, self.share = checker, store, share
         self._rng = random.Random(seed)
+        self._recent: dict[str, deque] = {}  # worker id -> its last RECENT_ROUTED_CHECKS outcomes
+
+    def recent(self, worker_id: str) -> list[dict]:
+        """This worker's last routed checks, newest first: when, span, positions, error against the tolerance."""
+        with self._lock:
+            return list(self._recent.get(worker_id, ()))[::-1]
+
+    def _remember(self, worker_id: str, capture: FirstStep, result: ProbeResult) -> None:
+        outcome = {"at": time.time(), "span": list(capture.span), "positions": int(capture.sent.shape[1]),
+                   "error": result.error, "tolerance": result.tolerance, "problem": result.problem}
+        with self._lock:
+            self._recent.setdefault(worker_id, deque(maxlen=RECENT_ROUTED_CHECKS)).append(outcome)
 
     def sample(self) -> bool:
         return self.share > 0 and self._rng.random() < self.share
@@ -260,6 +274,7 @@ class RoutedChecks(CheckQueue):
             self._count("unverifiable")  # not a registered worker, or already quarantined: nothing more to learn
             return
         result = self.checker.verify_routed(capture, row["torch_dtype"], row["quant_type"])
+        self._remember(worker_id, capture, result)
         if result.passed:  # counted here only: the probes table (and its counts) holds what the coordinator sent
             log.debug("routed check of worker %s, blocks %d:%d, %d positions: relative error %.3g (tolerance %g)",
                       worker_id, *capture.span, capture.sent.shape[1], result.error, result.tolerance)

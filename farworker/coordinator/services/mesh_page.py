@@ -124,8 +124,9 @@ def worker_view(workers, worker_id: str, now: float | None = None) -> dict | Non
     worker = workers.view(row, now)
     beats = workers.store.heartbeats(worker_id)[-WORKER_BEATS:][::-1]
     probes = workers.store.probes(worker_id, WORKER_PROBES)
-    for probe in probes:
-        probe["ratio"] = None if probe["error"] is None else probe["error"] / probe["tolerance"]
+    routed = workers.routed_checks.recent(worker_id) if workers.routed_checks is not None else []
+    for check in (*probes, *routed):
+        check["ratio"] = None if check["error"] is None else check["error"] / check["tolerance"]
     return {
         "now": now,
         "worker": worker_row(worker, workers.settings.hide_wallets),
@@ -133,5 +134,6 @@ def worker_view(workers, worker_id: str, now: float | None = None) -> dict | Non
                    "healthy": b.get("healthy", True), "phase": b.get("phase"), "health_reason": b.get("health_reason"),
                    "counters": b.get("counters") or {}} for b in beats],
         "probes": probes,
+        "routed_checks": routed,
         "heartbeat_interval_s": workers.settings.heartbeat_interval_s,
     }
