@@ -21,7 +21,13 @@
       if (!answer.ok) {
         throw new Error("HTTP " + answer.status);
       }
-      live.innerHTML = await answer.text();
+      const html = await answer.text();
+      // a table scrolled sideways (on a phone) stays where its reader left it
+      const scrolled = [...live.querySelectorAll(".scroll")].map((box) => box.scrollLeft);
+      live.innerHTML = html;
+      live.querySelectorAll(".scroll").forEach((box, i) => {
+        box.scrollLeft = scrolled[i] || 0;
+      });
       status.textContent = "live · updated " + new Date().toLocaleTimeString();
       status.classList.remove("bad");
     } catch (err) {
