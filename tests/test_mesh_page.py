@@ -206,12 +206,14 @@ def screenshots(desktop: Tab, mesh, worker_page: Tab) -> None:
 
 @pytest.fixture(scope="module")
 def hostile_worker(mesh, tmp_path_factory):
-    """A worker registered through the signed API with markup in its location (it serves nothing)."""
+    """A worker registered through the signed API with markup in its location. It says it is still joining, so it
+    holds no block on the strip whatever order the tests run in."""
     identity = load_or_create(tmp_path_factory.mktemp("hostile") / "key")
     answer = signed_post(mesh.url, identity, "/v1/workers/register", {**registration(identity), "location": HOSTILE})
     assert answer.status_code == 200, answer.text
     worker_id = answer.json()["worker_id"]
-    assert signed_post(mesh.url, identity, f"/v1/workers/{worker_id}/heartbeat", heartbeat()).status_code == 200
+    assert signed_post(mesh.url, identity, f"/v1/workers/{worker_id}/heartbeat",
+                       heartbeat(state="joining")).status_code == 200
     return worker_id
 
 
