@@ -15,6 +15,7 @@ import sqlite3
 import time
 import uuid
 
+import pytest
 import requests
 from coordinator_fixtures import heartbeat, registration, signed_post
 from polling import wait_for
@@ -24,8 +25,11 @@ from farworker.api_client import CoordinatorClient
 from farworker.coordinator.app import Settings
 from farworker.coordinator.service import RunningCoordinator
 from farworker.identity import load_or_create
+from farworker.local_mesh import start_bootstrap_peer, start_worker, stop_all
 from farworker.outbox import Outbox, make_record
 from farworker.reporting import Reporter
+from farworker.threading_policy import apply_thread_policy
+from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint
 
 wait_for_fast = functools.partial(wait_for, step=0.05)
 
@@ -98,7 +102,8 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_loses_nothing(tmp_p
 
         filler.unlink()  # space again: no restart, the outbox drains
         wait_for_fast(lambda: outbox.depth() == 0, 60, "the outbox drained once there is space")
-        assert refusing_writes(coordinator.url) == "0.0"
+        # the spell ends once writes (the heartbeats) went through for write_refusals.SETTLE_S
+        wait_for(lambda: refusing_writes(coordinator.url) == "0.0", 60, "/metrics: writes accepted again")
         again = signed_post(coordinator.url, identity, f"/v1/workers/{worker_id}/usage", {"records": [probe]})
         assert again.status_code == 200 and again.json()["accepted"] == [probe["id"]], again.text
         sent[probe["id"]] = probe["tokens"]
@@ -146,9 +151,65 @@ def test_a_write_answered_2xx_on_a_full_disk_is_on_the_ledger(tmp_path, small_di
         answer = signed_post(coordinator.url, identity, path, {"records": last})
         assert answer.status_code == 200, answer.text
         assert last[0]["id"] in ledger_rows(db)
+
+        def settled() -> bool:  # writes go through for write_refusals.SETTLE_S: the spell is over
+            beat = signed_post(coordinator.url, identity, f"/v1/workers/{worker_id}/heartbeat", heartbeat())
+            assert beat.status_code == 200, beat.text
+            return not coordinator.store.write_refusals.refusing
+
+        wait_for(settled, 60, "writes accepted again", step=1.0)
         said = [r.getMessage() for r in caplog.records if r.name == "farworker.coordinator"]
         # the operator is told once per spell, not once per refused write
         assert sum("refuses writes" in m for m in said) == 1, said
         assert sum("accepts writes again" in m for m in said) == 1, said
     finally:
         coordinator.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_background_loops_carry_on_through_a_full_disk(tmp_path, small_dir, caplog):
+    """The probe loop, the routed checks and the DHT watch write to the ledger; on a full disk they skip their
+    writes without dying or logging each round (the store says it once), and record again once there is space.
+    A completion while full is refused with 503 (its route could not be attested), in OpenAI's error shape."""
+    caplog.set_level(logging.INFO, logger="farworker.coordinator")
+    apply_thread_policy("passive")
+    model = ensure_tiny_checkpoint()
+    bootstrap, peers = start_bootstrap_peer(tmp_path)
+    coordinator = RunningCoordinator(Settings(
+        db_path=small_dir / "coordinator.sqlite3", heartbeat_interval_s=1.0, model_path=model,
+        model_name=TINY_MODEL_NAME, initial_peers=tuple(peers), probe_period_s=1.0)).start()
+    runtime, store = coordinator.app.state.runtime, coordinator.store
+    worker = start_worker(tmp_path, "w", coordinator.url, peers, "0:4")
+    try:
+        worker.wait_online(timeout=180)
+        worker_id = wait_for(lambda: store.worker_by_peer(worker.status()["peer_id"]), 30, "registered")
+        wait_for(lambda: store.probe_summary(worker_id)["probes"] > 0, 60, "a first probe recorded")
+        wait_for(lambda: store.count_slots(worker_id, online=True) > 0, 60, "a first online slot recorded")
+
+        filler = fill(small_dir)
+        answer = requests.post(f"{coordinator.url}/v1/completions", json={"prompt": [1, 37, 101], "max_tokens": 4},
+                               timeout=120)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "store_full" and int(answer.headers["Retry-After"]) > 0
+        refused = store.write_refusals.refused_total
+        time.sleep(6.0)  # several probe periods and DHT-watch intervals on the full disk (a wait, not a check)
+        assert store.write_refusals.refused_total > refused
+
+        probes_before = store.probe_summary(worker_id)["probes"]
+        filler.unlink()
+        wait_for(lambda: store.probe_summary(worker_id)["probes"] > probes_before, 60, "probes recorded again")
+        slots = store.count_slots(worker_id, online=True)
+        wait_for(lambda: store.count_slots(worker_id, online=True) > slots, 60, "online slots recorded again")
+        wait_for(lambda: not store.write_refusals.refusing, 60, "writes accepted again (the worker's heartbeats)")
+        for part in (runtime.spot_checks, runtime.dht_watch):
+            assert part._thread.is_alive(), part
+        said = [r.getMessage() + (r.exc_text or "") for r in caplog.records if r.name == "farworker.coordinator"]
+        assert sum("refuses writes" in m for m in said) == 1, said
+        assert not [m for m in said if "round failed" in m or "could not read the DHT" in m or "StoreFull" in m]
+        wait_for(lambda: worker.status()["outbox_depth"] == 0, 60, "the worker's outbox sent once there is space")
+    finally:
+        stop_all([worker.proc], timeout=30)
+        coordinator.stop()
+        bootstrap.stop()
