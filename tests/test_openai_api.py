@@ -97,9 +97,137 @@ def test_sampling_with_a_seed_repeats(client):
     assert sample() == sample()
 
 
+# Logprobs from the mesh against local transformers' log-softmax, both float32 on the same checkpoint: the workers'
+# blocks and the local model sum in different orders and batch shapes, so they agree to ~1e-6, not bit for bit.
+LOGPROB_TOLERANCE = 1e-4
+PROMPT_IDS = [1, 37, 101, 250, 7, 64]
+
+
+def local_logprobs(mesh, ids: list[int]):
+    from farworker.local_reference import log_softmax_locally
+
+    return log_softmax_locally(str(mesh.model), ids)
+
+
+def assert_close(got: float, expected: float) -> None:
+    assert abs(got - expected) <= LOGPROB_TOLERANCE, (got, expected)
+
+
+def test_completion_logprobs_equal_local_log_softmax_plain_and_streamed(mesh, client):
+    plain = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT_IDS, max_tokens=NEW_TOKENS, temperature=0,
+                                      logprobs=5)
+    choice = plain.choices[0]
+    completion = choice.model_extra["token_ids"]
+    assert completion == generate_locally(str(mesh.model), PROMPT_IDS, NEW_TOKENS)
+    local = local_logprobs(mesh, PROMPT_IDS + completion)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == NEW_TOKENS
+    assert "".join(logprobs.tokens) == choice.text and logprobs.text_offset[0] == 0
+    for i, token in enumerate(completion):
+        row = local[len(PROMPT_IDS) - 1 + i]
+        assert_close(logprobs.token_logprobs[i], float(row[token]))
+        top = logprobs.top_logprobs[i]  # 5 alternatives and the chosen token, fewer where texts coincide
+        assert 1 <= len(top) <= 6
+        assert_close(max(top.values()), float(row.max()))
+        local_top = row.topk(5).values.tolist()
+        assert all(any(abs(value - v) <= LOGPROB_TOLERANCE for v in local_top) for value in top.values()), top
+        assert logprobs.token_logprobs[i] == max(logprobs.top_logprobs[i].values())  # greedy: the top token
+    chunks = list(client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT_IDS, max_tokens=NEW_TOKENS,
+                                            temperature=0, logprobs=5, stream=True))
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == logprobs.token_logprobs
+
+
+def test_echo_scores_the_prompt_in_one_forward_with_the_same_numbers(mesh, client):
+    local = local_logprobs(mesh, PROMPT_IDS)
+    scored = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT_IDS, max_tokens=0, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert choice.model_extra["token_ids"] == [] and scored.usage.completion_tokens == 0
+    assert scored.usage.prompt_tokens == len(PROMPT_IDS)
+    assert scored.model_extra["route"], "the forward went through the mesh and is attested"
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None  # as OpenAI, vLLM
+    assert len(choice.logprobs.tokens) == len(PROMPT_IDS)
+    for i in range(1, len(PROMPT_IDS)):
+        assert_close(choice.logprobs.token_logprobs[i], float(local[i - 1][PROMPT_IDS[i]]))
+    # with tokens to generate: the same prompt numbers, then the completion's, from the same first forward
+    both = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT_IDS, max_tokens=3, echo=True, logprobs=0,
+                                     temperature=0).choices[0]
+    assert len(both.logprobs.token_logprobs) == len(PROMPT_IDS) + 3
+    for got, expected in zip(both.logprobs.token_logprobs[1:len(PROMPT_IDS)],
+                             choice.logprobs.token_logprobs[1:], strict=True):
+        assert_close(got, expected)
+
+
+def test_echo_of_a_text_prompt_returns_its_text(client):
+    scored = client.completions.create(model=TINY_MODEL_NAME, prompt="Hello mesh", max_tokens=0, echo=True,
+                                       logprobs=0)
+    assert scored.choices[0].text == "Hello mesh"
+    assert "".join(scored.choices[0].logprobs.tokens) == "Hello mesh"
+
+
+def test_chat_logprobs_equal_local_log_softmax(mesh, client, tokenizer):
+    ids = list(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
+    answer = client.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, max_tokens=NEW_TOKENS,
+                                            temperature=0, logprobs=True, top_logprobs=3)
+    completion = generate_locally(str(mesh.model), ids, NEW_TOKENS)
+    local = local_logprobs(mesh, ids + completion)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == NEW_TOKENS
+    for i, entry in enumerate(content):
+        assert_close(entry.logprob, float(local[len(ids) - 1 + i][completion[i]]))
+        assert len(entry.top_logprobs) == 3 and entry.bytes == list(entry.token.encode())
+        assert_close(entry.top_logprobs[0].logprob, float(local[len(ids) - 1 + i].max()))
+    chunks = list(client.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, max_tokens=NEW_TOKENS,
+                                                 temperature=0, logprobs=True, stream=True))
+    streamed = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == [e.logprob for e in content]
+
+
+def test_n_choices_with_a_seed_are_distinct_and_reproducible(client):
+    def sample():
+        answer = client.completions.create(model=TINY_MODEL_NAME, prompt=[1, 5, 9], max_tokens=6, temperature=1.0,
+                                           n=3, seed=99)
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        assert answer.usage.prompt_tokens == 3  # the prompt once, as OpenAI counts it
+        assert answer.usage.completion_tokens == sum(len(c.model_extra["token_ids"]) for c in answer.choices)
+        return [c.model_extra["token_ids"] for c in answer.choices]
+
+    first = sample()
+    assert all(len(tokens) == 6 and all(0 <= t < 512 for t in tokens) for tokens in first), first
+    assert len({tuple(tokens) for tokens in first}) == 3, first  # each its own continuation
+    assert sample() == first
+
+
+def test_n_choices_greedy_are_equal_streamed_too(mesh, client):
+    expected = generate_locally(str(mesh.model), [1, 5, 9], 5)
+    answer = client.completions.create(model=TINY_MODEL_NAME, prompt=[1, 5, 9], max_tokens=5, temperature=0, n=3)
+    assert [c.model_extra["token_ids"] for c in answer.choices] == [expected] * 3
+    chat = client.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, max_tokens=4, temperature=0, n=2,
+                                          stream=True)
+    texts = ["", ""]
+    for c in chat:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts[0] == texts[1] != ""
+
+
+def test_a_list_of_prompts_gets_a_choice_each(mesh, client):
+    answer = client.completions.create(model=TINY_MODEL_NAME, prompt=[[1, 5, 9], [1, 7]], max_tokens=0, echo=True,
+                                       logprobs=1)
+    assert [len(c.logprobs.token_logprobs) for c in answer.choices] == [3, 2]
+    assert answer.usage.prompt_tokens == 5
+
+
 @pytest.mark.parametrize("call,param", [
-    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", n=2), "n"),
-    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", logprobs=2), "logprobs"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", n=9), "n"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", logprobs=21), "logprobs"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", best_of=2), "best_of"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", max_tokens=0), "max_tokens"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", echo=True, stream=True), "echo"),
+    (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, top_logprobs=2), "top_logprobs"),
+    (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, logprobs=True, top_logprobs=21),
+     "top_logprobs"),
+    (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, n=9), "n"),
     (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "tool", "content": "x"}]),
      "messages.0.role"),
     (lambda c: c.chat.completions.create(model="gpt-4", messages=CHAT), "model"),
