@@ -122,7 +122,8 @@ def test_completion_logprobs_equal_local_log_softmax_plain_and_streamed(mesh, cl
     local = local_logprobs(mesh, PROMPT_IDS + completion)
     logprobs = choice.logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == NEW_TOKENS
-    assert "".join(logprobs.tokens) == choice.text and logprobs.text_offset[0] == 0
+    # each token's text, special tokens included (the choice's text skips them), and where it starts
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(NEW_TOKENS)]
     for i, token in enumerate(completion):
         row = local[len(PROMPT_IDS) - 1 + i]
         assert_close(logprobs.token_logprobs[i], float(row[token]))
