@@ -330,6 +330,40 @@ def test_api_keys_guard_the_api_and_count_usage_per_key(mesh, tokenizer, tmp_pat
             OTHER_COORDINATORS_ROUTES[row["peer_id"]] += row["tokens"]
 
 
+def test_echo_forwards_are_audited_like_generations(mesh):
+    """An echo's prompt-only session is work like any other: petals opens its server sessions the same way, so the
+    coordinator's audits can capture every step of them and recompute every position (here all are captured and
+    audited with the audits' own rule and the coordinator's own reference blocks)."""
+    from farworker.coordinator.services.audit import audit_session
+    from farworker.coordinator.spot_check import SpotChecker, span_tolerance
+    from farworker.session_capture import CaptureBudget, SessionCapture
+
+    class EveryServerSession:
+        """SessionAudits' interface to the mesh client, choosing every server session."""
+
+        def __init__(self):
+            self.captures: list = []
+
+        def watch(self, peer_id, span, session_id):
+            return SessionCapture(peer_id, tuple(span), session_id, CaptureBudget(1 << 30))
+
+        def submit(self, captures):
+            self.captures += captures
+
+    audits, prompt = EveryServerSession(), [1, 5, 9, 200, 7, 64, 3]
+    coordinator_mesh = mesh.coordinator.app.state.mesh
+    served = coordinator_mesh.generate(prompt, 0, 0.0, echo=True, logprobs=0, audits=audits)
+    for span in served.route:  # served outside the coordinator's API: the ledger test adds it by hand
+        OTHER_COORDINATORS_ROUTES[span["peer_id"]] += span["tokens"]
+    assert served.completion_ids == [] and len(served.prompt_logprobs) == len(prompt)
+    assert sorted(tuple(c.span) for c in audits.captures) == [(0, 2), (2, 4)]
+    checker = SpotChecker(coordinator_mesh)
+    for capture in audits.captures:
+        result = audit_session(capture, checker.reference_output,
+                               span_tolerance("float32", "none", capture.span[1] - capture.span[0]))
+        assert result.passed and result.positions == len(prompt), result
+
+
 def test_a_bad_api_keys_file_is_one_line_naming_the_line(tmp_path):
     from farworker.coordinator.command import read_api_keys
 
