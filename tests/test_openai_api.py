@@ -1,6 +1,7 @@
 """The coordinator as the official `openai` Python client sees it: models, completions and chat completions,
 streamed and not, errors in OpenAI's shape, many requests at once, a bounded queue (429), and a client that
-goes away mid-stream. Runs on test_mesh_ledger's mesh (two `farworker run` workers splitting the tiny model,
+goes away mid-stream; what eval harnesses send (logprobs, echo with max_tokens 0, n choices, lists of prompts) and
+lm-evaluation-harness itself. Runs on test_mesh_ledger's mesh (two `farworker run` workers splitting the tiny model,
 which has a byte-level tokenizer and Llama-2 chat's template); every answer is compared with local
 transformers' greedy output on the same checkpoint.
 """
@@ -8,12 +9,15 @@ transformers' greedy output on the same checkpoint.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from pathlib import Path
 
 import openai
 import pytest
 import requests
 import test_mesh_ledger
+from eval_task import lm_eval_offline
 from polling import wait_for
 
 from farworker.coordinator.app import Settings
@@ -371,6 +375,62 @@ def test_a_bad_api_keys_file_is_one_line_naming_the_line(tmp_path):
     bad.write_text("alice sk-alice-0123456789abcdef\nbob short\n")
     with pytest.raises(ValueError, match="line 2: expected 'NAME KEY'"):
         read_api_keys(bad)
+
+
+LM_EVAL_TASK = "farworker_mc"
+LM_EVAL_TASK_DIR = Path(__file__).resolve().parent / "eval_task"
+# float32 on both sides; the mesh's blocks and the local model sum in other orders: ~1e-6 apart per token
+LOGLIKELIHOOD_TOLERANCE = 1e-4
+
+
+def lm_evaluate(model: str, model_args: str) -> dict:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[LM_EVAL_TASK], batch_size=4,
+                                   log_samples=True, bootstrap_iters=0)
+
+
+def lm_eval_loglikelihoods(results: dict) -> dict[int, list[float]]:
+    """Per item, each choice's log-likelihood (lm-eval's is_greedy aside: 0.4.1's local-completions gets it wrong
+    for any server, comparing a token's text with a float)."""
+    return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in results["samples"][LM_EVAL_TASK]}
+
+
+def test_lm_eval_local_completions_through_the_mesh_equals_its_hf_model(mesh, monkeypatch, tmp_path):
+    """lm-evaluation-harness scores the mesh like the model itself: its `local-completions` model (echo + logprobs
+    through /v1/completions, the `openai` client underneath) and its `hf` model (local transformers, float32) run the
+    repository's small multiple-choice task (tests/eval_task/: a local jsonl, no hub download) on the tiny
+    checkpoint, and get the same accuracy and the same log-likelihood for every choice."""
+    monkeypatch.chdir(LM_EVAL_TASK_DIR)  # the data file and exact_match/ (tests/eval_task/exact_match/) are found here
+    for name, value in lm_eval_offline.offline_environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")  # lm-eval's client reads it; this coordinator has no keys
+    datasets_builder = pytest.importorskip("datasets.builder", reason="lm-eval is in requirements/eval.txt")
+    monkeypatch.setattr(datasets_builder, "is_remote_filesystem", lm_eval_offline.is_remote_filesystem)
+    from lm_eval.tasks import TASK_REGISTRY, include_path
+
+    if LM_EVAL_TASK not in TASK_REGISTRY:  # once per process: lm-eval refuses a second registration
+        include_path(str(LM_EVAL_TASK_DIR))
+    started = time.monotonic()
+    through_mesh = lm_evaluate("local-completions", f"model={TINY_MODEL_NAME},base_url={mesh.url}/v1,"
+                                                 f"tokenizer_backend=huggingface,tokenizer={mesh.model}")
+    mesh_s, started = time.monotonic() - started, time.monotonic()
+    local = lm_evaluate("hf", f"pretrained={mesh.model},dtype=float32,device=cpu")
+    local_s = time.monotonic() - started
+    mesh_ll, local_ll = lm_eval_loglikelihoods(through_mesh), lm_eval_loglikelihoods(local)
+    assert sorted(mesh_ll) == sorted(local_ll) == list(range(36))
+    for doc, expected in local_ll.items():
+        assert len(mesh_ll[doc]) == len(expected) == 4
+        for got, want in zip(mesh_ll[doc], expected, strict=True):
+            assert abs(got - want) <= LOGLIKELIHOOD_TOLERANCE, (doc, mesh_ll[doc], expected)
+    assert through_mesh["results"][LM_EVAL_TASK]["acc,none"] == local["results"][LM_EVAL_TASK]["acc,none"]
+    worst = max(abs(a - b) for doc in local_ll for a, b in zip(mesh_ll[doc], local_ll[doc], strict=True))
+    print(f"\nlm-eval {LM_EVAL_TASK}: acc {through_mesh['results'][LM_EVAL_TASK]['acc,none']:.4f} local-completions "
+          "through the mesh "
+          f"({mesh_s:.1f} s), {local['results'][LM_EVAL_TASK]['acc,none']:.4f} hf ({local_s:.1f} s); "
+          f"{sum(map(len, local_ll.values()))} log-likelihoods, largest difference {worst:.2e}; item 0: mesh "
+          f"{mesh_ll[0]}, hf {local_ll[0]}")
 
 
 def test_the_ledger_equals_every_route_including_streams_and_cancellations(mesh):
