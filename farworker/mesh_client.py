@@ -439,10 +439,9 @@ def _prompt_entries(ids: list[int], logits, k: int) -> list[TokenLogprob]:
 
     if logits is None:
         raise MeshError("the mesh's forward gave no prompt logits")
-    logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # [positions, vocab]
     entries = [TokenLogprob(ids[0], None, [])]
-    for i in range(1, len(ids)):
-        row = logprobs[i - 1]
+    for i in range(1, len(ids)):  # row by row: a long prompt's [positions, vocab] is not copied whole again
+        row = torch.log_softmax(logits[0, i - 1].float(), dim=-1)
         entries.append(TokenLogprob(ids[i], float(row[ids[i]]), _top(row, k)))
     return entries
 

@@ -168,6 +168,10 @@ def test_echo_of_a_text_prompt_returns_its_text(client):
                                        logprobs=0)
     assert scored.choices[0].text == "Hello mesh"
     assert "".join(scored.choices[0].logprobs.tokens) == "Hello mesh"
+    plain = client.completions.create(model=TINY_MODEL_NAME, prompt="Hello mesh", max_tokens=2, echo=True,
+                                      temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text.startswith("Hello mesh")
+    assert plain.usage.completion_tokens == 2 and plain.usage.prompt_tokens == len("Hello mesh")  # byte tokens
 
 
 def test_chat_logprobs_equal_local_log_softmax(mesh, client, tokenizer):

@@ -319,7 +319,8 @@ class Completions:
             raise ApiError(400, "echo is not streamed: send stream false with echo", "invalid_payload", "echo")
         prompts = body.prompts()
         run_id = f"cmpl-{uuid.uuid4().hex}"
-        run = self._generation(body, prompts, run_id, key_name, logprobs=body.logprobs, echo=body.echo)
+        run = self._generation(body, prompts, run_id, key_name, logprobs=body.logprobs,
+                              echo=body.echo and body.logprobs is not None)  # echo's text needs no forward
         self._admit()
         if body.stream:
             texts: dict[int, TokenTexts] = {}
