@@ -270,8 +270,9 @@ class Completions:
                     logprobs: int | None = None, echo: bool = False):
         """A run(on_token, cancelled) -> Answer for the request: each prompt's n choices, each in its own inference
         session (petals keeps a session's attention cache on its servers and cannot fork it, so choices cannot share
-        a prefill). Records the route of everything served (attested), even of a request that failed midway, and
-        frees its admission slot however it ends."""
+        a prefill; n rows of one batched session would each be prefilled too, and the client's route counts a
+        session's positions where the worker meters rows x positions). Records the route of everything served
+        (attested), even of a request that failed midway, and frees its admission slot however it ends."""
 
         def run(on_token=None, cancelled=None) -> Answer:
             generations, failure = [], None
