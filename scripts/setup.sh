@@ -41,6 +41,8 @@ else
 fi
 if [ "${1:-}" = "--dev" ]; then
   "${install[@]}" -r requirements/dev.txt
+  # lm-evaluation-harness (tests/test_lm_eval.py): heavy, and held to the runtime set by its locks
+  "${install[@]}" -r requirements/eval.txt -c "$locks/runtime.lock" -c "$locks/coordinator.lock"
   # tests/test_clock_offset.py shifts a worker's clock with Debian's libfaketime
   if ! command -v faketime >/dev/null && command -v apt-get >/dev/null; then
     sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
