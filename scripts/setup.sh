@@ -41,6 +41,8 @@ else
 fi
 if [ "${1:-}" = "--dev" ]; then
   "${install[@]}" -r requirements/dev.txt
+  # lm-evaluation-harness (tests/test_lm_eval.py): heavy, and held to the runtime set by its locks
+  "${install[@]}" -r requirements/eval.txt -c "$locks/runtime.lock" -c "$locks/coordinator.lock"
   # Debian packages the tests use: tests/test_clock_offset.py shifts a worker's clock with libfaketime;
   # tests/test_mesh_page.py drives the coordinator's page in chromium (Playwright's own browser download is not
   # reachable from these machines)

@@ -6,6 +6,7 @@ serves a private mesh, and SQLite serialises writers anyway. Every write that be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -13,7 +14,9 @@ import threading
 import uuid
 from pathlib import Path
 
+from farworker.coordinator.errors import StoreFull
 from farworker.coordinator.services import ledger
+from farworker.coordinator.write_refusals import WriteRefusals
 
 HEARTBEAT_HISTORY = 500  # kept per worker; older beats only live on as counts
 
@@ -177,10 +180,33 @@ def _add_reachability_column(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE workers ADD COLUMN reachability TEXT")
 
 
+LOW_SPACE_BYTES = 1 << 20  # an I/O error while the database's file system has less free than this: it is full
+
+
+def store_full(err: BaseException, path: Path) -> StoreFull | None:
+    """The write refused for want of space, as StoreFull; None for any other error. SQLite says SQLITE_FULL when a
+    write to the database, its WAL or journal hits ENOSPC; growing the WAL's shared-memory index gives an I/O error
+    instead (SQLITE_IOERR_SHMSIZE and kin), taken as "full" when the file system has no space left."""
+    if not isinstance(err, sqlite3.OperationalError):
+        return None
+    code = getattr(err, "sqlite_errorcode", 0)
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return StoreFull(f"{err}, on {path.parent}")
+    if code & 0xFF == sqlite3.SQLITE_IOERR:
+        try:
+            stat = os.statvfs(path.parent)
+        except OSError:
+            return None
+        if stat.f_bavail * stat.f_frsize < LOW_SPACE_BYTES:
+            return StoreFull(f"{err} with {stat.f_bavail * stat.f_frsize} bytes free on {path.parent}")
+    return None
+
+
 class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write_refusals = WriteRefusals()
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._conn.row_factory = sqlite3.Row
@@ -197,22 +223,52 @@ class Store:
             self._conn.close()
 
     def _tx(self):
+        """One write transaction under the lock. A write refused for want of space (disk full) is rolled back
+        whole and raised as StoreFull; the next transaction starts clean, so writes resume once there is space."""
         store = self
 
         class _Tx:
             def __enter__(self):
                 store._lock.acquire()
-                store._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    store._conn.execute("BEGIN IMMEDIATE")
+                except BaseException as err:
+                    store._lock.release()
+                    full = store._refused(err)
+                    if full is None:
+                        raise
+                    raise full from err
                 return store._conn
 
             def __exit__(self, exc_type, exc, tb):
                 try:
-                    store._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                    if exc is None:
+                        try:
+                            store._conn.execute("COMMIT")
+                        except sqlite3.Error as err:  # not committed: below, rolled back and raised
+                            exc = err
+                        else:
+                            store.write_refusals.accepted()
+                            return False
+                    if store._conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL may)
+                        with contextlib.suppress(sqlite3.Error):  # the error that got us here is raised below
+                            store._conn.execute("ROLLBACK")
                 finally:
                     store._lock.release()
+                full = store._refused(exc)
+                if full is not None:
+                    raise full from exc
+                if exc_type is None:
+                    raise exc  # the failed COMMIT
                 return False
 
         return _Tx()
+
+    def _refused(self, err: BaseException) -> StoreFull | None:
+        full = store_full(err, self.path)
+        if full is not None:
+            self.write_refusals.refused(full.reason)
+        return full
 
     def _read(self, sql: str, args=()) -> list[sqlite3.Row]:
         with self._lock:
