@@ -14,6 +14,7 @@ from farworker.coordinator.routers import ledger, openai, workers
 from farworker.coordinator.runtime import Runtime
 from farworker.coordinator.schemas.common import ErrorResponse
 from farworker.coordinator.services.completions import Completions
+from farworker.coordinator.services.registration import RegistrationGate
 from farworker.coordinator.services.workers import Workers
 from farworker.coordinator.settings import Settings
 from farworker.coordinator.store import Store
@@ -79,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings, app.state.store = settings, store
     app.state.metrics = CollectorRegistry()  # GET /metrics (Prometheus)
     app.state.workers = Workers(store, settings)
+    app.state.registration_gate = RegistrationGate(settings, store)  # floods shed (services/registration.py)
     runtime = app.state.runtime = Runtime(settings, store, app.state.workers, app.state.metrics)
     # its parts, for operators and tests (None where not configured)
     app.state.mesh, app.state.routed_checks = runtime.mesh, runtime.routed_checks

@@ -71,19 +71,26 @@ def _for_openai(request: Request) -> bool:
 
 
 async def api_error(request: Request, err: ApiError) -> JSONResponse:
+    retry_after = getattr(err, "retry_after_s", None)  # services/registration.Refused: when to try again
     if _for_openai(request):
         headers = {"Retry-After": "1"} if err.status == 429 else None
         return JSONResponse(openai_error(err.status, err.message, err.code, err.field), err.status, headers)
-    return error(err.status, err.message, err.code, err.field)
+    answer = error(err.status, err.message, err.code, err.field)
+    if retry_after is not None:
+        answer.headers["Retry-After"] = str(retry_after)
+    return answer
 
 
 async def invalid_payload(request: Request, err: RequestValidationError) -> JSONResponse:
     """One line naming the first bad field (and, outside OpenAI's routes, every bad field in ``detail``)."""
     problems = err.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    in_query = tuple(first.get("loc", ()))[:1] == ("query",)
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
     name = ".".join(loc) or None
     message = f"invalid {name or 'payload'}: {first.get('msg')}"
+    if in_query and not _for_openai(request):  # a bad page limit: the request is wrong, not a payload
+        return error(400, message, "invalid_query", name)
     if _for_openai(request):  # OpenAI answers an invalid request with 400 and its error object
         return JSONResponse(openai_error(400, message, "invalid_payload", name), 400)
     detail = [

@@ -29,13 +29,19 @@ WORKER_ERRORS = {403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
 @router.post(
     "/v1/workers/register",
     response_model=RegisterResponse,
-    responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+               429: {"model": ErrorResponse, "description": "too many registrations from this source; Retry-After"},
+               503: {"model": ErrorResponse, "description": "too many workers that have not proven themselves yet; "
+                     "Retry-After"}},
 )
-def register(body: RegisterRequest, peer_id: deps.SignedRegistration,
-             workers: deps.WorkersDep) -> RegisterResponse:
+def register(_: deps.RegistrationRate, body: RegisterRequest, peer_id: deps.SignedRegistration,
+             workers: deps.WorkersDep, gate: deps.GateDep) -> RegisterResponse:
     if body.peer_id != peer_id:
         raise ApiError(403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id")
-    worker_id = workers.register(body.model_dump(), time.time())
+    registration, now = body.model_dump(), time.time()
+    gate.check_allowed(registration)
+    with gate.admission(peer_id, now):  # services/registration.py: the bound on unproven workers
+        worker_id = workers.register(registration, now)
     span = f"{body.blocks[0]}:{body.blocks[1]}" if body.blocks else "not chosen yet"
     log.info("registered %s (peer %s) blocks %s of %s", worker_id, peer_id, span, body.model_name)
     return RegisterResponse(worker_id=worker_id, heartbeat_interval=workers.settings.heartbeat_interval_s)
