@@ -1,0 +1,181 @@
+"""Floods are shed, not served (issue 22): a real coordinator on loopback against a flooding party with fresh keys.
+
+- the registration rate per source: the excess answers 429 with Retry-After, other sources are not affected;
+- the allowlist: a registrant that is not on it is refused, and nothing is stored;
+- the bound on unproven workers: beyond it new workers answer 503, known ones still register again, and a place
+  comes free when an unproven worker ages out;
+- the pages of GET /v1/workers and GET /v1/hosts: stable order, cursors that walk everything once, 400 naming
+  the field for a bad limit or cursor;
+- the probe order (services/probe_order.py): serving workers first, unreachable ones backed off, never
+  quarantined for not answering.
+
+The slow test runs 2,000 registrations beside an honest `farworker run` worker, which is still probed and paid.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+from coordinator_fixtures import registration, signed_post
+from flood_client import FLOOD_SOURCE, beat_all, fresh_identities, register_all
+from polling import wait_for
+
+from farworker.coordinator.app import Settings
+from farworker.coordinator.service import RunningCoordinator
+from farworker.coordinator.services import probe_order
+
+
+def coordinator_with(tmp_path, **settings) -> RunningCoordinator:
+    return RunningCoordinator(Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0,
+                                       **settings))
+
+
+def statuses(answers) -> list[int]:
+    return [a.status_code for a in answers]
+
+
+def test_registrations_over_the_rate_of_a_source_answer_429_and_other_sources_are_served(tmp_path):
+    with coordinator_with(tmp_path, registration_rate="5/minute") as coordinator:
+        answers = register_all(coordinator.url, fresh_identities(12), threads=4)
+        assert sorted(statuses(answers)) == [200] * 5 + [429] * 7, [a.text for a in answers]
+        refused = next(a for a in answers if a.status_code == 429)
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        body = refused.json()
+        assert body["code"] == "rate_limited" and "\n" not in body["error"]
+        assert f"too many registrations from {FLOOD_SOURCE}: at most 5/minute" == body["error"]
+        assert coordinator.store.counts()["workers"] == 5  # nothing stored for the refused ones
+        # the honest source (127.0.0.1) has its own window
+        assert statuses(register_all(coordinator.url, fresh_identities(2), source="127.0.0.1")) == [200, 200]
+
+
+def test_a_registrant_off_the_allowlist_is_refused_and_nothing_is_stored(tmp_path):
+    wallet_listed, by_key, stranger = fresh_identities(3)
+    listed_wallet = "0x" + "11" * 20
+    allowlist = {listed_wallet, by_key.peer_id}
+    with coordinator_with(tmp_path, registration_allowlist=allowlist) as coordinator:
+        ok_wallet = signed_post(coordinator.url, wallet_listed, "/v1/workers/register",
+                                {**registration(wallet_listed), "wallet_address": listed_wallet})
+        ok_key = signed_post(coordinator.url, by_key, "/v1/workers/register", registration(by_key))
+        assert (ok_wallet.status_code, ok_key.status_code) == (200, 200), (ok_wallet.text, ok_key.text)
+        before = coordinator.store.counts()
+        refused = signed_post(coordinator.url, stranger, "/v1/workers/register", registration(stranger))
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["code"] == "not_allowed" and refused.json()["field"] == "wallet_address"
+        assert coordinator.store.counts() == before
+        assert coordinator.store.worker_by_peer(stranger.peer_id) is None
+
+
+def test_new_workers_beyond_the_unproven_bound_answer_503_until_one_ages_out(tmp_path):
+    ttl = 3.0
+    first, second, third, late = fresh_identities(4)
+    with coordinator_with(tmp_path, max_unproven_workers=2, unproven_ttl_s=ttl) as coordinator:
+        assert statuses(register_all(coordinator.url, [first, second])) == [200, 200]
+        (refused,) = register_all(coordinator.url, [third])
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["code"] == "too_many_unproven" and 1 <= int(refused.headers["Retry-After"]) <= ttl + 1
+        assert coordinator.store.worker_by_peer(third.peer_id) is None
+        # a worker already held registers again (a restart, its span learnt): never refused by the bound
+        assert statuses(register_all(coordinator.url, [first])) == [200]
+        # the first two never prove themselves: once their TTL has passed they hold no place
+        time.sleep(ttl + 0.5)
+        assert statuses(register_all(coordinator.url, [third])) == [200]
+        (still_full,) = register_all(coordinator.url, [late])  # the third holds one of the 2 places, and...
+        assert still_full.status_code == 200  # ...the other is free: the first two aged out
+        assert statuses(register_all(coordinator.url, fresh_identities(1))) == [503]
+
+
+def walk(url: str, path: str, key: str, limit: int) -> tuple[list[dict], int]:
+    """Every item of a paged list, following next_cursor (bounded), and the pages it took."""
+    items, cursor, pages = [], None, 0
+    for pages in range(1, 100):  # noqa: B007 - the count is returned
+        params = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        answer = requests.get(url + path, params=params, timeout=10)
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        assert len(page[key]) <= limit
+        items += page[key]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items, pages
+    raise AssertionError("the cursor walk did not end")
+
+
+def test_worker_and_host_lists_page_in_a_stable_order_and_refuse_bad_limits_and_cursors(tmp_path):
+    identities = fresh_identities(7)
+    with coordinator_with(tmp_path, registration_rate=None) as coordinator:
+        order = []
+        for i, identity in enumerate(identities):  # one at a time: the registration order is known
+            answer = signed_post(coordinator.url, identity, "/v1/workers/register",
+                                 {**registration(identity), "host_id": f"host-{i % 3}" if i < 6 else None})
+            order.append(answer.json()["worker_id"])
+        workers, pages = walk(coordinator.url, "/v1/workers", "workers", 3)
+        assert [w["worker_id"] for w in workers] == order and pages == 3
+        # the default page holds a private mesh's every worker: clients that never page see them all
+        assert [w["worker_id"] for w in requests.get(f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]
+                ] == order
+
+        # a worker registering in the middle of a walk comes at its end, and nothing is seen twice
+        first = requests.get(f"{coordinator.url}/v1/workers", params={"limit": 2}, timeout=10).json()
+        (late,) = fresh_identities(1)
+        late_id = signed_post(coordinator.url, late, "/v1/workers/register", registration(late)).json()["worker_id"]
+        rest, cursor = [], first["next_cursor"]
+        while cursor:
+            page = requests.get(f"{coordinator.url}/v1/workers", params={"limit": 2, "cursor": cursor},
+                                timeout=10).json()
+            rest, cursor = rest + page["workers"], page["next_cursor"]
+        assert [w["worker_id"] for w in first["workers"] + rest] == [*order, late_id]
+
+        hosts, _ = walk(coordinator.url, "/v1/hosts", "hosts", 2)
+        assert [h["host_id"] for h in hosts] == ["host-0", "host-1", "host-2", None]
+        assert sorted(w for h in hosts for w in h["worker_ids"]) == sorted([*order, late_id])
+
+        for params, field in (({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "many"}, "limit"),
+                              ({"cursor": "not-a-cursor!"}, "cursor"), ({"cursor": "WzEsMl0"}, "cursor"),
+                              ({"cursor": "x" * 600}, "cursor")):
+            for path in ("/v1/workers", "/v1/hosts"):
+                answer = requests.get(coordinator.url + path, params=params, timeout=10)
+                assert answer.status_code == 400, (path, params, answer.text)
+                assert answer.json()["field"] == field and "\n" not in answer.json()["error"], answer.text
+
+
+def rows(*specs):
+    """Worker rows (worker id, registration time) for the probe order."""
+    return [{"worker_id": w, "registered_at": at} for w, at in specs]
+
+
+def test_the_probe_order_puts_serving_workers_first_and_backs_off_unreachable_ones():
+    period, now = 10.0, 1000.0
+    workers = rows(("flood-new", 5.0), ("honest-new", 1.0), ("proven", 3.0), ("failing", 0.5), ("unreachable", 0.1))
+    stats = {
+        "proven": {"last_at": now - period, "unanswered": 0},
+        "failing": {"last_at": now - period, "unanswered": 2},
+        "unreachable": {"last_at": now - period, "unanswered": probe_order.UNREACHABLE_AFTER},
+        "flood-new": None,
+    }
+    stats = {k: v for k, v in stats.items() if v}
+    ordered = [r["worker_id"] for r in probe_order.order(workers, {"proven"}, stats, now, period)]
+    # the unreachable one probed a period ago waits for its back-off (2 periods); new ones by registration time
+    assert ordered == ["proven", "honest-new", "flood-new", "failing"]
+    later = now + 2 * period
+    stats["unreachable"]["last_at"] = now - period
+    assert [r["worker_id"] for r in probe_order.order(workers, {"proven"}, stats, later, period)][-1] == "unreachable"
+    # back-off doubles up to a bound: still probed, rarely; and the view says why
+    assert [probe_order.backoff_periods(n) for n in range(0, 10)] == [1, 1, 1, 2, 4, 8, 16, 16, 16, 16]
+    assert probe_order.view({"last_at": 0, "unanswered": 3}) == {"unanswered_probes": 3, "probe_unreachable": True}
+    assert probe_order.view(None) == {"unanswered_probes": 0, "probe_unreachable": False}
+
+
+def test_flood_heartbeats_cost_no_registration_room(tmp_path):
+    """Accepted flood workers beat 'online' (pretending to serve); without a mesh nothing proves them, so they
+    keep holding the unproven places and new registrants are refused, while a known worker's beats are served."""
+    with coordinator_with(tmp_path, max_unproven_workers=3, registration_rate=None) as coordinator:
+        flood = fresh_identities(5)
+        answers = register_all(coordinator.url, flood, threads=1)
+        assert statuses(answers) == [200, 200, 200, 503, 503]
+        accepted = [(i, a.json()["worker_id"]) for i, a in zip(flood, answers, strict=True) if a.status_code == 200]
+        beat_all(coordinator.url, accepted)
+        wait_for(lambda: all(w["state"] == "online" for w in requests.get(
+            f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]), 10, "the flood's beats counted")
+        assert coordinator.store.unproven_workers(0.0)[0] == 3
