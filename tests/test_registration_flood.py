@@ -179,3 +179,82 @@ def test_flood_heartbeats_cost_no_registration_room(tmp_path):
         wait_for(lambda: all(w["state"] == "online" for w in requests.get(
             f"{coordinator.url}/v1/workers", timeout=10).json()["workers"]), 10, "the flood's beats counted")
         assert coordinator.store.unproven_workers(0.0)[0] == 3
+
+
+FLOOD = 2000
+FLOOD_RATE = 20  # per minute from one source: the flood's share
+PERIOD = 2.0  # probe period
+
+
+def probes_of(store, worker_id: str, since: float) -> list[dict]:
+    return [dict(r) for r in store._read("SELECT at, error, problem FROM probes WHERE worker_id = ? AND at >= ?"
+                                         " ORDER BY seq", (worker_id, since))]
+
+
+@pytest.mark.slow
+def test_a_flood_of_registrations_is_shed_and_an_honest_worker_is_still_probed_and_paid(
+        tmp_path, tiny_model, bootstrap_peer, start_workers):
+    import threading
+
+    from farworker.tiny_model import TINY_MODEL_NAME
+
+    identities = fresh_identities(FLOOD)  # the flooder's own cost, before the clock of anything below
+    settings = Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0, model_path=tiny_model,
+                        model_name=TINY_MODEL_NAME, initial_peers=tuple(bootstrap_peer), probe_period_s=PERIOD,
+                        registration_rate=f"{FLOOD_RATE}/minute", max_unproven_workers=64)
+    with RunningCoordinator(settings) as coordinator:
+        honest = start_workers("honest", "0:4", bootstrap_peer, api_url=coordinator.url)
+        honest_id = coordinator.store.worker_by_peer(honest.wait_online()["peer_id"])
+        wait_for(lambda: coordinator.store.probe_summary(honest_id)["probes_passed"] >= 1, 60, "a first probe")
+
+        flood_began = time.time()
+        answers = register_all(coordinator.url, identities, model_name=TINY_MODEL_NAME)
+        codes = statuses(answers)
+        assert (codes.count(200), codes.count(429)) == (FLOOD_RATE, FLOOD - FLOOD_RATE), set(codes)
+        accepted = [(i, a.json()["worker_id"]) for i, a in zip(identities, answers, strict=True)
+                    if a.status_code == 200]
+        flood_ids = [w for _, w in accepted]
+
+        # the accepted ones pretend to serve the whole model: they beat 'online' while the honest one is probed
+        stop = threading.Event()
+
+        def beat():
+            while not stop.is_set():
+                beat_all(coordinator.url, accepted)
+                stop.wait(0.5)
+
+        beater = threading.Thread(target=beat, name="flood-beats", daemon=True)
+        beater.start()
+        try:
+            def flood_marked():
+                stats = coordinator.store.probe_stats()
+                return all(probe_order.unreachable(stats.get(w, {"unanswered": 0})["unanswered"]) for w in flood_ids)
+
+            wait_for(flood_marked, 300, "every flood worker marked unreachable by its unanswered probes")
+            flood_probed_at = time.time()
+            honest_before = len(probes_of(coordinator.store, honest_id, flood_probed_at))
+            wait_for(lambda: len(probes_of(coordinator.store, honest_id, flood_probed_at)) >= honest_before + 5, 60,
+                     "5 more probes of the honest worker")
+        finally:
+            stop.set()
+            beater.join(10)
+
+        honest_probes = probes_of(coordinator.store, honest_id, flood_began)
+        gaps = [b["at"] - a["at"] for a, b in zip(honest_probes, honest_probes[1:], strict=False)]
+        print(f"honest probes during the flood: {len(honest_probes)}, gaps {[round(g, 2) for g in gaps]}")
+        assert all(p["problem"] is None for p in honest_probes), honest_probes
+        # probed at every round: a round starts each period, the honest worker first in it
+        assert gaps and max(gaps) <= 2 * PERIOD, gaps
+        stats = coordinator.store.probe_stats()
+        flood_probes = [stats[w]["unanswered"] for w in flood_ids]
+        assert max(flood_probes) < len(honest_probes), (flood_probes, len(honest_probes))  # backed off
+        views = {w["worker_id"]: w for w in walk(coordinator.url, "/v1/workers", "workers", 1000)[0]}
+        for worker_id in flood_ids:  # not answering is not a wrong answer: never quarantined
+            assert views[worker_id]["quarantined"] is None and views[worker_id]["probe_unreachable"], views[worker_id]
+        assert views[honest_id]["probe_unreachable"] is False
+
+        answer = requests.post(f"{coordinator.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4},
+                               timeout=120)
+        assert answer.status_code == 200, answer.text
+        wait_for(lambda: walk(coordinator.url, "/v1/workers", "workers", 1000)[0][0]["earnings_far"] > 0, 60,
+                 "the honest worker paid for the completion it served")
