@@ -258,3 +258,26 @@ def test_a_flood_of_registrations_is_shed_and_an_honest_worker_is_still_probed_a
         assert answer.status_code == 200, answer.text
         wait_for(lambda: walk(coordinator.url, "/v1/workers", "workers", 1000)[0][0]["earnings_far"] > 0, 60,
                  "the honest worker paid for the completion it served")
+
+
+def test_the_coordinator_flags_refuse_a_bad_rate_and_an_empty_allowlist_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from farworker.config import EX_CONFIG
+    from farworker.coordinator.command import coordinator_command, read_allowlist
+
+    db = str(tmp_path / "c.sqlite3")
+    bad_rate = CliRunner().invoke(coordinator_command, ["--db", db, "--registration-rate", "lots"])
+    assert bad_rate.exit_code == EX_CONFIG
+    assert bad_rate.output.strip().splitlines() == [
+        "--registration-rate: registration rate 'lots': expected COUNT/PERIOD, e.g. 30/minute or 5/second"]
+    empty = tmp_path / "allowlist"
+    empty.write_text("# nobody yet\n\n")
+    refused = CliRunner().invoke(coordinator_command, ["--db", db, "--registration-allowlist", str(empty)])
+    assert refused.exit_code == EX_CONFIG and "no entries in the file" in refused.output
+    listed = tmp_path / "listed"
+    listed.write_text("0xabc  # the operator's wallet\nQmPeer\n")
+    assert read_allowlist(listed) == {"0xabc", "QmPeer"}
+    listed.write_text("0xabc QmPeer\n")
+    with pytest.raises(ValueError, match="line 1: expected one wallet address, peer id or public key"):
+        read_allowlist(listed)

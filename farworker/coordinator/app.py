@@ -41,6 +41,12 @@ it is doing, e.g. the download's progress). It registers again, keeping its work
 (the model's block count, its addresses); then heartbeats `online` with its blocks, `draining` on
 shutdown, and deregisters.
 
+**Floods.** Registration is limited per source address (429 with `Retry-After` beyond the rate), optionally
+to an allowlist of wallets, peer ids or keys (403), and new workers beyond the bound on workers that have not
+proven themselves yet (no passed probe, no attested work) get 503 with `Retry-After`. `GET /v1/workers` and
+`GET /v1/hosts` answer a page at a time: `limit` (default 100, at most 1000) and `cursor` (the previous page's
+`next_cursor`); a bad one answers 400 naming it.
+
 **Ledger.** Each usage record counts once (by id) as a *claim*: tokens x (blocks served / model blocks) x
 reliability x FAR_PER_TOKEN, reliability = uptime share observed from heartbeats. What is *paid* is the
 claims scaled to the share the coordinator attested: the routes of its own completions (peer, span, tokens
