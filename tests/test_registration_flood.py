@@ -281,3 +281,27 @@ def test_the_coordinator_flags_refuse_a_bad_rate_and_an_empty_allowlist_in_one_l
     listed.write_text("0xabc QmPeer\n")
     with pytest.raises(ValueError, match="line 1: expected one wallet address, peer id or public key"):
         read_allowlist(listed)
+
+
+def test_the_store_counts_only_the_last_unanswered_probes_in_a_row(tmp_path):
+    from coordinator_fixtures import registration as registration_of
+
+    from farworker.coordinator.store import Store
+
+    store = Store(tmp_path / "ledger.sqlite3")
+    ids = [store.register(registration_of(i), 1.0, 30.0) for i in fresh_identities(3)]
+    silent, wrong, back = ids
+    unanswered = {"tokens": 0, "error": None, "problem": "no answer from the worker"}
+    for at, (worker_id, probe) in enumerate([
+        (silent, {"tokens": 8, "error": 0.0, "problem": None}), (silent, unanswered), (silent, unanswered),
+        (silent, unanswered),
+        (wrong, unanswered), (wrong, {"tokens": 8, "error": 0.5, "problem": "differs"}),  # a wrong answer answers
+        (back, unanswered), (back, unanswered), (back, {"tokens": 8, "error": 0.0, "problem": None}),
+    ]):
+        store.record_probe(worker_id, float(at), 0, probe["tokens"], probe["error"], 1e-3, probe["problem"], False)
+    stats = store.probe_stats()
+    assert {w: stats[w]["unanswered"] for w in ids} == {silent: 3, wrong: 0, back: 0}
+    assert stats[silent]["last_at"] == 3.0 and store.probe_stats(silent) == {silent: stats[silent]}
+    assert store.proven_worker_ids() == {silent, back}  # passed a probe once: proven, even if silent since
+    assert store.unproven_workers(0.0) == (1, 1.0)
+    store.close()

@@ -94,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.session_audits = runtime.session_audits
     app.state.completions = Completions(settings, store, runtime)
     app.add_middleware(http.BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(http.ShedRegistrations, gate=app.state.registration_gate)  # added last: the outermost
     app.add_exception_handler(ApiError, http.api_error)
     app.add_exception_handler(RequestValidationError, http.invalid_payload)
     for router in (workers.router, ledger.router, openai.router):

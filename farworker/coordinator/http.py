@@ -12,9 +12,11 @@ from fastapi.responses import JSONResponse
 
 from farworker.coordinator.errors import ApiError
 from farworker.coordinator.schemas.openai import openai_error
+from farworker.coordinator.services.registration import Refused
 from farworker.identity import HEADER_PEER_ID, SIGNATURE_HEADERS, SignatureError, verify_request
 
 BODY_KEY = "farworker.body"
+REGISTER_PATH = "/v1/workers/register"
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 
@@ -64,6 +66,26 @@ class BodyLimit:
     async def _refuse(self, scope, receive, send):
         response = error(413, f"request body over {self.limit} bytes", "body_too_large")
         await response(scope, receive, send)
+
+
+class ShedRegistrations:
+    """Registrations over their source's rate (services/registration.RegistrationGate.check_rate) answer 429 here,
+    the outermost layer: before the body is read, the route found, the signature or the database looked at, so a
+    flood costs the coordinator a dictionary lookup per request."""
+
+    def __init__(self, app, gate):
+        self.app, self.gate = app, gate
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == REGISTER_PATH and scope["method"] == "POST":
+            client = scope.get("client")
+            try:
+                self.gate.check_rate(client[0] if client else None)
+            except Refused as err:
+                response = error(err.status, err.message, err.code, err.field)
+                response.headers["Retry-After"] = str(err.retry_after_s)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _for_openai(request: Request) -> bool:

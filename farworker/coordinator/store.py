@@ -378,11 +378,12 @@ class Store:
         """Per probed worker (or only ``worker_id``): its last probe's time and how many of its last probes in a
         row went unanswered (no answer at all: error and tokens none; a wrong answer is an answer)."""
         answered = "NOT (error IS NULL AND tokens = 0 AND problem IS NOT NULL)"
-        where, args = (" WHERE p.worker_id = ?", (worker_id,)) if worker_id else ("", ())
+        one = " AND worker_id = ?" if worker_id else ""  # one worker's view: its own rows only (the index)
         rows = self._read(
             "SELECT p.worker_id, MAX(p.at) AS last_at, SUM(p.seq > COALESCE(a.seq, 0)) AS unanswered FROM probes p"
-            f" LEFT JOIN (SELECT worker_id, MAX(seq) AS seq FROM probes WHERE {answered} GROUP BY worker_id) a"
-            f" ON a.worker_id = p.worker_id{where} GROUP BY p.worker_id", args)
+            f" LEFT JOIN (SELECT worker_id, MAX(seq) AS seq FROM probes WHERE {answered}{one} GROUP BY worker_id) a"
+            f" ON a.worker_id = p.worker_id WHERE 1{one.replace('worker_id', 'p.worker_id')} GROUP BY p.worker_id",
+            (worker_id, worker_id) if worker_id else ())
         return {r["worker_id"]: {"last_at": r["last_at"], "unanswered": int(r["unanswered"])} for r in rows}
 
     # --- observed uptime ----------------------------------------------------------------------------

@@ -34,12 +34,6 @@ def registration_gate(request: Request) -> RegistrationGate:
     return request.app.state.registration_gate
 
 
-def registration_rate(request: Request) -> None:
-    """The source's rate, before the signature, the body or the database are looked at (a flood costs a dict
-    lookup per request)."""
-    request.app.state.registration_gate.check_rate(request.client.host if request.client else None)
-
-
 def caller(request: Request) -> str | None:
     """The name of the API key the request carries (Authorization: Bearer KEY); None when no keys are set. Called
     in the route, after the body is validated (an invalid body is a 400 whatever the key)."""
@@ -52,6 +46,5 @@ StoreDep = Annotated[Store, Depends(store)]
 SettingsDep = Annotated[Settings, Depends(settings)]
 CompletionsDep = Annotated[Completions, Depends(completions)]
 GateDep = Annotated[RegistrationGate, Depends(registration_gate)]
-RegistrationRate = Annotated[None, Depends(registration_rate)]  # declared first: checked before the signature
 SignedWorker = Annotated[str, Depends(http.worker_signature)]  # the worker id of a signed request for its own id
 SignedRegistration = Annotated[str, Depends(http.registration_signature)]  # the registering peer id

@@ -34,10 +34,11 @@ WORKER_ERRORS = {403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
                503: {"model": ErrorResponse, "description": "too many workers that have not proven themselves yet; "
                      "Retry-After"}},
 )
-def register(_: deps.RegistrationRate, body: RegisterRequest, peer_id: deps.SignedRegistration,
+def register(body: RegisterRequest, peer_id: deps.SignedRegistration,
              workers: deps.WorkersDep, gate: deps.GateDep) -> RegisterResponse:
     if body.peer_id != peer_id:
         raise ApiError(403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id")
+    # the source's rate was checked before anything else (http.ShedRegistrations)
     registration, now = body.model_dump(), time.time()
     gate.check_allowed(registration)
     with gate.admission(peer_id, now):  # services/registration.py: the bound on unproven workers
