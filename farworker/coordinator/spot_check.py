@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from farworker.coordinator.services import reachability
+from farworker.coordinator.services import probe_order, reachability
 from farworker.coordinator.services.check_queue import CheckQueue
 from farworker.mesh_client import FirstStep
 
@@ -184,20 +184,23 @@ class SpotCheckLoop:
         excluded: set[str] = set()
         round_at = time.monotonic() + self.period
         while not self._stop.wait(max(0.0, round_at - time.monotonic())):
-            # A round starts every period and has one period to run: what it does not reach waits for the next
-            # round, at the front of its tier (services/probe_order.py), so workers that do not answer cannot push
-            # a serving worker's probe further than the next round.
+            # A round starts every period and, past the serving workers and one more, has one period to run: what it
+            # does not reach waits for the next round, at the front of its tier (services/probe_order.py), so workers
+            # that do not answer cannot push a serving worker's probe further than the next round.
             round_at = time.monotonic() + self.period
+            beyond_serving = 0  # probes of workers not (yet) proven serving in this round
             try:
                 quarantined = self.store.quarantined_peers()
                 if quarantined != excluded:  # a coordinator restarted with quarantined workers on its ledger
                     self.checker.mesh.exclude_peers(quarantined)
                     excluded = quarantined
                 for row in self._workers_to_probe():
-                    if self._stop.is_set() or time.monotonic() >= round_at:
+                    if self._stop.is_set() or not probe_order.round_goes_on(row, beyond_serving,
+                                                                            round_at - time.monotonic()):
                         break
                     if row["peer_id"] in quarantined:
                         continue
+                    beyond_serving += row["probe_tier"] > 0
                     result = self.checker.probe(row["peer_id"], (row["block_start"], row["block_end"]),
                                                 row["torch_dtype"], row["quant_type"])
                     wrong = not result.passed and result.tokens > 0  # it answered, and wrongly

@@ -1,7 +1,8 @@
 """Which workers the probe loop goes to, and in what order: workers that serve first, floods last.
 
-A round (coordinator/spot_check.SpotCheckLoop) has one probe period to run; what it does not reach waits for the
-next round, at the front of its tier. Tiers, in order:
+A round (coordinator/spot_check.SpotCheckLoop) starts every probe period. It probes every serving worker (tier 0),
+then at least one more, then the others while the period lasts; what it does not reach waits for the next round,
+at the front of its tier. Tiers, in order:
 
 0. proven workers (a passed probe, attested work) whose last probe was answered: what the mesh runs on;
 1. workers whose last probe was answered, or never probed yet (a new honest worker is here, ahead of any
@@ -48,13 +49,21 @@ def tier(row: dict, proven: set[str], stat: dict | None) -> int:
 
 
 def order(rows: list[dict], proven: set[str], stats: dict[str, dict], now: float, period: float) -> list[dict]:
-    """The rows due for a probe, in the order the round probes them."""
+    """The rows due for a probe, in the order the round probes them, each with its ``probe_tier``."""
     def key(row):
         stat = stats.get(row["worker_id"])
-        last_at = stat["last_at"] if stat else float("-inf")
-        return tier(row, proven, stat), last_at, row["registered_at"], row["worker_id"]
+        return row["probe_tier"], stat["last_at"] if stat else float("-inf"), row["registered_at"], row["worker_id"]
 
-    return sorted((r for r in rows if due(stats.get(r["worker_id"]), now, period)), key=key)
+    due_rows = [{**r, "probe_tier": tier(r, proven, stats.get(r["worker_id"]))} for r in rows
+                if due(stats.get(r["worker_id"]), now, period)]
+    return sorted(due_rows, key=key)
+
+
+def round_goes_on(row: dict, probed_beyond_serving: int, time_left: float) -> bool:
+    """Whether a round probes ``row`` next. Serving workers (tier 0) always: what the mesh runs on is checked every
+    round, however many there are. Beyond them, at least one each round (so a new worker is never starved), then
+    only while the round has time left."""
+    return row["probe_tier"] == 0 or probed_beyond_serving == 0 or time_left > 0
 
 
 def view(stat: dict | None) -> dict:
