@@ -165,6 +165,9 @@ def test_the_probe_order_puts_serving_workers_first_and_backs_off_unreachable_on
     assert [probe_order.backoff_periods(n) for n in range(0, 10)] == [1, 1, 1, 2, 4, 8, 16, 16, 16, 16]
     assert probe_order.view({"last_at": 0, "unanswered": 3}) == {"unanswered_probes": 3, "probe_unreachable": True}
     assert probe_order.view(None) == {"unanswered_probes": 0, "probe_unreachable": False}
+    assert probe_order.problem(2) is None
+    assert probe_order.problem(4) == ("not reachable from the coordinator: its last 4 probes got no answer; probed "
+                                      "every 4 probe periods until one is answered")
     # a round probes every serving worker, then at least one more (no new worker starves), then while time is left
     serving, new = {"probe_tier": 0}, {"probe_tier": 1}
     assert probe_order.round_goes_on(serving, 5, -1.0) and probe_order.round_goes_on(new, 0, -1.0)

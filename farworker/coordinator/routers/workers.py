@@ -18,6 +18,7 @@ from farworker.coordinator.schemas.workers import (
     UsageRequest,
     UsageResponse,
 )
+from farworker.coordinator.services import probe_order
 from farworker.wire_records import HeartbeatRequest, RegisterRequest
 
 log = logging.getLogger("farworker.coordinator")
@@ -63,7 +64,7 @@ def heartbeat(worker_id: str, body: HeartbeatRequest, _: deps.SignedWorker,
         settled_far=f["settled_far"],
         pending_far=f["pending_far"],
         forfeited_far=f["forfeited_far"],
-        unreachable=f["reachability_problem"],
+        unreachable=f["reachability_problem"] or probe_order.problem(f["unanswered_probes"]),
     )
 
 

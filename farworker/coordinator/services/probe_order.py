@@ -70,3 +70,11 @@ def view(stat: dict | None) -> dict:
     """The worker view's fields: unanswered probes in a row, and whether that marks it unreachable."""
     unanswered = stat["unanswered"] if stat else 0
     return {"unanswered_probes": unanswered, "probe_unreachable": unreachable(unanswered)}
+
+
+def problem(unanswered: int) -> str | None:
+    """The line a worker marked unreachable hears in its heartbeat answers (None while it is not)."""
+    if not unreachable(unanswered):
+        return None
+    return (f"not reachable from the coordinator: its last {unanswered} probes got no answer; probed every "
+            f"{backoff_periods(unanswered)} probe periods until one is answered")
