@@ -346,11 +346,13 @@ class Store:
     def host_keys_page(self, after: tuple[int, str] | None, limit: int) -> list[tuple[int, str]]:
         """At most ``limit`` hosts as (0, host id), then (1, "") for the workers that sent no host id, after
         ``after``."""
-        sql, args = ("SELECT DISTINCT host_id IS NULL AS none, COALESCE(host_id, '') AS host FROM workers", [])
+        sql, args = ("SELECT DISTINCT CASE WHEN host_id IS NULL THEN 1 ELSE 0 END AS no_host,"
+                     " COALESCE(host_id, '') AS host FROM workers", [])
         if after is not None:
-            sql, args = sql + " WHERE (host_id IS NULL, COALESCE(host_id, '')) > (?, ?)", list(after)
-        rows = self._read(sql + " ORDER BY none, host LIMIT ?", [*args, limit])
-        return [(int(r["none"]), r["host"]) for r in rows]
+            sql, args = sql + " WHERE (CASE WHEN host_id IS NULL THEN 1 ELSE 0 END, COALESCE(host_id, '')) > (?, ?)", \
+                list(after)
+        rows = self._read(sql + " ORDER BY no_host, host LIMIT ?", [*args, limit])
+        return [(int(r["no_host"]), r["host"]) for r in rows]
 
     def worker_rows_of_hosts(self, host_ids: list[str], no_host: bool) -> list[dict]:
         """The workers registered with these host ids (and, ``no_host``, those that sent none)."""
@@ -378,12 +380,14 @@ class Store:
         """Per probed worker (or only ``worker_id``): its last probe's time and how many of its last probes in a
         row went unanswered (no answer at all: error and tokens none; a wrong answer is an answer)."""
         answered = "NOT (error IS NULL AND tokens = 0 AND problem IS NOT NULL)"
-        one = " AND worker_id = ?" if worker_id else ""  # one worker's view: its own rows only (the index)
+        # one worker's view reads its own rows only (the probes_worker index)
+        inner, outer, args = (" AND worker_id = ?", " WHERE p.worker_id = ?", (worker_id, worker_id)) if worker_id \
+            else ("", "", ())
         rows = self._read(
-            "SELECT p.worker_id, MAX(p.at) AS last_at, SUM(p.seq > COALESCE(a.seq, 0)) AS unanswered FROM probes p"
-            f" LEFT JOIN (SELECT worker_id, MAX(seq) AS seq FROM probes WHERE {answered}{one} GROUP BY worker_id) a"
-            f" ON a.worker_id = p.worker_id WHERE 1{one.replace('worker_id', 'p.worker_id')} GROUP BY p.worker_id",
-            (worker_id, worker_id) if worker_id else ())
+            "SELECT p.worker_id, MAX(p.at) AS last_at,"
+            " SUM(CASE WHEN p.seq > COALESCE(a.seq, 0) THEN 1 ELSE 0 END) AS unanswered FROM probes p"
+            f" LEFT JOIN (SELECT worker_id, MAX(seq) AS seq FROM probes WHERE {answered}{inner} GROUP BY worker_id) a"
+            f" ON a.worker_id = p.worker_id{outer} GROUP BY p.worker_id", args)
         return {r["worker_id"]: {"last_at": r["last_at"], "unanswered": int(r["unanswered"])} for r in rows}
 
     # --- observed uptime ----------------------------------------------------------------------------
