@@ -287,7 +287,8 @@ def _ask_api(config: WorkerConfig) -> tuple[Result, float | None]:
     """The API's line and this host's clock offset from the answer's Date header (None without an answer)."""
     sent_at = time.time()
     try:
-        answer = requests.get(f"{config.api_base_url}/v1/workers", timeout=CONNECT_TIMEOUT)
+        # one worker's view: the smallest page (a coordinator's whole list can be large)
+        answer = requests.get(f"{config.api_base_url}/v1/workers", params={"limit": 1}, timeout=CONNECT_TIMEOUT)
     except (InvalidURL, InvalidSchema, MissingSchema) as error:  # no retry can fix these
         return Result("FAIL", "coordinator API", f"{config.api_base_url} is malformed ({error}): "
                       "fix FARLABS_API_BASE_URL"), None

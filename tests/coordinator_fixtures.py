@@ -84,9 +84,16 @@ def signed_post(
 
 
 def worker_view(url: str, peer_id: str) -> dict | None:
-    """The coordinator's list entry for the worker with ``peer_id`` (None until it registered)."""
-    workers = requests.get(f"{url}/v1/workers", timeout=10).json()["workers"]
-    return next((w for w in workers if w["peer_id"] == peer_id), None)
+    """The coordinator's list entry for the worker with ``peer_id`` (None until it registered), page after page."""
+    cursor = None
+    for _ in range(1000):  # bounded: 1,000 pages of 1,000
+        page = requests.get(f"{url}/v1/workers", params={"limit": 1000, **({"cursor": cursor} if cursor else {})},
+                            timeout=10).json()
+        found = next((w for w in page["workers"] if w["peer_id"] == peer_id), None)
+        if found is not None or page["next_cursor"] is None:
+            return found
+        cursor = page["next_cursor"]
+    return None
 
 
 @contextlib.contextmanager

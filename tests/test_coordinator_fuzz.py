@@ -35,8 +35,9 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "coordinator.sqlite"
-    with RunningCoordinator(Settings(db_path=path, heartbeat_interval_s=2.0, model_blocks={"farworker-tiny-llama": 4})
-                            ) as running:
+    # no registration rate or unproven bound: hundreds of registrations must reach the payload checks, not a 429
+    with RunningCoordinator(Settings(db_path=path, heartbeat_interval_s=2.0, model_blocks={"farworker-tiny-llama": 4},
+                                     registration_rate=None, max_unproven_workers=1_000_000)) as running:
         yield running
 
 

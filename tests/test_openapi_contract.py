@@ -120,7 +120,7 @@ def test_coordinator_command_serves_and_stops_on_sigterm(tmp_path):
             except requests.ConnectionError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
                 time.sleep(0.1)
-        assert answer.json() == {"workers": []}
+        assert answer.json() == {"workers": [], "next_cursor": None}
         assert requests.get(f"http://127.0.0.1:{port}/openapi.json", timeout=2).json()["paths"]
         os.kill(proc.pid, signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal: systemd counts SIGTERM as a clean stop

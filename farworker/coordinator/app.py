@@ -14,6 +14,7 @@ from farworker.coordinator.routers import ledger, openai, page, workers
 from farworker.coordinator.runtime import Runtime
 from farworker.coordinator.schemas.common import ErrorResponse
 from farworker.coordinator.services.completions import Completions
+from farworker.coordinator.services.registration import RegistrationGate
 from farworker.coordinator.services.workers import Workers
 from farworker.coordinator.settings import Settings
 from farworker.coordinator.store import Store
@@ -39,6 +40,12 @@ unless its span is fixed, and its heartbeats say `joining`, with the span once k
 it is doing, e.g. the download's progress). It registers again, keeping its worker id, when it knows more
 (the model's block count, its addresses); then heartbeats `online` with its blocks, `draining` on
 shutdown, and deregisters.
+
+**Floods.** Registration is limited per source address (429 with `Retry-After` beyond the rate), optionally
+to an allowlist of wallets, peer ids or keys (403), and new workers beyond the bound on workers that have not
+proven themselves yet (no passed probe, no attested work) get 503 with `Retry-After`. `GET /v1/workers` and
+`GET /v1/hosts` answer a page at a time: `limit` (default 100, at most 1000) and `cursor` (the previous page's
+`next_cursor`); a bad one answers 400 naming it.
 
 **Ledger.** Each usage record counts once (by id) as a *claim*: tokens x (blocks served / model blocks) x
 reliability x FAR_PER_TOKEN, reliability = uptime share observed from heartbeats. What is *paid* is the
@@ -80,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = CollectorRegistry()  # GET /metrics (Prometheus)
     store.write_refusals.export(app.state.metrics)  # whether the ledger database refuses writes (disk full)
     app.state.workers = Workers(store, settings)
+    app.state.registration_gate = RegistrationGate(settings, store)  # floods shed (services/registration.py)
     runtime = app.state.runtime = Runtime(settings, store, app.state.workers, app.state.metrics)
     # its parts, for operators and tests (None where not configured)
     app.state.mesh, app.state.routed_checks = runtime.mesh, runtime.routed_checks
@@ -87,6 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.session_audits = runtime.session_audits
     app.state.completions = Completions(settings, store, runtime)
     app.add_middleware(http.BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(http.ShedRegistrations, gate=app.state.registration_gate)  # added last: the outermost
     app.add_exception_handler(ApiError, http.api_error)
     app.add_exception_handler(RequestValidationError, http.invalid_payload)
     for router in (workers.router, ledger.router, openai.router, page.router):

@@ -9,7 +9,13 @@ import click
 
 from farworker.config import EX_CONFIG
 from farworker.coordinator.extra import require_extra
-from farworker.coordinator.settings import DEFAULT_SETTLE_AFTER_S, Settings
+from farworker.coordinator.settings import (
+    DEFAULT_MAX_UNPROVEN,
+    DEFAULT_REGISTRATION_RATE,
+    DEFAULT_SETTLE_AFTER_S,
+    DEFAULT_UNPROVEN_TTL_S,
+    Settings,
+)
 
 
 @click.command("coordinator")
@@ -115,6 +121,37 @@ from farworker.coordinator.settings import DEFAULT_SETTLE_AFTER_S, Settings
     help="The mesh page (GET /) shows wallet addresses shortened, not in full (the JSON API is unchanged).",
 )
 @click.option(
+    "--registration-rate",
+    default=DEFAULT_REGISTRATION_RATE,
+    show_default=True,
+    help="Registrations per source address (an IPv6 source: its /64), as COUNT/PERIOD (5/second, 30/minute, "
+    "500/hour); the excess answers 429 with Retry-After. 'none': no limit. Behind a reverse proxy every "
+    "registration comes from the proxy.",
+)
+@click.option(
+    "--registration-allowlist",
+    "allowlist_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File of who may register, one wallet address, peer id or public key (base64) per line; others get "
+    "403. A wallet entry admits anyone naming that wallet (its earnings go there). Without it anyone may register.",
+)
+@click.option(
+    "--max-unproven-workers",
+    default=DEFAULT_MAX_UNPROVEN,
+    show_default=True,
+    type=click.IntRange(1),
+    help="New workers held at once that have not proven themselves (no attested work, no passed probe); beyond "
+    "it new registrations answer 503 with Retry-After.",
+)
+@click.option(
+    "--unproven-ttl",
+    default=DEFAULT_UNPROVEN_TTL_S,
+    show_default=True,
+    type=click.FloatRange(1, 30 * 86400),
+    help="Seconds after its registration an unproven worker stops holding a place among --max-unproven-workers.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -139,6 +176,10 @@ def coordinator_command(
     sample_routed,
     audit_share,
     hide_wallets,
+    registration_rate,
+    allowlist_file,
+    max_unproven_workers,
+    unproven_ttl,
     log_level,
 ):
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
@@ -167,6 +208,19 @@ def coordinator_command(
         except ClientKeyError as err:
             click.echo(f"--client-keys {client_keys_file}: {err}", err=True)
             sys.exit(EX_CONFIG)
+    from farworker.coordinator.services.registration import check_rate
+
+    try:
+        rate = None if registration_rate.strip().lower() in ("", "none") else check_rate(registration_rate)
+    except ValueError as err:
+        click.echo(f"--registration-rate: {err}", err=True)
+        sys.exit(EX_CONFIG)
+    if allowlist_file is not None:
+        try:
+            extra["registration_allowlist"] = read_allowlist(allowlist_file)
+        except ValueError as err:
+            click.echo(f"--registration-allowlist {allowlist_file}: {err}", err=True)
+            sys.exit(EX_CONFIG)
     try:
         settings = Settings(
             db_path=db_path,
@@ -182,6 +236,9 @@ def coordinator_command(
             pay_unvouched_rate=pay_unvouched_rate,
             settle_after_s=settle_after,
             hide_wallets=hide_wallets,
+            registration_rate=rate,
+            max_unproven_workers=max_unproven_workers,
+            unproven_ttl_s=unproven_ttl,
             **extra,
         )
         serve(settings, host, port, log_level)
@@ -206,3 +263,16 @@ def read_api_keys(path: Path) -> dict[str, str]:
     if not keys:
         raise ValueError("no keys in the file")
     return keys
+
+
+def read_allowlist(path: Path) -> frozenset[str]:
+    """One wallet address, peer id or public key per line (blank lines and # comments skipped)."""
+    entries = set()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if len(fields) > 1:
+            raise ValueError(f"line {number}: expected one wallet address, peer id or public key")
+        entries.update(fields)
+    if not entries:
+        raise ValueError("no entries in the file (without --registration-allowlist anyone may register)")
+    return frozenset(entries)

@@ -12,9 +12,11 @@ from fastapi.responses import JSONResponse
 
 from farworker.coordinator.errors import ApiError
 from farworker.coordinator.schemas.openai import openai_error
+from farworker.coordinator.services.registration import Refused
 from farworker.identity import HEADER_PEER_ID, SIGNATURE_HEADERS, SignatureError, verify_request
 
 BODY_KEY = "farworker.body"
+REGISTER_PATH = "/v1/workers/register"
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 
@@ -66,6 +68,26 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+class ShedRegistrations:
+    """Registrations over their source's rate (services/registration.RegistrationGate.check_rate) answer 429 here,
+    the outermost layer: before the body is read, the route found, the signature or the database looked at, so a
+    flood costs the coordinator a dictionary lookup per request."""
+
+    def __init__(self, app, gate):
+        self.app, self.gate = app, gate
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == REGISTER_PATH and scope["method"] == "POST":
+            client = scope.get("client")
+            try:
+                self.gate.check_rate(client[0] if client else None)
+            except Refused as err:
+                response = error(err.status, err.message, err.code, err.field)
+                response.headers["Retry-After"] = str(err.retry_after_s)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _for_openai(request: Request) -> bool:
     return request.url.path.startswith(OPENAI_PATHS)
 
@@ -84,9 +106,12 @@ async def invalid_payload(request: Request, err: RequestValidationError) -> JSON
     """One line naming the first bad field (and, outside OpenAI's routes, every bad field in ``detail``)."""
     problems = err.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    in_query = tuple(first.get("loc", ()))[:1] == ("query",)
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
     name = ".".join(loc) or None
     message = f"invalid {name or 'payload'}: {first.get('msg')}"
+    if in_query and not _for_openai(request):  # a bad page limit: the request is wrong, not a payload
+        return error(400, message, "invalid_query", name)
     if _for_openai(request):  # OpenAI answers an invalid request with 400 and its error object
         return JSONResponse(openai_error(400, message, "invalid_payload", name), 400)
     detail = [

@@ -12,6 +12,13 @@ from farworker.coordinator.services.ledger import DEFAULT_FAR_PER_TOKEN
 
 DEFAULT_SAMPLE_ROUTED = 0.05  # one routed completion in 20 (docs/trust.md, "Spot checks": its cost)
 DEFAULT_SETTLE_AFTER_S = 86400.0  # a day: time for audits and probes to catch a cheater before it is paid
+# Registrations per source address (an IPv6 source: its /64), in the `limits` library's notation. A worker
+# registers at start and again when it learns its span: a host of 8 GPUs restarting at once sends 16.
+DEFAULT_REGISTRATION_RATE = "30/minute"
+# New workers that have not proven themselves yet (no attested work, no passed probe) held at once; beyond it new
+# registrations are refused with 503 until one proves itself or ages out (services/registration.py).
+DEFAULT_MAX_UNPROVEN = 256
+DEFAULT_UNPROVEN_TTL_S = 3600.0  # an hour to load a model and answer a probe, then it no longer holds a place
 
 
 @dataclass
@@ -48,9 +55,20 @@ class Settings:
     # The mesh page (GET /) shows wallet addresses shortened (0x1234…abcd) instead of in full; JSON at /v1 is
     # unchanged (the workers' own tools read it).
     hide_wallets: bool = False
+    # Floods are shed (services/registration.py): a rate per source ("" or None: no limit), who may register
+    # (wallet addresses, peer ids or public keys; empty: anyone), and the bound on unproven workers.
+    registration_rate: str | None = DEFAULT_REGISTRATION_RATE
+    registration_allowlist: frozenset[str] = frozenset()
+    max_unproven_workers: int = DEFAULT_MAX_UNPROVEN
+    unproven_ttl_s: float = DEFAULT_UNPROVEN_TTL_S
 
     def __post_init__(self):
         self.db_path = Path(self.db_path)
+        self.registration_allowlist = frozenset(self.registration_allowlist)
+        if not self.max_unproven_workers >= 1:
+            raise ValueError(f"max_unproven_workers must be 1 or more, got {self.max_unproven_workers}")
+        if not self.unproven_ttl_s > 0:
+            raise ValueError(f"unproven_ttl_s must be more than 0 seconds, got {self.unproven_ttl_s}")
         if not self.settle_after_s >= 0:  # NaN too
             raise ValueError(f"settle_after_s must be 0 or more seconds, got {self.settle_after_s}")
         self.initial_peers = tuple(self.initial_peers)

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from farworker.coordinator.errors import StoreFull
-from farworker.coordinator.services import reachability
+from farworker.coordinator.services import probe_order, reachability
 from farworker.coordinator.services.check_queue import CheckQueue
 from farworker.mesh_client import FirstStep
 
@@ -163,9 +163,10 @@ def record_verdict(store, mesh, worker_id: str, result: ProbeResult, wrong: bool
 
 
 class SpotCheckLoop:
-    """Every ``period`` seconds, one probe per online, unquarantined worker with a known span. A wrong answer
-    quarantines the worker (store) and the mesh client routes nothing more to it; no answer is recorded (the
-    worker's view says the coordinator cannot reach it) but is not a wrong answer."""
+    """Every ``period`` seconds, one probe per online, unquarantined worker with a known span that is due, in the
+    order of services/probe_order.py (``workers_to_probe`` gives it). A wrong answer quarantines the worker (store)
+    and the mesh client routes nothing more to it; no answer is recorded (the worker's view says the coordinator
+    cannot reach it) but is not a wrong answer: several in a row only make the worker probed rarely."""
 
     def __init__(self, checker: SpotChecker, store, period: float, workers_to_probe):
         self.checker, self.store, self.period = checker, store, period
@@ -184,15 +185,25 @@ class SpotCheckLoop:
 
     def _run(self) -> None:
         excluded: set[str] = set()
-        while not self._stop.wait(self.period):
+        round_at = time.monotonic() + self.period
+        while not self._stop.wait(max(0.0, round_at - time.monotonic())):
+            # A round starts every period and, past the serving workers and one more, has one period to run: what it
+            # does not reach waits for the next round, at the front of its tier (services/probe_order.py), so workers
+            # that do not answer cannot push a serving worker's probe further than the next round.
+            round_at = time.monotonic() + self.period
+            beyond_serving = 0  # probes of workers not (yet) proven serving in this round
             try:
                 quarantined = self.store.quarantined_peers()
                 if quarantined != excluded:  # a coordinator restarted with quarantined workers on its ledger
                     self.checker.mesh.exclude_peers(quarantined)
                     excluded = quarantined
                 for row in self._workers_to_probe():
-                    if self._stop.is_set() or row["peer_id"] in quarantined:
+                    if self._stop.is_set() or not probe_order.round_goes_on(row, beyond_serving,
+                                                                            round_at - time.monotonic()):
+                        break
+                    if row["peer_id"] in quarantined:
                         continue
+                    beyond_serving += row["probe_tier"] > 0
                     result = self.checker.probe(row["peer_id"], (row["block_start"], row["block_end"]),
                                                 row["torch_dtype"], row["quant_type"])
                     wrong = not result.passed and result.tokens > 0  # it answered, and wrongly

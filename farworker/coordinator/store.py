@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     payload TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS heartbeats_worker ON heartbeats(worker_id, seq);
+CREATE INDEX IF NOT EXISTS workers_registered ON workers(registered_at, worker_id);  -- the pages' order
 CREATE TABLE IF NOT EXISTS nonces (
     peer_id TEXT NOT NULL,
     nonce TEXT NOT NULL,
@@ -390,6 +391,60 @@ class Store:
     def worker_by_peer(self, peer_id: str) -> str | None:
         rows = self._read("SELECT worker_id FROM workers WHERE peer_id = ?", (peer_id,))
         return rows[0]["worker_id"] if rows else None
+
+    def worker_rows_page(self, after: tuple[float, str] | None, limit: int) -> list[dict]:
+        """At most ``limit`` workers in registration order (then worker id), after ``(registered_at, worker_id)``."""
+        sql, args = "SELECT * FROM workers", []
+        if after is not None:
+            sql, args = sql + " WHERE (registered_at, worker_id) > (?, ?)", list(after)
+        return [dict(r) for r in self._read(sql + " ORDER BY registered_at, worker_id LIMIT ?", [*args, limit])]
+
+    def host_keys_page(self, after: tuple[int, str] | None, limit: int) -> list[tuple[int, str]]:
+        """At most ``limit`` hosts as (0, host id), then (1, "") for the workers that sent no host id, after
+        ``after``."""
+        sql, args = ("SELECT DISTINCT CASE WHEN host_id IS NULL THEN 1 ELSE 0 END AS no_host,"
+                     " COALESCE(host_id, '') AS host FROM workers", [])
+        if after is not None:
+            sql, args = sql + " WHERE (CASE WHEN host_id IS NULL THEN 1 ELSE 0 END, COALESCE(host_id, '')) > (?, ?)", \
+                list(after)
+        rows = self._read(sql + " ORDER BY no_host, host LIMIT ?", [*args, limit])
+        return [(int(r["no_host"]), r["host"]) for r in rows]
+
+    def worker_rows_of_hosts(self, host_ids: list[str], no_host: bool) -> list[dict]:
+        """The workers registered with these host ids (and, ``no_host``, those that sent none)."""
+        marks = ", ".join("?" * len(host_ids))
+        sql = f"SELECT * FROM workers WHERE host_id IN ({marks})" + (" OR host_id IS NULL" if no_host else "")
+        return [dict(r) for r in self._read(sql + " ORDER BY registered_at, worker_id", host_ids)]
+
+    # --- proven workers (services/registration.py, services/probe_order.py) ------------------------------
+    # Proven: a passed probe, a route of the coordinator's own completions, or a client's receipt names it.
+    _PROVEN = ("SELECT worker_id FROM probes WHERE problem IS NULL"
+               " UNION SELECT w.worker_id FROM workers w JOIN completion_route r ON r.peer_id = w.peer_id"
+               " UNION SELECT w.worker_id FROM workers w JOIN receipts r ON r.peer_id = w.peer_id")
+
+    def proven_worker_ids(self) -> set[str]:
+        return {r["worker_id"] for r in self._read(self._PROVEN)}
+
+    def unproven_workers(self, registered_since: float) -> tuple[int, float | None]:
+        """How many workers registered since ``registered_since`` are not proven, and the oldest registration."""
+        row = self._read(
+            f"SELECT COUNT(*) AS n, MIN(registered_at) AS oldest FROM workers"
+            f" WHERE registered_at >= ? AND worker_id NOT IN ({self._PROVEN})", (registered_since,))[0]
+        return int(row["n"]), row["oldest"]
+
+    def probe_stats(self, worker_id: str | None = None) -> dict[str, dict]:
+        """Per probed worker (or only ``worker_id``): its last probe's time and how many of its last probes in a
+        row went unanswered (no answer at all: error and tokens none; a wrong answer is an answer)."""
+        answered = "NOT (error IS NULL AND tokens = 0 AND problem IS NOT NULL)"
+        # one worker's view reads its own rows only (the probes_worker index)
+        inner, outer, args = (" AND worker_id = ?", " WHERE p.worker_id = ?", (worker_id, worker_id)) if worker_id \
+            else ("", "", ())
+        rows = self._read(
+            "SELECT p.worker_id, MAX(p.at) AS last_at,"
+            " SUM(CASE WHEN p.seq > COALESCE(a.seq, 0) THEN 1 ELSE 0 END) AS unanswered FROM probes p"
+            f" LEFT JOIN (SELECT worker_id, MAX(seq) AS seq FROM probes WHERE {answered}{inner} GROUP BY worker_id) a"
+            f" ON a.worker_id = p.worker_id{outer} GROUP BY p.worker_id", args)
+        return {r["worker_id"]: {"last_at": r["last_at"], "unanswered": int(r["unanswered"])} for r in rows}
 
     # --- observed uptime ----------------------------------------------------------------------------
     def record_online(self, slots: dict[str, int]) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -20,9 +21,15 @@ from farworker.coordinator.schemas.ledger import (
     WorkerView,
 )
 from farworker.coordinator.services.hosts import group_by_host
+from farworker.coordinator.services.paging import DEFAULT_LIMIT, MAX_LIMIT
 from farworker.coordinator.services.receipts import check_receipts
 
 router = APIRouter(tags=["ledger"])
+PAGE_ERRORS = {400: {"model": ErrorResponse}}
+# Bad values answer 400 naming the field (http.invalid_payload: a query parameter is the client's request, not a
+# payload).
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"items per page, 1..{MAX_LIMIT}")]
+Cursor = Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page; none: the first")]
 
 
 @router.post(
@@ -46,15 +53,19 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/workers", response_model=WorkerList)
-def list_workers(workers: deps.WorkersDep) -> WorkerList:
-    return WorkerList(workers=workers.views())
+@router.get("/v1/workers", response_model=WorkerList, responses=PAGE_ERRORS)
+def list_workers(workers: deps.WorkersDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> WorkerList:
+    """The workers in registration order, a page at a time (follow next_cursor)."""
+    views, next_cursor = workers.page(limit, cursor)
+    return WorkerList(workers=views, next_cursor=next_cursor)
 
 
-@router.get("/v1/hosts", response_model=HostList)
-def list_hosts(workers: deps.WorkersDep) -> HostList:
-    """The workers grouped by the host they registered from (one worker per GPU): earnings per host."""
-    return HostList(hosts=group_by_host(workers.views()))
+@router.get("/v1/hosts", response_model=HostList, responses=PAGE_ERRORS)
+def list_hosts(workers: deps.WorkersDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> HostList:
+    """The workers grouped by the host they registered from (one worker per GPU): earnings per host, a page of
+    hosts at a time (follow next_cursor)."""
+    views, next_cursor = workers.hosts_page(limit, cursor)
+    return HostList(hosts=group_by_host(views), next_cursor=next_cursor)
 
 
 @router.get("/v1/workers/{worker_id}", response_model=WorkerView, responses={404: {"model": ErrorResponse}})

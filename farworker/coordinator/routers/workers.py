@@ -18,6 +18,7 @@ from farworker.coordinator.schemas.workers import (
     UsageRequest,
     UsageResponse,
 )
+from farworker.coordinator.services import probe_order
 from farworker.wire_records import HeartbeatRequest, RegisterRequest
 
 log = logging.getLogger("farworker.coordinator")
@@ -29,13 +30,20 @@ WORKER_ERRORS = {403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
 @router.post(
     "/v1/workers/register",
     response_model=RegisterResponse,
-    responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+               429: {"model": ErrorResponse, "description": "too many registrations from this source; Retry-After"},
+               503: {"model": ErrorResponse, "description": "too many workers that have not proven themselves yet; "
+                     "Retry-After"}},
 )
 def register(body: RegisterRequest, peer_id: deps.SignedRegistration,
-             workers: deps.WorkersDep) -> RegisterResponse:
+             workers: deps.WorkersDep, gate: deps.GateDep) -> RegisterResponse:
     if body.peer_id != peer_id:
         raise ApiError(403, "peer_id in the body differs from the signing peer id", "forbidden", "peer_id")
-    worker_id = workers.register(body.model_dump(), time.time())
+    # the source's rate was checked before anything else (http.ShedRegistrations)
+    registration, now = body.model_dump(), time.time()
+    gate.check_allowed(registration)
+    with gate.admission(peer_id, now):  # services/registration.py: the bound on unproven workers
+        worker_id = workers.register(registration, now)
     span = f"{body.blocks[0]}:{body.blocks[1]}" if body.blocks else "not chosen yet"
     log.info("registered %s (peer %s) blocks %s of %s", worker_id, peer_id, span, body.model_name)
     return RegisterResponse(worker_id=worker_id, heartbeat_interval=workers.settings.heartbeat_interval_s)
@@ -56,7 +64,7 @@ def heartbeat(worker_id: str, body: HeartbeatRequest, _: deps.SignedWorker,
         settled_far=f["settled_far"],
         pending_far=f["pending_far"],
         forfeited_far=f["forfeited_far"],
-        unreachable=f["reachability_problem"],
+        unreachable=f["reachability_problem"] or probe_order.problem(f["unanswered_probes"]),
     )
 
 

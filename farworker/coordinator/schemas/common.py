@@ -11,6 +11,7 @@ class ErrorResponse(BaseModel):
     code: str | None = Field(
         default=None,
         description="bad_signature, replay, unregistered, forbidden, "
-        "unknown_worker, invalid_payload, body_too_large, no_model, mesh_unavailable",
+        "unknown_worker, invalid_payload, body_too_large, no_model, mesh_unavailable, rate_limited, not_allowed, "
+        "too_many_unproven, invalid_query, invalid_cursor",
     )
     detail: list[dict] | None = Field(default=None, description="every invalid field, for 422")

@@ -82,12 +82,20 @@ class WorkerView(BaseModel):
     reachability_checked_at: float | None = None
     reachability_problem: str | None = Field(default=None, description="the addresses dialled and why each failed, "
                                              "when none connected")
+    unanswered_probes: int = Field(default=0, description="the last probes in a row the worker did not answer at "
+                                   "all (a wrong answer is an answer)")
+    probe_unreachable: bool = Field(default=False, description="3 or more unanswered in a row: probed rarely (after "
+                                    "2, 4 .. 16 probe periods) until it answers again; not quarantined")
     host_id: str | None = Field(default=None, description="the host it registered from (see GET /v1/hosts)")
     instance: int | None = Field(default=None, description="its index on that host (one worker per GPU)")
 
 
+NEXT_CURSOR = Field(default=None, description="pass as `cursor` for the next page; null after the last page")
+
+
 class WorkerList(BaseModel):
-    workers: list[WorkerView]
+    workers: list[WorkerView] = Field(description="in registration order, then worker id")
+    next_cursor: str | None = NEXT_CURSOR
 
 
 class HostView(BaseModel):
@@ -107,7 +115,8 @@ class HostView(BaseModel):
 
 
 class HostList(BaseModel):
-    hosts: list[HostView]
+    hosts: list[HostView] = Field(description="in host id order; the group without host id last")
+    next_cursor: str | None = NEXT_CURSOR
 
 
 class KeyUsage(BaseModel):

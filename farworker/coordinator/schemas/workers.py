@@ -27,8 +27,9 @@ class HeartbeatResponse(BaseModel):
     forfeited_far: float = Field(default=0.0, description="earnings forfeited by a quarantine")
     unreachable: str | None = Field(
         default=None, description="'not reachable from the coordinator: tried <address> (<why>); ...' when the "
-        "coordinator's last direct dial of every announced address failed (no relay); null when one answered or "
-        "none was dialled yet"
+        "coordinator's last direct dial of every announced address failed (no relay), or 'not reachable from the "
+        "coordinator: its last N probes got no answer; ...' when 3 or more probes in a row went unanswered; null "
+        "when one answered or none was dialled yet"
     )
 
 

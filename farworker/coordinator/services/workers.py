@@ -10,7 +10,7 @@ import time
 from farworker.catalog import dht_prefix_for
 from farworker.coordinator.errors import ApiError
 from farworker.coordinator.schemas.ledger import WorkerView
-from farworker.coordinator.services import ledger, reachability, uptime
+from farworker.coordinator.services import ledger, paging, probe_order, reachability, uptime
 
 log = logging.getLogger("farworker.coordinator")
 
@@ -106,6 +106,7 @@ class Workers:
             **checks,
             **audits,
             **reachability.view(row["reachability"]),
+            **probe_order.view(self.store.probe_stats(row["worker_id"]).get(row["worker_id"])),
         }
 
     def view(self, row, now: float) -> WorkerView:
@@ -137,11 +138,33 @@ class Workers:
         now = time.time() if now is None else now
         return [self.view(row, now) for row in self.rows()]
 
+    def page(self, limit: int, cursor: str | None) -> tuple[list[WorkerView], str | None]:
+        """One page of the views in registration order (services/paging.py), and the cursor of the next page
+        (None after the last)."""
+        rows = self.store.worker_rows_page(paging.after(cursor), limit + 1)
+        more, rows = len(rows) > limit, rows[:limit]
+        now = time.time()
+        last = rows[-1] if rows else None
+        return ([self.view(row, now) for row in rows],
+                paging.cursor_of(last["registered_at"], last["worker_id"]) if more and last else None)
+
+    def hosts_page(self, limit: int, cursor: str | None) -> tuple[list[WorkerView], str | None]:
+        """The views of the workers of one page of hosts (host id order, the group without one last), and the
+        cursor of the next page."""
+        keys = self.store.host_keys_page(paging.after_host(cursor), limit + 1)
+        more, keys = len(keys) > limit, keys[:limit]
+        rows = self.store.worker_rows_of_hosts([host for none, host in keys if not none], any(n for n, _ in keys))
+        now = time.time()
+        return [self.view(row, now) for row in rows], paging.cursor_of(*keys[-1]) if more and keys else None
+
     # -- who the runtime's loops look at ---------------------------------------------------------------------
     def to_probe(self) -> list:
-        """Online workers with a known span (the spot checks' round)."""
+        """Online workers with a known span that are due for a probe, in the order the round probes them
+        (services/probe_order.py: workers that serve first, unreachable ones rarely)."""
         now = time.time()
-        return [r for r in self.rows() if r["block_start"] is not None and self.live_state(r, now) == "online"]
+        online = [r for r in self.rows() if r["block_start"] is not None and self.live_state(r, now) == "online"]
+        return probe_order.order(online, self.store.proven_worker_ids(), self.store.probe_stats(), now,
+                                 self.settings.probe_period_s)
 
     def to_watch(self) -> list:
         """Workers of the served model that may be serving (the DHT watch's look)."""
