@@ -156,9 +156,10 @@ def db_of(replica: Replica) -> Path:
 
 
 @pytest.mark.faults
-def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_path, tiny_model):
+def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_path, tiny_model, bootstrap_peer):
     db = tmp_path / "ledger.sqlite"
-    model = ("--model-path", str(tiny_model), "--probe-period", "60")  # probes need a model; no peers: no DHT
+    # probes and the DHT watch need a model and a mesh (a bare bootstrap peer: no worker to probe)
+    model = ("--model-path", str(tiny_model), "--initial-peer", bootstrap_peer[0], "--probe-period", "60")
     first = Replica(tmp_path, "replica-a", db, *model).start()
     second = Replica(tmp_path, "replica-b", db, *model)
     try:
@@ -166,12 +167,15 @@ def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_
         second.start()
         assert second.health()["held"] is False and second.health()["lease"]["holder"] == first.health()["holder"]
         running = 'farworker_coordinator_background_loop_running{loop="spot_checks"}'
+        watching = 'farworker_coordinator_background_loop_running{loop="dht_watch"}'
         assert (first.metric(running), second.metric(running)) == (1.0, 0.0)
+        assert (first.metric(watching), second.metric(watching)) == (1.0, 0.0)
         assert second.metric("farworker_coordinator_lease_held") == 0.0
         first.proc.kill()  # SIGKILL: no release, the lease must expire
         # within 2 heartbeat intervals by the rule (services/lease.py); the slack is for a loaded 2-core machine
         wait_for(lambda: second.health()["held"], 2 * INTERVAL + 20, "the other replica taking the lease")
         assert second.metric(running) == 1.0 and second.metric("farworker_coordinator_lease_held") == 1.0
+        assert second.metric(watching) == 1.0
         # a clean stop hands the lease over at once (released): the first, restarted, gets it back that way
         restarted = Replica(tmp_path, "replica-a2", db, *model).start()
         assert restarted.health()["held"] is False
