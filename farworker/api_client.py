@@ -87,9 +87,9 @@ class CoordinatorClient:
         if self._current and self._successes_elsewhere >= RETURN_TO_FIRST_AFTER:
             self._current, self._successes_elsewhere = 0, 0  # back to the first: it may be up again
         deadline = time.monotonic() + self.timeout
-        count = len(self.base_urls)
+        count, first = len(self.base_urls), self._current
         for step in range(count):
-            index = (self._current + step) % count
+            index = (first + step) % count
             try:
                 answer = self._post_to(self.base_urls[index], path, payload,
                                        max(MIN_ATTEMPT_S, deadline - time.monotonic()))

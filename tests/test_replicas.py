@@ -8,6 +8,7 @@ SQLite in WAL mode shared by two processes on one machine stands in for the prod
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import threading
@@ -19,7 +20,7 @@ import requests
 from coordinator_fixtures import heartbeat, registration
 from polling import wait_for
 
-from farworker.api_client import CoordinatorClient
+from farworker.api_client import RETURN_TO_FIRST_AFTER, CoordinatorClient
 from farworker.coordinator.store import Store
 from farworker.identity import Identity
 from farworker.local_mesh import ManagedProcess, base_env, farworker_command
@@ -153,6 +154,21 @@ def test_a_quarantine_decided_by_one_replica_is_seen_at_once_by_the_other(replic
 def db_of(replica: Replica) -> Path:
     args = replica.proc.args
     return Path(args[args.index("--db") + 1])
+
+
+def test_the_client_moves_past_a_dead_replica_and_tries_the_first_again_later(replicas, caplog):
+    worker = Identity.generate()
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    client = CoordinatorClient([dead, replicas[0].url], worker)
+    caplog.set_level(logging.WARNING, logger="farworker.api_client")
+    worker_id = client.register(registration(worker))["worker_id"]  # answered by the second
+    assert client.base_url == replicas[0].url and len(caplog.records) == 1
+    for _ in range(RETURN_TO_FIRST_AFTER - 1):
+        client.heartbeat(worker_id, heartbeat())
+    assert len(caplog.records) == 1  # stayed on the one that answers
+    client.heartbeat(worker_id, heartbeat())  # the 20th success elsewhere: the next call tries the first
+    client.heartbeat(worker_id, heartbeat())
+    assert len(caplog.records) == 2 and client.base_url == replicas[0].url  # tried it, moved on again
 
 
 @pytest.mark.faults
