@@ -171,6 +171,45 @@ def test_the_client_moves_past_a_dead_replica_and_tries_the_first_again_later(re
     assert len(caplog.records) == 2 and client.base_url == replicas[0].url  # tried it, moved on again
 
 
+def route_of(replica: Replica) -> set[str]:
+    answer = requests.post(f"{replica.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    return {span["peer_id"] for span in answer.json()["route"]}
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_replica_without_the_lease_routes_nothing_to_a_worker_another_quarantined(tmp_path, tiny_model,
+                                                                                      bootstrap_peer, start_workers):
+    """The probe loop that excludes quarantined workers from routing runs on the lease holder only: the other
+    replicas' mesh clients must learn the quarantine too (Runtime._follow_quarantines)."""
+    db = tmp_path / "ledger.sqlite"
+    model = ("--model-path", str(tiny_model), "--initial-peer", bootstrap_peer[0], "--probe-period", "3600")
+    holder = Replica(tmp_path, "replica-a", db, *model).start()
+    other = Replica(tmp_path, "replica-b", db, *model).start()
+    try:
+        assert other.health()["held"] is False
+        workers = [start_workers(name, "0:4", bootstrap_peer, api_url=holder.url) for name in ("w1", "w2")]
+        peers = [worker.wait_online()["peer_id"] for worker in workers]
+        used = route_of(other)  # loads its mesh client; petals picks one of the two
+        assert len(used) == 1 and used <= set(peers), used
+        cheat = used.pop()
+        spare = ({*peers} - {cheat}).pop()
+        worker_id = wait_for(lambda: (v := worker_by_peer(holder, cheat)) and v["worker_id"], 60, "registered")
+        ledger = Store(db)  # the holder's probe loop would write this on a wrong answer
+        try:
+            ledger.record_probe(worker_id, time.time(), 0, 4, 0.9, 0.01, "block 0: wrong answer", quarantine=True)
+        finally:
+            ledger.close()
+        # the other replica's mesh client drops it within a lease tick and petals' next route update
+        routes: list[set[str]] = []
+        wait_for(lambda: routes.append(route_of(other)) or routes[-3:] == [{spare}] * 3, 2 * INTERVAL + 60,
+                 "three completions in a row through the other replica avoiding the quarantined worker")
+    finally:
+        for replica in (holder, other):
+            replica.proc.stop(timeout=60)
+
+
 @pytest.mark.faults
 def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_path, tiny_model, bootstrap_peer):
     db = tmp_path / "ledger.sqlite"

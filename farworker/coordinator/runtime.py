@@ -33,7 +33,8 @@ class Runtime:
     once, whoever calls it again."""
 
     def __init__(self, settings, store, workers, registry):
-        self.settings = settings
+        self.settings, self.store = settings, store
+        self._excluded: set[str] = set()  # quarantined peers this replica's mesh client routes nothing to
         self.mesh = self.routed_checks = self.session_audits = self.spot_checks = self.dht_watch = None
         self._new: dict = {}  # attribute -> a new loop of that kind (a stopped thread cannot start again)
         if settings.has_mesh:
@@ -98,10 +99,22 @@ class Runtime:
         while not self._keeper_stop.wait(self.lease.retry_every_s):
             try:
                 with self._lock:
-                    if not self._stopped:
-                        self._follow_lease(self.lease.hold(time.time()))
-            except Exception:  # a loop that failed to start or stop must not end the keeper
+                    if self._stopped:
+                        return
+                    self._follow_lease(self.lease.hold(time.time()))
+                self._follow_quarantines()
+            except Exception:  # a loop that failed to start or stop, or a database hiccup, must not end the keeper
                 log.exception("lease keeper")
+
+    def _follow_quarantines(self) -> None:
+        """Route nothing to a worker another replica quarantined: the lease holder's probe loop excludes them from
+        its own mesh client each round, the other replicas' mesh clients learn it here, every TTL/TRIES_PER_TTL."""
+        if self.mesh is None or not self.mesh.loaded:
+            return
+        quarantined = self.store.quarantined_peers()
+        if quarantined != self._excluded:
+            self.mesh.exclude_peers(quarantined)
+            self._excluded = quarantined
 
     def _follow_lease(self, held: bool) -> None:
         """Start the leased loops when this replica took the lease, stop them (bounded) when it lost it. Under
