@@ -20,7 +20,7 @@ import requests
 from coordinator_fixtures import heartbeat, registration
 from polling import wait_for
 
-from farworker.api_client import RETURN_TO_FIRST_AFTER, CoordinatorClient
+from farworker.api_client import RETURN_TO_FIRST_AFTER, CoordinatorClient, CoordinatorError
 from farworker.coordinator.store import Store
 from farworker.identity import Identity
 from farworker.local_mesh import ManagedProcess, base_env, farworker_command
@@ -175,6 +175,28 @@ def route_of(replica: Replica) -> set[str]:
     answer = requests.post(f"{replica.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2}, timeout=120)
     assert answer.status_code == 200, answer.text
     return {span["peer_id"] for span in answer.json()["route"]}
+
+
+def test_a_refusal_is_an_answer_and_does_not_move_the_client(replicas, caplog):
+    """A 4xx is about the request, whichever replica answers it: the client does not try it elsewhere."""
+    stranger = Identity.generate()  # never registered: 401 on any replica
+    client = CoordinatorClient([replica.url for replica in replicas], stranger)
+    caplog.set_level(logging.WARNING, logger="farworker.api_client")
+    with pytest.raises(CoordinatorError) as refused:
+        client.heartbeat("no-such-worker", heartbeat())
+    assert refused.value.status == 401
+    assert client.base_url == replicas[0].url and caplog.records == []
+
+
+def test_check_names_the_replica_that_answers(replicas, tmp_path):
+    from farworker.config import load_config
+    from farworker.preflight import check_api_and_clock
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = load_config({"FARLABS_WALLET_ADDRESS": "0x" + "ab" * 20, "FARLABS_NEW_SWARM": "true",
+                          "FARLABS_API_BASE_URL": f"{dead},{replicas[1].url}", "FARLABS_STATE_DIR": str(tmp_path)})
+    api = check_api_and_clock(config)[0]
+    assert api.level == "OK" and replicas[1].url in api.detail and f"{dead} unreachable" in api.detail
 
 
 @pytest.mark.slow
