@@ -1,9 +1,12 @@
-"""The one way farworker talks to the Far Labs coordinator: every call signed with the worker's identity."""
+"""The one way farworker talks to the Far Labs coordinator: every call signed with the worker's identity, to the
+first of the coordinator's replicas that answers."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import requests
@@ -11,6 +14,13 @@ import requests
 from farworker import __version__
 from farworker.clock_offset import offset_from_date
 from farworker.identity import Identity
+
+log = logging.getLogger("farworker.api_client")
+
+# Successful calls to a later replica after which the first is tried again: the first is the one the operator
+# prefers (nearest); a replica restarted is back within that many calls, a dead one costs one failed attempt each time.
+RETURN_TO_FIRST_AFTER = 20
+MIN_ATTEMPT_S = 0.5  # a replica tried after another failed gets at least this, within the call's timeout
 
 
 class CoordinatorError(Exception):
@@ -27,44 +37,92 @@ class CoordinatorError(Exception):
         return self.status is None or self.status >= 500 or self.status == 429
 
     @property
+    def fails_over(self) -> bool:
+        """Another replica may answer: this one did not, or had trouble of its own (a 429 is the coordinator's
+        load, shared by its replicas: wait instead)."""
+        return self.status is None or self.status >= 500
+
+    @property
     def needs_registration(self) -> bool:
         """The coordinator does not know this worker (any more): register again."""
         return self.code in ("unregistered", "unknown_worker") or self.status == 404
 
 
 class CoordinatorClient:
+    """``base_url``: one coordinator, or its replicas (a list, or a comma-separated string as FARLABS_API_BASE_URL
+    gives). A call goes to the current replica; on no answer or a 5xx it moves to the next (within the call's
+    ``timeout``, and for the calls after it), and after RETURN_TO_FIRST_AFTER successes elsewhere it tries the
+    first again. Each attempt is signed afresh: a replica refuses a nonce another has seen. The calls the worker
+    repeats are idempotent on the coordinator (usage records by id), so an attempt that reached a replica whose
+    answer was lost counts once."""
+
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         identity: Identity,
         timeout: float = 10.0,
         session: requests.Session | None = None,
     ):
-        self.base_url = base_url.rstrip("/")
+        urls = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [url.strip().rstrip("/") for url in urls if url.strip()]
+        if not self.base_urls:
+            raise ValueError("no coordinator URL")
+        self._current = 0  # index of the replica calls go to
+        self._successes_elsewhere = 0  # calls answered by a later replica since the first was last tried
         self.identity = identity
         self.timeout = timeout
         self._session = session or requests.Session()
         self._session.headers["User-Agent"] = f"farworker/{__version__}"
         self.clock_offset: float | None = None  # this host minus the coordinator, from the last answer's Date
 
+    @property
+    def base_url(self) -> str:
+        """The replica the next call goes to."""
+        return self.base_urls[self._current]
+
     def close(self) -> None:
         self._session.close()
 
     def _post(self, path: str, payload: dict) -> dict:
-        url = self.base_url + path
+        if self._current and self._successes_elsewhere >= RETURN_TO_FIRST_AFTER:
+            self._current, self._successes_elsewhere = 0, 0  # back to the first: it may be up again
+        deadline = time.monotonic() + self.timeout
+        count, first = len(self.base_urls), self._current
+        for step in range(count):
+            index = (first + step) % count
+            try:
+                answer = self._post_to(self.base_urls[index], path, payload,
+                                       max(MIN_ATTEMPT_S, deadline - time.monotonic()))
+            except CoordinatorError as err:
+                if not err.fails_over or count == 1:
+                    raise
+                self._moved(index, (index + 1) % count, err)  # the next call starts there even if this one ends
+                if step == count - 1 or time.monotonic() >= deadline:
+                    raise
+                continue
+            if self._current:
+                self._successes_elsewhere += 1
+            return answer
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _moved(self, failed: int, to: int, err: CoordinatorError) -> None:
+        if self._current == failed:
+            log.warning("coordinator %s failed (%s): moving to %s", self.base_urls[failed], err, self.base_urls[to])
+            self._current, self._successes_elsewhere = to, 0
+
+    def _post_to(self, base_url: str, path: str, payload: dict, timeout: float) -> dict:
+        url = base_url + path
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", **self.identity.sign("POST", urlsplit(url).path, body)}
         what = f"POST {path}"
         sent_at = time.time()
         try:
-            response = self._session.post(url, data=body, headers=headers, timeout=self.timeout)
+            response = self._session.post(url, data=body, headers=headers, timeout=timeout)
         except requests.Timeout:
-            raise CoordinatorError(
-                f"{what}: no answer from {self.base_url} within {self.timeout:g} s"
-            ) from None
+            raise CoordinatorError(f"{what}: no answer from {base_url} within {timeout:g} s") from None
         except requests.ConnectionError as err:
             reason = _root_cause(err)
-            raise CoordinatorError(f"{what}: cannot reach {self.base_url} ({reason})") from None
+            raise CoordinatorError(f"{what}: cannot reach {base_url} ({reason})") from None
         except requests.RequestException as err:
             raise CoordinatorError(f"{what}: {err}") from None
         offset = offset_from_date(response.headers.get("Date"), sent_at, time.time())

@@ -135,6 +135,14 @@ def _http_url(raw: str) -> str:
     return value
 
 
+def _http_urls(raw: str) -> str:
+    """One coordinator URL, or replicas' URLs separated by commas (the worker fails over in this order)."""
+    urls = [_http_url(part) for part in raw.split(",")]  # an empty part is no URL: invalid
+    if len(set(urls)) != len(urls):
+        raise _Invalid
+    return ",".join(urls)
+
+
 def _num_blocks(raw: str) -> int | None:
     if raw.strip().lower() in ("", "auto"):
         return None
@@ -244,8 +252,9 @@ SETTINGS: tuple[Setting, ...] = (
             "with --allow-local-model", SUPPORTED_MODELS[0], help="Model whose blocks this worker serves."),
     Setting("allow_local_model", "FARLABS_ALLOW_LOCAL_MODEL", _bool, "true or false", "false",
             help="Allow FARLABS_MODEL_NAME to be a local checkpoint directory."),
-    Setting("api_base_url", "FARLABS_API_BASE_URL", _http_url, "an http:// or https:// URL",
-            help="Far Labs coordinator API (required)."),
+    Setting("api_base_url", "FARLABS_API_BASE_URL", _http_urls,
+            "an http:// or https:// URL, or several different ones separated by commas",
+            help="Far Labs coordinator API (required); several replicas' URLs, comma-separated, to fail over."),
     Setting("num_blocks", "FARLABS_NUM_BLOCKS", _num_blocks, "a whole number from 1 to 1000, or auto", "auto",
             help="Blocks to serve; auto fits free VRAM (see README for the formula)."),
     Setting("block_indices", "FARLABS_BLOCK_INDICES", _block_indices, "start:end with start < end, e.g. 0:16",
@@ -332,6 +341,11 @@ class WorkerConfig:
     gpu: str
     host_id: str
     hf_token: str = field(repr=False)
+
+    @property
+    def api_base_urls(self) -> tuple[str, ...]:
+        """The coordinator replicas, in the order the worker tries them (api_client.CoordinatorClient)."""
+        return tuple(self.api_base_url.split(","))
 
     @property
     def is_tiny_model(self) -> bool:

@@ -284,21 +284,25 @@ def check_api_and_clock(config: WorkerConfig) -> list[Result]:
 
 
 def _ask_api(config: WorkerConfig) -> tuple[Result, float | None]:
-    """The API's line and this host's clock offset from the answer's Date header (None without an answer)."""
-    sent_at = time.time()
-    try:
-        # one worker's view: the smallest page (a coordinator's whole list can be large)
-        answer = requests.get(f"{config.api_base_url}/v1/workers", params={"limit": 1}, timeout=CONNECT_TIMEOUT)
-    except (InvalidURL, InvalidSchema, MissingSchema) as error:  # no retry can fix these
-        return Result("FAIL", "coordinator API", f"{config.api_base_url} is malformed ({error}): "
-                      "fix FARLABS_API_BASE_URL"), None
-    except requests.RequestException as error:
-        # reporting.Reporter retries registration with backoff; usage waits in the outbox meanwhile
-        return Result("WARN", "coordinator API", f"{config.api_base_url} unreachable ({type(error).__name__}): "
-                      "`farworker run` serves anyway, retries registration and keeps usage in its outbox until the "
-                      "API answers; check FARLABS_API_BASE_URL and outbound HTTP(S)"), None
-    offset = offset_from_date(answer.headers.get("Date"), sent_at, time.time())
-    return Result("OK", "coordinator API", f"{config.api_base_url} answers (HTTP {answer.status_code})"), offset
+    """The API's line and this host's clock offset from the answer's Date header (None without an answer): the
+    first replica that answers (FARLABS_API_BASE_URL may list several)."""
+    unreachable = []
+    for url in config.api_base_urls:
+        sent_at = time.time()
+        try:
+            answer = requests.get(f"{url}/v1/workers", params={"limit": 1}, timeout=CONNECT_TIMEOUT)
+        except (InvalidURL, InvalidSchema, MissingSchema) as error:  # no retry can fix these
+            return Result("FAIL", "coordinator API", f"{url} is malformed ({error}): fix FARLABS_API_BASE_URL"), None
+        except requests.RequestException as error:
+            unreachable.append(f"{url} unreachable ({type(error).__name__})")
+            continue
+        offset = offset_from_date(answer.headers.get("Date"), sent_at, time.time())
+        also = f"; {', '.join(unreachable)}" if unreachable else ""
+        return Result("OK", "coordinator API", f"{url} answers (HTTP {answer.status_code}){also}"), offset
+    # reporting.Reporter retries registration with backoff; usage waits in the outbox meanwhile
+    return Result("WARN", "coordinator API", f"{', '.join(unreachable)}: "
+                  "`farworker run` serves anyway, retries registration and keeps usage in its outbox until the "
+                  "API answers; check FARLABS_API_BASE_URL and outbound HTTP(S)"), None
 
 
 def check_clock(offset: float | None) -> Result:

@@ -30,6 +30,9 @@ INVALID = [
     ("FARLABS_ANNOUNCE_MADDRS", "/ip4/203.0.113.300/tcp/31330", "/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT"),
     ("FARLABS_ANNOUNCE_MADDRS", "/dns4/gpu1.example.com/udp/31330", "/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT"),
     ("FARLABS_API_BASE_URL", "ftp://api", "http:// or https:// URL"),
+    ("FARLABS_API_BASE_URL", "http://a:8787,ftp://b", "several different ones separated by commas"),
+    ("FARLABS_API_BASE_URL", "http://a:8787,,http://b:8787", "several different ones separated by commas"),
+    ("FARLABS_API_BASE_URL", "http://a:8787,http://a:8787/", "several different ones separated by commas"),
     ("FARLABS_MODEL_NAME", "gpt2", "meta-llama/Llama-2-7b-chat-hf"),
     ("FARLABS_NUM_BLOCKS", "0", "from 1 to 1000, or auto"),
     ("FARLABS_NUM_BLOCKS", "many", "from 1 to 1000, or auto"),
@@ -63,6 +66,11 @@ def test_each_invalid_variable_alone_is_named(env, value, accepted):
     assert len(caught.value.problems) == 1
     problem = caught.value.problems[0]
     assert problem.startswith(env) and accepted in problem
+
+
+def test_several_coordinator_replicas_are_kept_in_order():
+    config = load_config({**GOOD, "FARLABS_API_BASE_URL": " http://b.example:8787/ , https://a.example "})
+    assert config.api_base_urls == ("http://b.example:8787", "https://a.example")
 
 
 def test_multiaddr_forms_the_daemon_accepts():

@@ -12,7 +12,7 @@ from farworker.config import SETTINGS, SETTINGS_BY_NAME
 from farworker.preflight import MIN_DRIVER_BRANCH
 
 REPO = Path(__file__).resolve().parent.parent
-ROLES = ("nvidia_driver", "cuda", "farworker", "mesh_bootstrap", "farworker_package")
+ROLES = ("nvidia_driver", "cuda", "farworker", "mesh_bootstrap", "farworker_package", "farworker_coordinator")
 
 
 def generator():

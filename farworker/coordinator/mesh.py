@@ -36,6 +36,11 @@ class CompletionsMesh(MeshClient):
         """Per block uid, {peer id (base58): ServerState name} of the newest DHT records."""
         return remote_blocks.server_states(self._sequence_manager().dht, uids, timeout)
 
+    @property
+    def loaded(self) -> bool:
+        """The petals client is up (it loads on first use: nothing to exclude peers from before)."""
+        return self._model is not None
+
     def exclude_peers(self, peer_ids: set[str]) -> None:
         """Route nothing more to these peers (quarantined workers)."""
         with self._lock:

@@ -214,6 +214,7 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        self._conn.executescript(_LEASES_SCHEMA)
         _allow_unknown_blocks(self._conn)
         _add_host_columns(self._conn)
         _add_reachability_column(self._conn)
@@ -695,3 +696,35 @@ class Store:
     def counts(self) -> dict[str, int]:
         """Row count per data table (tests check that refused requests stored nothing)."""
         return {t: self._read(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in DATA_TABLES}
+
+    # --- leases: which replica runs the background loops (services/lease.py) -------------------------------------
+    # Portable SQL (SQLite >= 3.24 and Postgres): one atomic upsert takes a free or expired lease, or renews our own.
+    def take_lease(self, name: str, holder: str, now: float, expires_at: float) -> bool:
+        """Hold lease ``name`` until ``expires_at`` if it is free, expired at ``now`` or ours; True if we hold it."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at"
+                " WHERE leases.expires_at < ? OR leases.holder = excluded.holder",
+                (name, holder, expires_at, now),
+            )
+            row = conn.execute("SELECT holder FROM leases WHERE name = ?", (name,)).fetchone()
+        return row is not None and row["holder"] == holder
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease(self, name: str) -> dict | None:
+        """{"holder", "expires_at"} of lease ``name``; None if nobody ever took it."""
+        rows = self._read("SELECT holder, expires_at FROM leases WHERE name = ?", (name,))
+        return dict(rows[0]) if rows else None
+
+
+_LEASES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""

@@ -1,4 +1,5 @@
-"""The ledger's views: workers, hosts, API keys' usage, receipts that vouch for direct traffic, and /metrics."""
+"""The ledger's views: workers, hosts, API keys' usage, receipts that vouch for direct traffic, /metrics and
+/healthz."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from farworker.coordinator.errors import ApiError
@@ -51,6 +52,17 @@ def receipts(body: ReceiptsRequest, settings: deps.SettingsDep,
 def metrics(request: Request) -> Response:
     """Prometheus text: the routed spot checks' outcomes (farworker_coordinator_routed_checks_total)."""
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/healthz", include_in_schema=False)
+def healthz(request: Request) -> Response:
+    """For a load balancer's health check: 200 while this replica reaches the database, with the background-loops
+    lease as this replica sees it (services/lease.py); 503 when the database does not answer."""
+    try:
+        view = request.app.state.runtime.lease_view()  # reads the lease row: a database round trip
+    except Exception as err:  # any database failure means: send traffic elsewhere
+        return JSONResponse({"status": "unavailable", "error": f"database: {type(err).__name__}"}, status_code=503)
+    return JSONResponse({"status": "ok", **view})
 
 
 @router.get("/v1/workers", response_model=WorkerList, responses=PAGE_ERRORS)
