@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from farworker.coordinator import http
 from farworker.coordinator.errors import ApiError
+from farworker.coordinator.metrics import CoordinatorCollector
 from farworker.coordinator.routers import ledger, openai, workers
 from farworker.coordinator.runtime import Runtime
 from farworker.coordinator.schemas.common import ErrorResponse
@@ -79,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings, app.state.store = settings, store
     app.state.metrics = CollectorRegistry()  # GET /metrics (Prometheus)
     app.state.workers = Workers(store, settings)
+    app.state.metrics.register(CoordinatorCollector(app.state.workers))
     runtime = app.state.runtime = Runtime(settings, store, app.state.workers, app.state.metrics)
     # its parts, for operators and tests (None where not configured)
     app.state.mesh, app.state.routed_checks = runtime.mesh, runtime.routed_checks
