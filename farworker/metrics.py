@@ -122,8 +122,8 @@ class WorkerCollector:
                 yield gauge
             earnings = GaugeMetricFamily("farworker_earnings_far", "Coordinator's paid $FAR for this worker by "
                                          "settlement: settled, pending, forfeited.", labels=[*own, "status"])
-            for status in ("settled", "pending", "forfeited"):
-                earnings.add_metric([*own_values, status], float(answer.get(f"{status}_far") or 0))
+            for settlement in ("settled", "pending", "forfeited"):
+                earnings.add_metric([*own_values, settlement], float(answer.get(f"{settlement}_far") or 0))
             yield earnings
             last = GaugeMetricFamily("farworker_last_heartbeat_timestamp_seconds", "Unix time of the last heartbeat.",
                                      labels=own)
