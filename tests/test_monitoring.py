@@ -134,7 +134,8 @@ def is_gpu_query(expr: str) -> bool:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # hivemind's P2P.__del__
 def test_a_real_prometheus_gets_data_for_every_dashboard_query(tmp_path, tiny_model, bootstrap_peer, start_workers):
     settings = Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0, model_path=tiny_model,
-                        model_name=TINY_MODEL_NAME, initial_peers=tuple(bootstrap_peer), probe_period_s=0)
+                        model_name=TINY_MODEL_NAME, initial_peers=tuple(bootstrap_peer), probe_period_s=0,
+                        sample_routed=0.5, audit_share=0.5)  # their panels read their counters
     metrics_port = free_port()
     prometheus = None
     with RunningCoordinator(settings) as coordinator:
