@@ -94,8 +94,9 @@ def test_register_heartbeat_usage_ledger(coordinator, keys):
 def test_uptime_formula():
     # judged over completed slots from the first up slot, the current one once it is up
     assert ledger.uptime_basis(None, 0, False) == 0 and ledger.uptime_fraction(0, 0) == 1.0  # just registered
-    assert ledger.uptime_basis(None, 3, False) == 2  # never up: slots 1 and 2 (0 is the registration's)
-    assert ledger.uptime_fraction(0, 2) == 0.0
+    assert ledger.uptime_basis(None, ledger.NEW_WORKER_INTERVALS, False) == 0  # never up: not judged yet
+    assert ledger.uptime_basis(None, 9, False) == 8  # then over slots 1..8 (0 is the registration's)
+    assert ledger.uptime_fraction(0, 8) == 0.0
     assert ledger.uptime_basis(4, 10, False) == 6 and ledger.uptime_basis(4, 10, True) == 7
     assert ledger.uptime_fraction(3, 6) == pytest.approx(0.5)
     assert ledger.uptime_fraction(50, 6) == 1.0

@@ -30,9 +30,14 @@ def uptime_basis(first_up_slot: int | None, current_slot: int, current_up: bool)
     """The slots a worker's uptime is judged over: every completed slot from its first up slot on (before it the
     worker was loading, and served nobody; slot 0 is the registration's, never recorded), and the current slot
     once it is up (it cannot be down before it ends). A slot in progress without its beat yet is not a missed one:
-    counting it made a worker up all along read 1 - 1/intervals (43 % after a few seconds on 2 s intervals)."""
-    start = 1 if first_up_slot is None else first_up_slot
-    return max(0, current_slot - start) + (1 if current_up else 0)
+    counting it made a worker up all along read 1 - 1/intervals (43 % after a few seconds on 2 s intervals).
+
+    A worker never seen up is judged only once NEW_WORKER_INTERVALS slots after the registration's have ended (then
+    over all of them, at 0 %): until then nothing is judged (100 %, as the registration's own slot always was), so
+    an honest worker's first claims, sent before the DHT watch's first look at it, are not credited at 0."""
+    if first_up_slot is None:
+        return current_slot - 1 if current_slot > NEW_WORKER_INTERVALS else 0
+    return max(0, current_slot - first_up_slot) + (1 if current_up else 0)
 
 
 def uptime_fraction(up_slots: int, basis_slots: int) -> float:
