@@ -18,3 +18,14 @@ def generate_locally(model_path: str, prompt_ids: list[int], max_new_tokens: int
         output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=0)
     return output[0, len(prompt_ids):].tolist()
+
+
+def tokenize_locally(model_path: str, text: str) -> tuple[list[int], object]:
+    """(the ids of ``text``, the tokenizer) with the checkpoint's own tokenizer: the one the coordinator uses."""
+    from transformers import AutoTokenizer
+
+    from farworker.library_noise import quiet_tokenizer_advice
+
+    quiet_tokenizer_advice()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return tokenizer(text)["input_ids"], tokenizer

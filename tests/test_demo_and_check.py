@@ -1,5 +1,7 @@
 """The README's main job (`farworker demo`) and the operator's preflight (`farworker check`), run for real."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -15,15 +17,32 @@ def farworker(*args, env=None, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_demo_generates_matching_tokens_and_shows_the_ledger():
+def test_demo_speaks_text_generates_matching_tokens_and_shows_the_ledger():
     result = farworker("demo", "--max-tokens", "6")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "match      YES" in out
     assert out.count("route      blocks") == 2
-    # Two requests: a 1-token warm-up and the 6-token one, 8 prompt tokens each; the last token is never fed back.
+    lines = out.splitlines()
+    # the text prompt, then its ids; the mesh's text, then its ids; the same for local transformers
+    prompt = lines.index("prompt     'The mesh serves'")
+    prompt_ids = json.loads(lines[prompt + 1].split("ids ", 1)[1])
+    assert len(prompt_ids) == len("The mesh serves")  # the tiny tokenizer is byte-level, no merges
+    mesh = next(i for i, line in enumerate(lines) if line.startswith("mesh       6 tokens in "))
+    assert re.search(r"tokens/s\): '.*'$", lines[mesh]), lines[mesh]
+    assert len(json.loads(lines[mesh + 1].split("ids ", 1)[1])) == 6
+    # Two requests: a 1-token warm-up and the 6-token one; the last token is never fed back.
     ledger = out.split("ledger")[1].splitlines()[1:3]
-    assert [int(line.split()[2]) for line in ledger] == [8 + 8 + 6 - 1] * 2, out
+    n = len(prompt_ids)
+    assert [int(line.split()[2]) for line in ledger] == [n + n + 6 - 1] * 2, out
+    # workers online since the start: "new", or observed up at least 95 % of the time
+    for line in ledger:
+        uptime = line.split()[-1]
+        assert uptime == "new" or float(uptime.rstrip("%")) >= 95, line
+    # no library warnings on either stream (FutureWarning, UserWarning, transformers' added-tokens advice)
+    noise = [line for line in (out + result.stderr).splitlines()
+             if "Warning" in line or "Special tokens have been added" in line]
+    assert not noise, noise
 
 
 def test_check_reports_each_item_warns_on_the_api_and_fails_on_an_unreachable_peer(bootstrap_peer, tmp_path):
