@@ -143,7 +143,7 @@ def _show_ledger(url: str, routed: dict[str, int], timeout: float = 30.0) -> Non
 def uptime_text(worker: dict) -> str:
     """Reliability and observed uptime, or "new" while too little is observed to judge (docs/trust.md)."""
     if worker.get("uptime_new"):
-        return f"uptime new ({worker.get('uptime_intervals', 0)} intervals observed)"
+        return "uptime new (too little observed yet)"
     return f"reliability {worker['reliability']:.2f}, uptime {worker['uptime_pct']:.0f}%"
 
 
