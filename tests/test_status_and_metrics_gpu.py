@@ -218,6 +218,10 @@ def test_status_lines_show_each_gpu_and_the_earn_rate(status):
     status = {**status, "updated_at": 1000.0, "last_heartbeat": {**status["last_heartbeat"], "at": 988.0}}
     lines = format_status(status, now=1000.0)
     assert "last heartbeat 12 s ago: earn rate 3.6e-05 $FAR/h, reliability 0.99, uptime 98.8%" in lines
+    new = {**status, "last_heartbeat": {**status["last_heartbeat"],
+                                        "answer": {**ANSWER, "uptime_new": True, "uptime_pct": 40.0}}}
+    assert ("last heartbeat 12 s ago: earn rate 3.6e-05 $FAR/h, uptime new (the coordinator has observed too little "
+            "to judge it)") in format_status(new, now=1000.0)
     assert "usage outbox   5 records waiting" in lines
     assert "open sessions  2" in lines
     gpu_lines = [line for line in lines if line.startswith("GPU")]
