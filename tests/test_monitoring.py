@@ -172,3 +172,43 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query(tmp_path, tiny_mo
                 prometheus.wait(timeout=30)
     assert not missing, "dashboard queries without data:\n" + "\n".join(map(str, missing))
     assert len(gpu) >= 8 and len(queries) - len(gpu) >= 30
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_the_coordinator_metrics_show_coverage_gaps_and_a_quarantine(tmp_path):
+    """What FarworkerBlockUncovered and FarworkerWorkerQuarantined read, from a real coordinator's /metrics."""
+    from coordinator_fixtures import heartbeat, registration
+
+    from farworker.api_client import CoordinatorClient
+    from farworker.identity import Identity
+
+    with RunningCoordinator(Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0)) as c:
+        identity = Identity.generate()
+        client = CoordinatorClient(c.url, identity)
+        worker_id = client.register(registration(identity, blocks=(0, 2), total_blocks=4))["worker_id"]
+        client.heartbeat(worker_id, heartbeat(blocks=(0, 2)))
+        serving = scrape(c.url)
+        c.store.record_probe(worker_id, time.time(), 0, 8, 0.5, 1e-4, "block 0 activations differ", quarantine=True)
+        quarantined = scrape(c.url)
+
+    def holders(samples):
+        return [samples[("farworker_coordinator_block_holders", (("block", str(b)), ("model", TINY_MODEL_NAME)))]
+                for b in range(4)]
+
+    wid = (("worker_id", worker_id),)
+    assert holders(serving) == [1, 1, 0, 0]
+    assert serving[("farworker_coordinator_worker_serving", wid)] == 1
+    assert serving[("farworker_coordinator_worker_quarantined", wid)] == 0
+    assert serving[("farworker_coordinator_worker_uptime_new", wid)] == 1
+    assert holders(quarantined) == [0, 0, 0, 0]
+    assert quarantined[("farworker_coordinator_worker_quarantined", wid)] == 1
+    assert quarantined[("farworker_coordinator_worker_serving", wid)] == 0
+    assert quarantined[("farworker_coordinator_workers", (("state", "quarantined"),))] == 1
+    assert quarantined[("farworker_coordinator_worker_state", (("state", "quarantined"), *wid))] == 1
