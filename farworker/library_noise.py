@@ -4,6 +4,7 @@ exact text, so every other message of the same library still shows."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 # transformers logs this advice when a tokenizer's special tokens lie past its base vocabulary. The tiny model's
 # byte-level tokenizer has them there by construction (tiny_model.ensure_tiny_tokenizer: ids 259-511 are unused
@@ -26,3 +27,10 @@ def quiet_tokenizer_advice() -> None:
     logger = logging.getLogger(TOKENIZER_LOGGER)
     if not any(isinstance(f, _DropMessage) and f.prefix == ADDED_TOKENS_ADVICE for f in logger.filters):
         logger.addFilter(_DropMessage(ADDED_TOKENS_ADVICE))
+
+
+def quiet_pytree_deprecation() -> None:
+    """Drop the FutureWarning transformers 4.34 triggers at import under torch 2.13 (it calls a pytree function torch
+    renamed; harmless): call before importing transformers. petals' import has its own (petals/compat.py)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.utils.generic",
+                            message=r"`torch\.utils\._pytree\._register_pytree_node` is deprecated")

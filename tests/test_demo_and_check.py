@@ -67,3 +67,20 @@ def test_check_reports_each_item_warns_on_the_api_and_fails_on_an_unreachable_pe
     result = farworker("check", env={**env, "FARLABS_DHT_BOOTSTRAP": closed})
     assert "FAIL bootstrap peers: 0 of 1 reachable" in result.stdout
     assert result.returncode == 1
+
+
+def test_a_first_demo_builds_the_tiny_model_without_library_warnings(tmp_path):
+    """On a fresh machine the demo first builds the tiny checkpoint, then tokenizes and generates locally: transformers
+    imported outside petals' import warned FutureWarning twice, and the tokenizer's load gave its advice."""
+    script = ("import pathlib, sys\n"
+              "from farworker.tiny_model import ensure_tiny_checkpoint\n"
+              "from farworker.local_reference import generate_locally, tokenize_locally\n"
+              "model = str(ensure_tiny_checkpoint(pathlib.Path(sys.argv[1])))\n"
+              "ids, _ = tokenize_locally(model, 'The mesh serves')\n"
+              "print(generate_locally(model, ids, 2))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=base_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    noise = [line for line in (result.stdout + result.stderr).splitlines()
+             if "Warning" in line or "Special tokens have been added" in line]
+    assert not noise, noise
