@@ -83,7 +83,7 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
         say(f"mesh       {len(mesh_ids)} tokens in {seconds:.2f} s ({rate:.1f} tokens/s): {choice['text']!r}")
         say(f"           ids {mesh_ids}")
         local_ids = generate_locally(str(model), prompt_ids, max_tokens)
-        say(f"local      transformers greedy: {tokenizer.decode(local_ids)!r}")
+        say(f"local      transformers greedy: {tokenizer.decode(local_ids, skip_special_tokens=True)!r}")
         say(f"           ids {local_ids}")
         match = mesh_ids == local_ids
         say(f"match      {'YES: the mesh returned exactly the local tokens' if match else 'NO'}")

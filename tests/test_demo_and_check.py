@@ -31,6 +31,8 @@ def test_demo_speaks_text_generates_matching_tokens_and_shows_the_ledger():
     mesh = next(i for i, line in enumerate(lines) if line.startswith("mesh       6 tokens in "))
     assert re.search(r"tokens/s\): '.*'$", lines[mesh]), lines[mesh]
     assert len(json.loads(lines[mesh + 1].split("ids ", 1)[1])) == 6
+    local = next(i for i, line in enumerate(lines) if line.startswith("local      transformers greedy: "))
+    assert lines[mesh].split("tokens/s): ", 1)[1] == lines[local].split("greedy: ", 1)[1]  # the same text
     # Two requests: a 1-token warm-up and the 6-token one; the last token is never fed back.
     ledger = out.split("ledger")[1].splitlines()[1:3]
     n = len(prompt_ids)
