@@ -17,12 +17,12 @@ import click
 import requests
 
 from farworker.local_mesh import shared_cache_dir, split_blocks, start_bootstrap_peer, start_worker, stop_all
-from farworker.local_reference import generate_locally
+from farworker.local_reference import generate_locally, tokenize_locally
 from farworker.process_tree import end_children
 from farworker.threading_policy import apply_requested_policy
 from farworker.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, ensure_tiny_checkpoint
 
-PROMPT_IDS = [1, 37, 101, 250, 7, 64, 311, 42]
+PROMPT = "The mesh serves"  # the tiny model's weights are random: its text is noise, equal to local transformers'
 WORKERS_STOP_TIMEOUT = 30.0  # seconds for all workers together to drain and exit, then their groups are killed
 
 
@@ -63,23 +63,29 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
 
         # The first request loads the coordinator's petals client; time the second.
         warm_up = requests.post(f"{coordinator.url}/v1/completions", timeout=120,
-                                json={"prompt": PROMPT_IDS, "max_tokens": 1, "temperature": 0})
+                                json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
         begin = time.perf_counter()
         answer = requests.post(f"{coordinator.url}/v1/completions", timeout=120, json={
-            "prompt": PROMPT_IDS, "max_tokens": max_tokens, "temperature": 0})
+            "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
         seconds = time.perf_counter() - begin
         if answer.status_code != 200:
             say(f"completion failed: HTTP {answer.status_code} {answer.text}")
             return 1
         completion = answer.json()
-        mesh_ids = completion["choices"][0]["token_ids"]
+        choice = completion["choices"][0]
+        mesh_ids = choice["token_ids"]
+        prompt_ids, tokenizer = tokenize_locally(str(model), PROMPT)
+        say(f"prompt     {PROMPT!r}")
+        say(f"           ids {prompt_ids}")
         for span in completion["route"]:
             say(f"route      blocks {span['blocks'][0]}:{span['blocks'][1]} served by {span['peer_id']}")
         rate = len(mesh_ids) / seconds
-        say(f"mesh       {len(mesh_ids)} tokens in {seconds:.2f} s ({rate:.1f} tokens/s): {mesh_ids}")
-        local_ids = generate_locally(str(model), PROMPT_IDS, max_tokens)
+        say(f"mesh       {len(mesh_ids)} tokens in {seconds:.2f} s ({rate:.1f} tokens/s): {choice['text']!r}")
+        say(f"           ids {mesh_ids}")
+        local_ids = generate_locally(str(model), prompt_ids, max_tokens)
+        say(f"local      transformers greedy: {tokenizer.decode(local_ids, skip_special_tokens=True)!r}")
+        say(f"           ids {local_ids}")
         match = mesh_ids == local_ids
-        say(f"local      transformers greedy: {local_ids}")
         say(f"match      {'YES: the mesh returned exactly the local tokens' if match else 'NO'}")
 
         routed: dict[str, int] = {}
@@ -108,8 +114,7 @@ def _wait_registered(url: str, count: int, timeout: float = 60.0) -> None:
         if len(beating) >= count:
             for w in beating:
                 say(f"registered {w['worker_id']} blocks {w['blocks'][0]}:{w['blocks'][1]}, heartbeat: earn rate "
-                    f"{w['earn_rate_far_per_hour']:.4f} $FAR/h, reliability {w['reliability']:.2f}, "
-                    f"uptime {w['uptime_pct']:.0f}%")
+                    f"{w['earn_rate_far_per_hour']:.4f} $FAR/h, {uptime_text(w)}")
             return
         time.sleep(0.5)
     raise RuntimeError(f"only some of {count} workers registered with the coordinator in {timeout:.0f} s")
@@ -127,11 +132,19 @@ def _show_ledger(url: str, routed: dict[str, int], timeout: float = 30.0) -> Non
         if all(served.get(peer, 0) >= tokens for peer, tokens in routed.items()):
             break
         time.sleep(0.5)
-    say("ledger     worker                                          blocks  tokens  earned $FAR  rate $FAR/h")
+    say("ledger     worker                                          blocks  tokens  earned $FAR  rate $FAR/h  uptime")
     for w in workers:
         blocks = w.get("blocks") or [0, 0]
         say(f"           {w['peer_id']:<47} {blocks[0]}:{blocks[1]:<5} {w.get('tokens_served', 0):>6}  "
-            f"{w.get('earnings_far', 0):>11.6f}  {w.get('earn_rate_far_per_hour', 0):>10.4f}")
+            f"{w.get('earnings_far', 0):>11.6f}  {w.get('earn_rate_far_per_hour', 0):>10.4f}  "
+            f"{'new' if w.get('uptime_new') else format(w.get('uptime_pct', 0), '.0f') + '%'}")
+
+
+def uptime_text(worker: dict) -> str:
+    """Reliability and observed uptime, or "new" while too little is observed to judge (docs/trust.md)."""
+    if worker.get("uptime_new"):
+        return "uptime new (too little observed yet)"
+    return f"reliability {worker['reliability']:.2f}, uptime {worker['uptime_pct']:.0f}%"
 
 
 def say(line: str) -> None:

@@ -8,6 +8,10 @@ def generate_locally(model_path: str, prompt_ids: list[int], max_new_tokens: int
     # torch is imported here, not at the top: `farworker demo` imports this module before it sets the thread
     # policy, which must come before torch loads (threading_policy).
     import torch
+
+    from farworker.library_noise import quiet_pytree_deprecation
+
+    quiet_pytree_deprecation()
     from transformers import AutoModelForCausalLM
 
     from farworker.petals.compat import MODULE_BUILD_LOCK
@@ -32,3 +36,15 @@ def log_softmax_locally(model_path: str, ids: list[int]):
         model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     with torch.inference_mode():
         return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def tokenize_locally(model_path: str, text: str) -> tuple[list[int], object]:
+    """(the ids of ``text``, the tokenizer) with the checkpoint's own tokenizer: the one the coordinator uses."""
+    from farworker.library_noise import quiet_pytree_deprecation, quiet_tokenizer_advice
+
+    quiet_pytree_deprecation()
+    quiet_tokenizer_advice()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return tokenizer(text)["input_ids"], tokenizer

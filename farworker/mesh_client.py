@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from farworker.library_noise import quiet_tokenizer_advice
 from farworker.petals import compat as petals_compat
 from farworker.petals import prompt_logits
 
@@ -138,6 +139,7 @@ class MeshClient:
         ):
             from transformers import AutoTokenizer
 
+            quiet_tokenizer_advice()
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self._model = model
         return model

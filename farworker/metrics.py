@@ -111,6 +111,20 @@ class WorkerCollector:
                 gauge = GaugeMetricFamily(name, help_text, labels=own)
                 gauge.add_metric(own_values, float(answer.get(key) or 0))
                 yield gauge
+            for name, value, help_text in (
+                ("farworker_uptime_new", answer.get("uptime_new"),
+                 "1 while the coordinator has observed too little to judge uptime (uptime_pct is provisional)."),
+                ("farworker_quarantined", answer.get("quarantined") is not None,
+                 "1 once the coordinator quarantined this worker (a failed check): paid and routed nothing since."),
+            ):
+                gauge = GaugeMetricFamily(name, help_text, labels=own)
+                gauge.add_metric(own_values, 1.0 if value else 0.0)
+                yield gauge
+            earnings = GaugeMetricFamily("farworker_earnings_far", "Coordinator's paid $FAR for this worker by "
+                                         "settlement: settled, pending, forfeited.", labels=[*own, "status"])
+            for settlement in ("settled", "pending", "forfeited"):
+                earnings.add_metric([*own_values, settlement], float(answer.get(f"{settlement}_far") or 0))
+            yield earnings
             last = GaugeMetricFamily("farworker_last_heartbeat_timestamp_seconds", "Unix time of the last heartbeat.",
                                      labels=own)
             last.add_metric(own_values, float(beat.get("at") or 0))

@@ -13,6 +13,7 @@ triggered by new records wait for the same backoff, so an outage is not met with
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -61,6 +62,14 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+def next_beat_time(due: float, now: float, interval: float) -> float:
+    """The next beat on the grid of the one ``due`` (due + k intervals), the first after ``now``. The coordinator
+    counts one beat per interval slot since registration, and the grid starts at the registration's answer, so
+    every beat arrives early in its slot. Spacing beats an interval after each one was sent let each beat's delay
+    add up: they drifted across the slots' boundaries and missed one slot in every interval/delay."""
+    return due + interval * max(1, math.floor((now - due) / interval) + 1)
 
 
 class Reporter:
@@ -211,7 +220,8 @@ class Reporter:
                 now = time.monotonic()
                 if now >= next_beat or self._beat_now.is_set():
                     self._beat_now.clear()
-                    next_beat = now + self.interval_s
+                    if now >= next_beat:  # a beat on the grid; one sent early (beat_now) leaves the grid alone
+                        next_beat = next_beat_time(next_beat or now, now, self.interval_s)
                     self._beat_and_flush()
                 elif not self._wake.is_set():
                     self._wake.wait(next_beat - now)

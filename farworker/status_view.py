@@ -129,7 +129,8 @@ def format_status(status: dict, now: float | None = None) -> list[str]:
         lines.append(
             f"last heartbeat {now - beat.get('at', now):.0f} s ago: earn rate "
             f"{_rate(float(answer.get('earn_rate_far_per_hour') or 0))} $FAR/h, "
-            f"reliability {answer.get('reliability', 0):.2f}, uptime {answer.get('uptime_pct', 0):.1f}%"
+            + ("uptime new (the coordinator has observed too little to judge it)" if answer.get("uptime_new") else
+               f"reliability {answer.get('reliability', 0):.2f}, uptime {answer.get('uptime_pct', 0):.1f}%")
         )
         if "settled_far" in answer:  # coordinators before settlement do not say
             lines.append(earnings_line(answer))

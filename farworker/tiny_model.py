@@ -55,6 +55,10 @@ def ensure_tiny_checkpoint(root: Path | None = None) -> Path:
         ensure_tiny_tokenizer(directory)  # checkpoints built before it had one
         return directory
     import torch
+
+    from farworker.library_noise import quiet_pytree_deprecation
+
+    quiet_pytree_deprecation()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(_SEED)

@@ -54,5 +54,13 @@ if [ "${1:-}" = "--dev" ]; then
     # a fresh machine's package lists may be empty: update once when the plain install cannot find them
     "${sudo[@]}" apt-get install -y -q "${missing[@]}" || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q "${missing[@]}"; }
   fi
+  # tests/test_monitoring.py: promtool checks monitoring/'s rules, and a prometheus of the test's own (own config,
+  # loopback port, tmp storage) scrapes real workers. Where systemd runs, the package also starts a system
+  # prometheus on :9090: the tests never use it.
+  if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
+    sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+    prom=(apt-get install -y -q --no-install-recommends prometheus)
+    "${sudo[@]}" "${prom[@]}" || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" "${prom[@]}"; }
+  fi
 fi
 .venv/bin/farworker --version

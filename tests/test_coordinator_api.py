@@ -13,7 +13,7 @@ from coordinator_fixtures import GPU_READING, heartbeat, registration, signed_po
 from farworker.api_client import CoordinatorClient, CoordinatorError
 from farworker.coordinator.app import Settings
 from farworker.coordinator.service import RunningCoordinator
-from farworker.coordinator.services import ledger
+from farworker.coordinator.services import ledger, uptime
 from farworker.identity import HEADER_PEER_ID, Identity
 from farworker.outbox import make_record
 
@@ -92,10 +92,16 @@ def test_register_heartbeat_usage_ledger(coordinator, keys):
 
 
 def test_uptime_formula():
-    assert ledger.uptime_fraction(0, 0.0, 0.0, 30) == 1.0  # just registered
-    assert ledger.uptime_fraction(0, 0.0, 61.0, 30) == pytest.approx(1 / 3)
-    assert ledger.uptime_fraction(2, 0.0, 61.0, 30) == 1.0
-    assert ledger.uptime_fraction(50, 0.0, 61.0, 30) == 1.0
+    # judged over completed slots from the first up slot, the current one once it is up
+    assert ledger.uptime_basis(None, 0, False) == 0 and ledger.uptime_fraction(0, 0) == 1.0  # just registered
+    assert ledger.uptime_basis(None, ledger.NEW_WORKER_INTERVALS, False) == 0  # never up: not judged yet
+    assert ledger.uptime_basis(None, 9, False) == 8  # then over slots 1..8 (0 is the registration's)
+    assert ledger.uptime_fraction(0, 8) == 0.0
+    assert ledger.uptime_basis(4, 10, False) == 6 and ledger.uptime_basis(4, 10, True) == 7
+    assert ledger.uptime_fraction(3, 6) == pytest.approx(0.5)
+    assert ledger.uptime_fraction(50, 6) == 1.0
+    assert ledger.is_new(None, 100) and ledger.is_new(4, ledger.NEW_WORKER_INTERVALS - 1)
+    assert not ledger.is_new(4, ledger.NEW_WORKER_INTERVALS)
 
 
 def test_fast_beats_do_not_buy_uptime(coordinator, worker):
@@ -123,8 +129,9 @@ def test_uptime_is_observed_not_bought_by_beating_fast(tmp_path, keys):
     for k in range(1, 121):
         store.heartbeat(worker_id, heartbeat(), t0 + 15 * k)
     row = store.worker_row(worker_id)
-    uptime = ledger.uptime_fraction(row["heartbeat_count"], row["registered_at"], t0 + 3600, 30.0)
-    assert uptime == pytest.approx(61 / 121)  # slots 0..60 of 0..120
+    up = uptime.observe(store, row, with_dht=False, now=t0 + 3600)
+    assert (up.up, up.basis, up.new) == (60, 119, False)  # slots 1..60 of the completed 1..119
+    assert up.fraction == pytest.approx(60 / 119)
     assert ledger.is_offline(row["last_heartbeat_at"], t0 + 3600, 30.0)
     assert not ledger.is_offline(row["last_heartbeat_at"], t0 + 1800 + 30, 30.0)
     store.close()

@@ -1,5 +1,7 @@
 """The README's main job (`farworker demo`) and the operator's preflight (`farworker check`), run for real."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -15,15 +17,34 @@ def farworker(*args, env=None, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_demo_generates_matching_tokens_and_shows_the_ledger():
+def test_demo_speaks_text_generates_matching_tokens_and_shows_the_ledger():
     result = farworker("demo", "--max-tokens", "6")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "match      YES" in out
     assert out.count("route      blocks") == 2
-    # Two requests: a 1-token warm-up and the 6-token one, 8 prompt tokens each; the last token is never fed back.
+    lines = out.splitlines()
+    # the text prompt, then its ids; the mesh's text, then its ids; the same for local transformers
+    prompt = lines.index("prompt     'The mesh serves'")
+    prompt_ids = json.loads(lines[prompt + 1].split("ids ", 1)[1])
+    assert len(prompt_ids) == len("The mesh serves")  # the tiny tokenizer is byte-level, no merges
+    mesh = next(i for i, line in enumerate(lines) if line.startswith("mesh       6 tokens in "))
+    assert re.search(r"tokens/s\): '.*'$", lines[mesh]), lines[mesh]
+    assert len(json.loads(lines[mesh + 1].split("ids ", 1)[1])) == 6
+    local = next(i for i, line in enumerate(lines) if line.startswith("local      transformers greedy: "))
+    assert lines[mesh].split("tokens/s): ", 1)[1] == lines[local].split("greedy: ", 1)[1]  # the same text
+    # Two requests: a 1-token warm-up and the 6-token one; the last token is never fed back.
     ledger = out.split("ledger")[1].splitlines()[1:3]
-    assert [int(line.split()[2]) for line in ledger] == [8 + 8 + 6 - 1] * 2, out
+    n = len(prompt_ids)
+    assert [int(line.split()[2]) for line in ledger] == [n + n + 6 - 1] * 2, out
+    # workers online since the start: "new", or observed up at least 95 % of the time
+    for line in ledger:
+        uptime = line.split()[-1]
+        assert uptime == "new" or float(uptime.rstrip("%")) >= 95, line
+    # no library warnings on either stream (FutureWarning, UserWarning, transformers' added-tokens advice)
+    noise = [line for line in (out + result.stderr).splitlines()
+             if "Warning" in line or "Special tokens have been added" in line]
+    assert not noise, noise
 
 
 def test_check_reports_each_item_warns_on_the_api_and_fails_on_an_unreachable_peer(bootstrap_peer, tmp_path):
@@ -48,3 +69,20 @@ def test_check_reports_each_item_warns_on_the_api_and_fails_on_an_unreachable_pe
     result = farworker("check", env={**env, "FARLABS_DHT_BOOTSTRAP": closed})
     assert "FAIL bootstrap peers: 0 of 1 reachable" in result.stdout
     assert result.returncode == 1
+
+
+def test_a_first_demo_builds_the_tiny_model_without_library_warnings(tmp_path):
+    """On a fresh machine the demo first builds the tiny checkpoint, then tokenizes and generates locally: transformers
+    imported outside petals' import warned FutureWarning twice, and the tokenizer's load gave its advice."""
+    script = ("import pathlib, sys\n"
+              "from farworker.tiny_model import ensure_tiny_checkpoint\n"
+              "from farworker.local_reference import generate_locally, tokenize_locally\n"
+              "model = str(ensure_tiny_checkpoint(pathlib.Path(sys.argv[1])))\n"
+              "ids, _ = tokenize_locally(model, 'The mesh serves')\n"
+              "print(generate_locally(model, ids, 2))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=base_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    noise = [line for line in (result.stdout + result.stderr).splitlines()
+             if "Warning" in line or "Special tokens have been added" in line]
+    assert not noise, noise

@@ -144,10 +144,14 @@ def test_uptime_counts_one_healthy_beat_per_slot(store):
     worker_id = beating_worker(store)
     row = store.worker_row(worker_id)
     assert row["heartbeat_count"] == 3  # slots 1, 2 and 4
-    # at T0 + 130: 1 + floor(130 / 30) = 5 slots expected (0..4); up: the registration's + 3 -> 4 / 5
+    # at T0 + 130 (slot 4, up already): judged over slots 1..4, first up 1; up 1, 2 and 4 -> 3 / 4
     assert uptime.up_intervals(store, row, with_dht=False) == 3
-    assert ledger.uptime_fraction(3, T0, T0 + 130, INTERVAL) == pytest.approx(0.8)
-    assert figures_at(workers_of(store), worker_id, T0 + 130)["uptime_pct"] == pytest.approx(80.0)
+    assert uptime.observe(store, row, with_dht=False, now=T0 + 130) == uptime.ObservedUptime(up=3, basis=4, new=True)
+    assert figures_at(workers_of(store), worker_id, T0 + 130)["uptime_pct"] == pytest.approx(75.0)
+    # at T0 + 170 (slot 5, no beat yet: not counted until it ends), then T0 + 185 (slot 5 over, missed)
+    assert uptime.observe(store, row, with_dht=False, now=T0 + 170).fraction == pytest.approx(3 / 4)
+    later = uptime.observe(store, row, with_dht=False, now=T0 + 185)
+    assert (later.basis, later.new, later.fraction) == (5, False, pytest.approx(3 / 5))
 
 
 def test_with_a_dht_view_a_slot_needs_the_beat_and_the_span_online(store):
@@ -205,3 +209,38 @@ def test_a_coordinator_named_for_a_model_refuses_workers_of_another(store):
     named.check_model(MODEL)
     named.check_model(f"/srv/models/{MODEL}")  # a local checkpoint directory of it: the same DHT prefix
     Workers(store, Settings(db_path=store.path)).check_model("meta-llama/Llama-2-70b-chat-hf")  # names none: any
+
+
+def test_uptime_counts_from_the_first_up_slot_so_loading_is_not_downtime(store):
+    """Loading for slots 1-3 (beats, no span ONLINE), then up in every slot 4..10: 100 %, not new. Before, the
+    loading slots and the slot in progress counted as down: 8 / 12 at the same moment."""
+    worker_id = store.register(registration(), T0, INTERVAL)
+    for slot in range(1, 11):
+        beat(store, worker_id, T0 + slot * INTERVAL + 1)
+        if slot >= 4:
+            store.record_online({worker_id: slot})
+    row = store.worker_row(worker_id)
+    seen = uptime.observe(store, row, with_dht=True, now=T0 + 11 * INTERVAL + 5)  # slot 11 just begun
+    assert (seen.up, seen.basis, seen.new, seen.fraction) == (7, 7, False, 1.0)
+    # a restart later (registered again, same worker) does not move the start: its loading counts as down
+    store.register(registration(), T0 + 11 * INTERVAL + 6, INTERVAL)
+    later = uptime.observe(store, store.worker_row(worker_id), with_dht=True, now=T0 + 14 * INTERVAL + 5)
+    assert (later.up, later.basis) == (7, 10)
+
+
+def test_a_worker_up_every_other_slot_reads_half(store):
+    worker_id = store.register(registration(), T0, INTERVAL)
+    for slot in range(1, 21, 2):  # up in odd slots only
+        beat(store, worker_id, T0 + slot * INTERVAL + 1)
+        store.record_online({worker_id: slot})
+    seen = uptime.observe(store, store.worker_row(worker_id), with_dht=True, now=T0 + 21 * INTERVAL + 5)
+    assert (seen.up, seen.basis, seen.new) == (10, 20, False)
+    assert figures_at(workers_of(store), worker_id, T0 + 21 * INTERVAL + 5)["uptime_pct"] == pytest.approx(50.0)
+
+
+def test_a_worker_never_seen_up_is_new_and_earns_nothing(store):
+    worker_id = store.register(registration(), T0, INTERVAL)
+    for slot in range(1, 9):  # beats, never ONLINE in the DHT
+        beat(store, worker_id, T0 + slot * INTERVAL + 1)
+    seen = uptime.observe(store, store.worker_row(worker_id), with_dht=True, now=T0 + 9 * INTERVAL + 5)
+    assert (seen.up, seen.new, seen.fraction) == (0, True, 0.0)

@@ -102,7 +102,7 @@ def test_round_trip_heartbeats_and_ledger(mesh):
         lambda: (
             (ws := requests.get(f"{mesh.url}/v1/workers", timeout=10).json()["workers"])
             and len(ws) == 2
-            and all(w["state"] == "online" and len(steady_beats(w["worker_id"])) >= 3 for w in ws)
+            and all(w["state"] == "online" and len(steady_beats(w["worker_id"])) >= 5 for w in ws)
             and ws
         ),
         60,
@@ -114,8 +114,11 @@ def test_round_trip_heartbeats_and_ledger(mesh):
         assert c.store.heartbeats(w["worker_id"])[0]["state"] == "joining"  # registered before online
         beats = steady_beats(w["worker_id"])
         gaps = [b["received_at"] - a["received_at"] for a, b in zip(beats, beats[1:], strict=False)]
-        # at the coordinator's interval: never faster, late only as far as a loaded machine makes it
-        assert gaps and min(gaps) >= 0.5 * INTERVAL and sorted(gaps)[len(gaps) // 2] <= 2 * INTERVAL, gaps
+        # at the coordinator's interval, on a grid from the registration (reporting.next_beat_time): never faster
+        # (a beat late on a loaded machine is followed by the next on the grid, sooner than an interval after it,
+        # so the count tells, not each gap), late only as far as a loaded machine makes it
+        assert gaps and len(gaps) <= sum(gaps) / INTERVAL + 1, gaps
+        assert sorted(gaps)[len(gaps) // 2] <= 2 * INTERVAL, gaps
         last = beats[-1]
         assert last["state"] == "online" and last["gpus"] == []  # a CPU host: empty telemetry list
         assert set(last["counters"]) == {"requests", "inference_steps", "tokens_processed", "errors"}

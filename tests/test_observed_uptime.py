@@ -81,6 +81,24 @@ def test_a_quarantined_worker_earns_no_uptime_from_its_quarantine_on(tmp_path):
     assert after["reliability"] == 0.0
 
 
+def test_a_worker_beating_half_the_time_reads_half_and_a_fresh_one_reads_new(tmp_path):
+    """The adversary's side of judging uptime from the first up slot over completed slots: a worker that beats in
+    every other interval still reads about 50 %, not "new" and not 100 %."""
+    with RunningCoordinator(Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=1.0)) as c:
+        client, worker_id = register_liar(c.url)
+        fresh = view(c.url, worker_id)
+        start = time.monotonic()
+        for i in range(14):  # 14 intervals, beating in the even ones only
+            if i % 2 == 0:
+                client.heartbeat(worker_id, heartbeat(blocks=(0, 4)))
+            time.sleep(max(0.0, start + (i + 1) * 1.0 - time.monotonic()))
+        flaky = view(c.url, worker_id)
+    assert fresh["uptime_new"] is True and fresh["up_intervals"] == 0
+    assert flaky["uptime_new"] is False and flaky["uptime_intervals"] >= 10
+    assert 35.0 <= flaky["uptime_pct"] <= 65.0, flaky
+    assert flaky["reliability"] <= 0.65
+
+
 @pytest.mark.slow
 @FILTER_P2P_DEL
 def test_beats_without_blocks_online_in_the_dht_earn_no_uptime(tmp_path, tiny_model, bootstrap_peer, start_workers):
@@ -126,6 +144,10 @@ def test_beats_without_blocks_online_in_the_dht_earn_no_uptime(tmp_path, tiny_mo
     # the honest worker earned (nearly) every interval of the same window; a late beat on a loaded machine may
     # miss an interval's boundary
     assert honest_after["up_intervals"] - honest_before >= WINDOW - 3, (honest_before, honest_after)
+    # up since it came online (its loading before is not downtime), judged over more than the new worker's slots
+    assert honest_after["uptime_new"] is False, honest_after
+    assert honest_after["uptime_pct"] >= 95.0, (honest_after["up_intervals"], honest_after["uptime_intervals"])
+    assert liar["uptime_new"] is True  # never seen up
     # its beats after it left count as beats, not as uptime (but for the interval it stopped in)
     assert ghost_after["heartbeat_count"] - ghost_before["heartbeat_count"] >= WINDOW // 2 - 2
     assert ghost_after["up_intervals"] - ghost_before["up_intervals"] <= 1, (ghost_before, ghost_after)

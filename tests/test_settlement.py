@@ -56,21 +56,22 @@ def test_pending_turns_settled_after_the_window(store):
     assert amounts(figures_at(workers, worker_id, T0 + 10)) == pytest.approx((0.0, 0.1, 0.0))
     assert amounts(figures_at(workers, worker_id, T0 + 109.9)) == pytest.approx((0.0, 0.1, 0.0))
     assert amounts(figures_at(workers, worker_id, T0 + 110)) == pytest.approx((0.1, 0.0, 0.0))  # 100 s old
-    # a second claim at T0 + 50 (still slot 1 without a beat: uptime (0 + 1) / 2 = 0.5: 0.05 $FAR), attested
-    workers.add_usage(worker_id, [record(100, blocks=(0, 4), n=2)], T0 + 50)
+    # a second claim at T0 + 95 (slot 3; up in slot 1, not in slot 2: uptime 1 / 2 = 0.5: 0.05 $FAR), attested
+    store.heartbeat(worker_id, {"state": "online", "blocks": [0, 4]}, T0 + 35)
+    workers.add_usage(worker_id, [record(100, blocks=(0, 4), n=2)], T0 + 95)
     route(store, (0, 4), 100, n=1)
     f = figures_at(workers, worker_id, T0 + 120)
     assert amounts(f) == pytest.approx((0.1, 0.05, 0.0)) and f["earnings_far"] == pytest.approx(0.15)
-    assert amounts(figures_at(workers, worker_id, T0 + 150)) == pytest.approx((0.15, 0.0, 0.0))
+    assert amounts(figures_at(workers, worker_id, T0 + 195)) == pytest.approx((0.15, 0.0, 0.0))
 
 
 def test_a_quarantine_forfeits_what_is_pending_and_keeps_what_settled(store):
     workers = workers_of(store, settle_after_s=WINDOW)
     worker_id = store.register(stored_registration(), T0, INTERVAL)
     workers.add_usage(worker_id, [record(100, blocks=(0, 4), n=1)], T0 + 10)  # 0.1 $FAR, settles at T0 + 110
-    store.heartbeat(worker_id, {"state": "online", "blocks": [0, 4]}, T0 + 140)  # slot 4 up: uptime 2 / 5
-    # at T0 + 150 (slot 5: (1 + 1) / 6 up): 100 tokens on 0:4 x 1/3 = 0.0333 $FAR, settles at T0 + 250
-    workers.add_usage(worker_id, [record(100, blocks=(0, 4), n=2)], T0 + 150)
+    store.heartbeat(worker_id, {"state": "online", "blocks": [0, 4]}, T0 + 35)  # slot 1 up
+    # at T0 + 125 (slot 4: up in 1 of slots 1..3): 100 tokens on 0:4 x 1/3 = 0.0333 $FAR, settles at T0 + 225
+    workers.add_usage(worker_id, [record(100, blocks=(0, 4), n=2)], T0 + 125)
     route(store, (0, 4), 200)  # all 800 token-blocks attested
     assert amounts(figures_at(workers, worker_id, T0 + 199)) == pytest.approx((0.1, 0.1 / 3, 0.0))
     quarantine(store, worker_id, T0 + 200)  # caught before the second claim settled
@@ -92,7 +93,7 @@ def test_a_worker_that_cheated_from_the_start_settles_nothing(store):
         assert amounts(f) == pytest.approx((0.0, 0.0, 0.16)), now  # 160 tokens x 1 x 0.001: all forfeited
 
 
-@pytest.mark.parametrize("quarantined_at", [None, T0 + 150])
+@pytest.mark.parametrize("quarantined_at", [None, T0 + 160])
 def test_settled_pending_and_forfeited_add_up_to_what_was_paid_before_settlement(store, quarantined_at):
     """Two price tiers, half covered, the rest paid at an unvouched rate of 0.5: the three amounts add up to the
     paid formula (ledger.paid_far over all payable claims, what earnings_far was before settlement) at every time,
@@ -101,17 +102,19 @@ def test_settled_pending_and_forfeited_add_up_to_what_was_paid_before_settlement
     worker_id = store.register(stored_registration(), T0, INTERVAL)
     # claim 1 at T0 + 10, reliability 1: 0.1 $FAR for 400 token-blocks (0.00025 per token-block)
     workers.add_usage(worker_id, [record(100, blocks=(0, 4), n=1)], T0 + 10)
-    # claim 2 at T0 + 95, no beat in slots 1..3: uptime 1 / 4: 0.025 $FAR for 400 token-blocks (the cheap tier)
-    workers.add_usage(worker_id, [record(100, blocks=(0, 4), n=2)], T0 + 95)
+    # claim 2 at T0 + 155 (slot 5), up in 1 of slots 1..4: uptime 1 / 4: 0.025 $FAR for 400 token-blocks (the
+    # cheap tier)
+    store.heartbeat(worker_id, {"state": "online", "blocks": [0, 4]}, T0 + 35)
+    workers.add_usage(worker_id, [record(100, blocks=(0, 4), n=2)], T0 + 155)
     route(store, (0, 4), 100)  # 400 of 800 token-blocks attested: claim 2 in full, claim 1 at the rate, 0.05
     if quarantined_at is not None:
         quarantine(store, worker_id, quarantined_at)
     expected = {  # (settled, pending, forfeited) by time
         T0 + 20: (0.0, 0.075, 0.0),
         T0 + 110: (0.05, 0.025, 0.0),  # claim 1 settled
-        T0 + 200: (0.075, 0.0, 0.0),  # both
+        T0 + 260: (0.075, 0.0, 0.0),  # both
     } if quarantined_at is None else {
-        T0 + 200: (0.05, 0.0, 0.025),  # at T0 + 150 claim 1 had settled, claim 2 had not
+        T0 + 200: (0.05, 0.0, 0.025),  # at T0 + 160 claim 1 had settled, claim 2 had not
     }
     for now, figures in expected.items():
         f = figures_at(workers, worker_id, now)

@@ -65,7 +65,8 @@ CARDS = [
     },
 ]
 
-ANSWER = {"earn_rate_far_per_hour": 3.6e-05, "reliability": 0.987654, "uptime_pct": 98.765, "heartbeat_interval": 15}
+ANSWER = {"earn_rate_far_per_hour": 3.6e-05, "reliability": 0.987654, "uptime_pct": 98.765, "heartbeat_interval": 15,
+          "uptime_new": False, "quarantined": None, "settled_far": 0.25, "pending_far": 0.5, "forfeited_far": 0.0}
 
 
 # What GPU 0 reports while the status fixture's worker runs: two double-bit ECC errors, then a row remap.
@@ -217,6 +218,10 @@ def test_status_lines_show_each_gpu_and_the_earn_rate(status):
     status = {**status, "updated_at": 1000.0, "last_heartbeat": {**status["last_heartbeat"], "at": 988.0}}
     lines = format_status(status, now=1000.0)
     assert "last heartbeat 12 s ago: earn rate 3.6e-05 $FAR/h, reliability 0.99, uptime 98.8%" in lines
+    new = {**status, "last_heartbeat": {**status["last_heartbeat"],
+                                        "answer": {**ANSWER, "uptime_new": True, "uptime_pct": 40.0}}}
+    assert ("last heartbeat 12 s ago: earn rate 3.6e-05 $FAR/h, uptime new (the coordinator has observed too little "
+            "to judge it)") in format_status(new, now=1000.0)
     assert "usage outbox   5 records waiting" in lines
     assert "open sessions  2" in lines
     gpu_lines = [line for line in lines if line.startswith("GPU")]
@@ -339,6 +344,10 @@ def _check_exposition(exposition: str, status: dict) -> None:
     assert plain["farworker_reliability"] == pytest.approx(0.987654)
     assert plain["farworker_uptime_pct"] == pytest.approx(98.765)
     assert plain["farworker_last_heartbeat_timestamp_seconds"] == pytest.approx(status["last_heartbeat"]["at"])
+    assert plain["farworker_uptime_new"] == 0 and plain["farworker_quarantined"] == 0
+    earnings = {s.labels["status"]: s.value for f in text_string_to_metric_families(exposition)
+                for s in f.samples if s.name == "farworker_earnings_far"}
+    assert earnings == {"settled": 0.25, "pending": 0.5, "forfeited": 0.0}
 
 
 def test_metrics_registry_has_dcgm_gauges_per_gpu(state_dir):

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from farworker.coordinator import http
 from farworker.coordinator.errors import ApiError
+from farworker.coordinator.metrics import CoordinatorCollector
 from farworker.coordinator.routers import ledger, openai, page, workers
 from farworker.coordinator.runtime import Runtime
 from farworker.coordinator.schemas.common import ErrorResponse
@@ -88,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
     store.write_refusals.export(app.state.metrics)  # whether the ledger database refuses writes (disk full)
     app.state.workers = Workers(store, settings)
     app.state.registration_gate = RegistrationGate(settings, store)  # floods shed (services/registration.py)
+    app.state.metrics.register(CoordinatorCollector(app.state.workers))
     runtime = app.state.runtime = Runtime(settings, store, app.state.workers, app.state.metrics)
     # its parts, for operators and tests (None where not configured)
     app.state.mesh, app.state.routed_checks = runtime.mesh, runtime.routed_checks

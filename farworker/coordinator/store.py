@@ -472,6 +472,16 @@ class Store:
             sql, args = sql + " AND slot >= ?", [*args, from_slot]
         return int(self._read(sql, args)[0]["n"])
 
+    def first_slot(self, worker_id: str, online: bool, before: int | None = None) -> int | None:
+        """The first slot with a counted beat (and, ``online``, the span seen ONLINE), optionally before ``before``."""
+        sql = "SELECT MIN(slot) AS s FROM uptime_slots WHERE worker_id = ? AND beat = 1"
+        args: list = [worker_id]
+        if online:
+            sql += " AND online = 1"
+        if before is not None:
+            sql, args = sql + " AND slot < ?", [*args, before]
+        return self._read(sql, args)[0]["s"]
+
     # --- ledger -------------------------------------------------------------------------------------
     def add_usage(self, worker_id: str, records: list[dict], now: float, share_of, reliability: float,
                   far_per_token: float) -> list[str]:

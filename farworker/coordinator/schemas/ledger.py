@@ -56,7 +56,13 @@ class WorkerView(BaseModel):
     forfeited_far: float = Field(description="of earnings_far, what was still pending when the worker was "
                                  "quarantined: never paid")
     reliability: float = Field(description="observed uptime, scaled down by the attested share on an over-claim")
-    uptime_pct: float = Field(description="100 x (up_intervals + 1) / intervals since registration (its own counts)")
+    uptime_pct: float = Field(description="100 x up_intervals / uptime_intervals (100 while there are none); "
+                              "provisional while uptime_new")
+    uptime_intervals: int = Field(default=0, description="the heartbeat intervals uptime is judged over: each "
+                                  "completed one since the worker was first up, and the current one once it is up")
+    uptime_new: bool = Field(default=False, description="true until the worker has been seen up and judged over 5 "
+                             "intervals: its uptime and reliability read \"new\" (provisional), not a measure of "
+                             "flakiness; a worker never seen up stays new, at 0 % once 5 intervals have passed")
     up_intervals: int = Field(description="heartbeat intervals after the registration's counted as up: a healthy "
                               "beat in it and, with uptime_basis beats_and_dht, its whole span seen ONLINE in the "
                               "DHT in it; none from a quarantine on")

@@ -16,6 +16,8 @@ class HeartbeatResponse(BaseModel):
     earn_rate_far_per_hour: float
     reliability: float = Field(description="0..1; uptime share from heartbeats")
     uptime_pct: float
+    uptime_new: bool = Field(default=False, description="true while too little is observed to judge uptime: "
+                             "uptime_pct and reliability are provisional")
     heartbeat_interval: float
     quarantined: str | None = Field(
         default=None, description="why the coordinator quarantined this worker (a failed spot check): paid "

@@ -12,6 +12,7 @@ ATTESTED_SLACK_SHARE = 0.02
 PROBE_BLOCKS = 1  # a spot check's probe runs through one block: its tokens attest that many token-blocks
 OFFLINE_AFTER_INTERVALS = 3
 OFFLINE_SLACK_S = 10.0
+NEW_WORKER_INTERVALS = 5  # slots judged before a worker's uptime stops reading "new"
 
 
 def interval_slot(registered_at: float, at: float, interval: float) -> int:
@@ -25,11 +26,29 @@ def is_offline(last_seen: float, now: float, interval: float) -> bool:
     return now - last_seen > OFFLINE_AFTER_INTERVALS * interval + OFFLINE_SLACK_S
 
 
-def uptime_fraction(heartbeats: int, registered_at: float, now: float, interval: float) -> float:
-    """(up intervals + 1 for the registration) / intervals since registration, at most 1."""
-    elapsed = max(0.0, now - registered_at)
-    expected = 1 + math.floor(elapsed / interval)
-    return min(1.0, (heartbeats + 1) / expected)
+def uptime_basis(first_up_slot: int | None, current_slot: int, current_up: bool) -> int:
+    """The slots a worker's uptime is judged over: every completed slot from its first up slot on (before it the
+    worker was loading, and served nobody; slot 0 is the registration's, never recorded), and the current slot
+    once it is up (it cannot be down before it ends). A slot in progress without its beat yet is not a missed one:
+    counting it made a worker up all along read 1 - 1/intervals (43 % after a few seconds on 2 s intervals).
+
+    A worker never seen up is judged only once NEW_WORKER_INTERVALS slots after the registration's have ended (then
+    over all of them, at 0 %): until then nothing is judged (100 %, as the registration's own slot always was), so
+    an honest worker's first claims, sent before the DHT watch's first look at it, are not credited at 0."""
+    if first_up_slot is None:
+        return current_slot - 1 if current_slot > NEW_WORKER_INTERVALS else 0
+    return max(0, current_slot - first_up_slot) + (1 if current_up else 0)
+
+
+def uptime_fraction(up_slots: int, basis_slots: int) -> float:
+    """Up slots / slots judged over, at most 1; 1 while there is nothing to judge (the registration's own slot)."""
+    return 1.0 if basis_slots <= 0 else min(1.0, up_slots / basis_slots)
+
+
+def is_new(first_up_slot: int | None, basis_slots: int) -> bool:
+    """Too little observed to say: never seen up, or up for fewer than NEW_WORKER_INTERVALS slots. A new worker's
+    uptime reads "new" (its figure is provisional), so nobody reads a worker of a few seconds as flaky."""
+    return first_up_slot is None or basis_slots < NEW_WORKER_INTERVALS
 
 
 def beat_slot(registered_at: float, counted_beat_at: float | None, now: float, interval: float,

@@ -85,8 +85,12 @@ class Workers:
     def up_intervals(self, row) -> int:
         return uptime.up_intervals(self.store, row, self.watches_dht)
 
+    def observed_uptime(self, row, now: float) -> uptime.ObservedUptime:
+        return uptime.observe(self.store, row, self.watches_dht, now)
+
     def uptime(self, row, now: float) -> float:
-        return ledger.uptime_fraction(self.up_intervals(row), row["registered_at"], now, row["heartbeat_interval"])
+        """The reliability a claim arriving now is credited at (before any over-claim scaling)."""
+        return self.observed_uptime(row, now).fraction
 
     def live_state(self, row, now: float) -> str:
         return uptime.live_state(row, self.store.quarantine_of(row["worker_id"]) is not None, now)
@@ -98,9 +102,12 @@ class Workers:
         totals = self.totals(row["worker_id"], now - window, now)
         checks = self.routed_checks.view(row["worker_id"]) if self.routed_checks is not None else NO_ROUTED_CHECKS
         audits = self.session_audits.view(row["worker_id"]) if self.session_audits is not None else NO_SESSION_AUDITS
+        observed = self.observed_uptime(row, now)
         return {
-            **ledger.figures(totals, self.uptime(row, now), window, self.settings.pay_unvouched_rate),
-            "up_intervals": self.up_intervals(row),
+            **ledger.figures(totals, observed.fraction, window, self.settings.pay_unvouched_rate),
+            "up_intervals": observed.up,
+            "uptime_intervals": observed.basis,
+            "uptime_new": observed.new,
             "uptime_basis": "beats_and_dht" if self.watches_dht else "beats",
             **self.store.probe_summary(row["worker_id"]),
             **checks,
