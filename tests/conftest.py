@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,25 @@ from farworker.local_mesh import (  # noqa: E402
     start_worker,
     stop_all,
 )
+
+
+def _one_ast_parse_at_a_time() -> None:
+    """CPython 3.11 keeps the AST builder's recursion depth once per interpreter, not per thread. Two threads inside
+    ast.parse at once, each switched out by a finalizer that releases the GIL, leave each other's count behind:
+    "SystemError: AST constructor recursion depth mismatch". Here that is pytest rewriting a module it imports (the
+    hypothesis plugin's, at the session's end) while a coordinator thread loads the petals client (torch.jit.script
+    parses source). Reproduced with three threads parsing beside finalizers that sleep(0): 1 error in 40 s, and 0
+    with this lock. A test process only: the product parses nothing while it serves."""
+    parse, lock = ast.parse, threading.RLock()
+
+    def parse_alone(*args, **kwargs):
+        with lock:
+            return parse(*args, **kwargs)
+
+    ast.parse = parse_alone
+
+
+_one_ast_parse_at_a_time()
 
 CLOSED_API = "http://127.0.0.1:9"  # discard port: nothing listens; workers keep serving and retry
 

@@ -25,11 +25,16 @@ def models_and_blocks(views: list[WorkerView], model_blocks: dict[str, int], ser
     return sizes
 
 
-def block_holders(views: list[WorkerView], model: str, total_blocks: int) -> list[int]:
-    """Per block of ``model``, how many serving workers hold it."""
+def holders_per_block(workers: list[WorkerView], total_blocks: int) -> list[int]:
+    """Per block, how many of ``workers`` (one model's) serve it now."""
     holders = [0] * total_blocks
-    for worker in views:
-        if worker.model_name == model and serving(worker):
+    for worker in workers:
+        if serving(worker):
             for block in range(max(0, worker.blocks[0]), min(total_blocks, worker.blocks[1])):
                 holders[block] += 1
     return holders
+
+
+def block_holders(views: list[WorkerView], model: str, total_blocks: int) -> list[int]:
+    """Per block of ``model``, how many serving workers hold it."""
+    return holders_per_block([w for w in views if w.model_name == model], total_blocks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from farworker.coordinator.schemas.ledger import WorkerView
+from farworker.coordinator.services.coverage import holders_per_block, serving
 from farworker.coordinator.services.hosts import group_by_host
 
 LAST_ROUTES = 10  # completions shown in "last routes"
@@ -19,23 +20,11 @@ def short_wallet(address: str) -> str:
     return f"{address[:6]}…{address[-4:]}" if len(address) > 12 else "…"
 
 
-def serving(worker: WorkerView) -> bool:
-    """Holds its span for clients now: online as the coordinator observes it (not offline, not quarantined) and
-    healthy by its own last beat."""
-    return worker.state == "online" and worker.blocks is not None and (worker.last_heartbeat or {}).get(
-        "healthy", True) is not False
-
-
 def coverage(workers: list[WorkerView], total_blocks: int | None) -> list[dict]:
     """Per block of the served model: how many serving workers hold it (0 is a gap: no route through the model)."""
     if not total_blocks:
         return []
-    holders = [0] * total_blocks
-    for worker in workers:
-        if serving(worker):
-            for block in range(max(0, worker.blocks[0]), min(total_blocks, worker.blocks[1])):
-                holders[block] += 1
-    return [{"block": block, "holders": n} for block, n in enumerate(holders)]
+    return [{"block": block, "holders": n} for block, n in enumerate(holders_per_block(workers, total_blocks))]
 
 
 def worker_row(worker: WorkerView, hide_wallets: bool) -> dict:
