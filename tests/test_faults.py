@@ -1,5 +1,6 @@
 """Faults done to a real `farworker run`, as an operator's bad day would: each kind of child process killed,
-idle and with a petals session open, and SIGTERM after the DHT died.
+idle and with a petals session open, with a notify socket and without (the matrix of docs/faults.md), and
+SIGTERM after the DHT died.
 
 The policy under test (README, "Under systemd"): the death of any child (handler, DHT process, either p2pd,
 torch_shm_manager) is seen within one health period; the worker stops as on SIGTERM (usage kept) and exits
