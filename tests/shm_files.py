@@ -17,15 +17,25 @@ import psutil
 SHM_DIR = "/dev/shm"
 
 
-def torch_files_of(pids) -> set[str]:
-    """Names of the torch files in /dev/shm created by one of ``pids``."""
+def torch_files_of(pids, since: float | None = None) -> set[str]:
+    """Names of the torch files in /dev/shm created by one of ``pids``; with ``since`` (a time.time()), only
+    those made from then on: pids are reused, and a file a long-gone process left under one of our pids is
+    not ours (seen: a file 3 hours old under the pid of a worker's child)."""
     prefixes = tuple(f"torch_{pid}_" for pid in pids)
     if not prefixes:
         return set()
     try:
-        return {entry.name for entry in os.scandir(SHM_DIR) if entry.name.startswith(prefixes)}
+        return {entry.name for entry in os.scandir(SHM_DIR)
+                if entry.name.startswith(prefixes) and (since is None or _changed_at(entry) >= since)}
     except OSError:
         return set()
+
+
+def _changed_at(entry: os.DirEntry) -> float:
+    try:
+        return entry.stat().st_ctime
+    except FileNotFoundError:  # removed meanwhile
+        return float("-inf")
 
 
 class TreePids:
