@@ -14,9 +14,14 @@ DEFAULT_SAMPLE_ROUTED = 0.05  # one routed completion in 20 (docs/trust.md, "Spo
 DEFAULT_SETTLE_AFTER_S = 86400.0  # a day: time for audits and probes to catch a cheater before it is paid
 
 
+def is_database_url(target) -> bool:
+    """A database URL (postgresql://...) rather than a SQLite file path."""
+    return isinstance(target, str) and "://" in target
+
+
 @dataclass
 class Settings:
-    db_path: Path
+    db_path: Path | str  # a SQLite file, or a postgresql:// URL (the store several coordinators share)
     heartbeat_interval_s: float = 30.0
     signature_window_s: int = 60
     max_body_bytes: int = 1 << 20
@@ -47,7 +52,8 @@ class Settings:
     settle_after_s: float = DEFAULT_SETTLE_AFTER_S
 
     def __post_init__(self):
-        self.db_path = Path(self.db_path)
+        if not is_database_url(self.db_path):
+            self.db_path = Path(self.db_path)
         if not self.settle_after_s >= 0:  # NaN too
             raise ValueError(f"settle_after_s must be 0 or more seconds, got {self.settle_after_s}")
         self.initial_peers = tuple(self.initial_peers)
