@@ -280,3 +280,46 @@ def test_a_sqlite_ledger_from_before_versioning_migrates_in_place(tmp_path, fixt
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
+
+
+# --- copy-ledger ------------------------------------------------------------------------------------------------
+def copy_ledger(*args: str):
+    from click.testing import CliRunner
+
+    from farworker.coordinator.command import coordinator_command
+
+    return CliRunner().invoke(coordinator_command, ["copy-ledger", *args])
+
+
+def test_copy_ledger_moves_a_sqlite_ledger_into_postgres_and_checks_the_totals(tmp_path, postgres_server):
+    source = legacy_ledger(tmp_path, "ledger_main_8785fc5.sql")  # a ledger as main's store wrote it
+    s = Store(source)
+    s.add_usage(LEGACY_WORKER, [record(30, n=2)], T0 + 40, HALF, 1.0, 0.001)  # 30 x 0.5 x 0.001 = 0.015 $FAR
+    s.close()
+    url = postgres_server.new_database()
+    result = copy_ledger("--from", str(source), "--to", url)
+    assert result.exit_code == 0, result.output
+    for line in ("ok       usage rows: 2 -> 2", "ok       usage tokens: 130 -> 130", "ok       heartbeats rows: 1 -> 1",
+                 "ok       receipts tokens: 20 -> 20", f"ok       {LEGACY_WORKER} routed_tokens: 40 -> 40"):
+        assert line in result.output.splitlines()
+    assert result.output.splitlines()[-1] == "totals match"
+
+    copy = Store(url)  # a working ledger: the same figures, the replay window, sequences that continue
+    totals = copy.ledger_totals(LEGACY_WORKER, since=0, paid_until=T0 + 100)
+    assert (totals["claimed_tokens"], totals["claimed_far"]) == (130, pytest.approx(0.065))
+    assert copy.consume_nonce(LEGACY_PEER, "nonce-1", T0 + 40, 120) is False
+    copy.heartbeat(LEGACY_WORKER, {"state": "online", "healthy": True}, T0 + 95)
+    copy.record_probe(LEGACY_WORKER, T0 + 96, 0, 4, 1e-6, 1e-3, None, quarantine=False)
+    assert copy.counts()["heartbeats"] == 2 and copy.probe_summary(LEGACY_WORKER)["probes"] == 2
+    copy.close()
+
+    again = copy_ledger("--from", str(source), "--to", url)
+    assert again.exit_code == 78 and "already holds a ledger; copy into an empty database" in again.output
+    with psycopg.connect(url, autocommit=True) as conn:  # a row changed behind the tool's back
+        conn.execute("UPDATE usage SET tokens = tokens - 1 WHERE id = %s", (record(30, n=2)["id"],))
+    checked = copy_ledger("--from", str(source), "--to", url, "--verify-only")
+    assert checked.exit_code == 1
+    assert "MISMATCH usage tokens: 130 -> 129" in checked.output.splitlines()
+    assert checked.output.splitlines()[-1] == "totals DIFFER: the copy is not the ledger"
+    wrong = copy_ledger("--from", str(source), "--to", str(tmp_path / "other.sqlite"))
+    assert wrong.exit_code == 78 and "--to must be a postgresql:// URL" in wrong.output

@@ -19,6 +19,16 @@ def is_database_url(target) -> bool:
     return isinstance(target, str) and "://" in target
 
 
+def display_target(target) -> str:
+    """The database for messages and logs: a URL without its password."""
+    text = str(target)
+    if not is_database_url(text) or "@" not in text:
+        return text
+    scheme, rest = text.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else text
+
+
 @dataclass
 class Settings:
     db_path: Path | str  # a SQLite file, or a postgresql:// URL (the store several coordinators share)

@@ -26,7 +26,7 @@ from sqlalchemy.pool import StaticPool
 
 from farworker.coordinator import migrations
 from farworker.coordinator.services import ledger
-from farworker.coordinator.settings import is_database_url
+from farworker.coordinator.settings import display_target, is_database_url
 
 HEARTBEAT_HISTORY = 500  # kept per worker; older beats only live on as counts
 
@@ -50,14 +50,6 @@ def postgres_url(target: str) -> sa.URL:
     if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
         raise ValueError(f"--db accepts a SQLite file path or a postgresql:// URL, got a {url.drivername}:// URL")
     return url.set(drivername="postgresql+psycopg")
-
-
-def display_target(target: str | os.PathLike) -> str:
-    """The database for messages: a URL without its password."""
-    if is_database_url(target):
-        with contextlib.suppress(sa.exc.ArgumentError):
-            return sa.make_url(str(target)).render_as_string(hide_password=True)
-    return str(target)
 
 
 def _sqlite_engine(path: Path) -> sa.Engine:
