@@ -476,6 +476,8 @@ INSERT INTO usage VALUES ('u-1', 'w-old', 's', 0, 2, 7, 1, 101.0, 102.0, 102.0, 
 def test_a_ledger_from_before_null_blocks_opens_and_takes_joining_workers(tmp_path, keys):
     import sqlite3
 
+    import sqlalchemy
+
     db = tmp_path / "old.sqlite"
     old = sqlite3.connect(db)
     old.executescript(_LEDGER_BEFORE_NULL_BLOCKS)
@@ -502,7 +504,7 @@ def test_a_ledger_from_before_null_blocks_opens_and_takes_joining_workers(tmp_pa
     # opened again: nothing left to rebuild, everything still there, and foreign keys enforced
     with RunningCoordinator(Settings(db_path=db, heartbeat_interval_s=2.0)) as running:
         assert len(requests.get(f"{running.url}/v1/workers", timeout=5).json()["workers"]) == 2
-        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        with pytest.raises(sqlalchemy.exc.IntegrityError, match="FOREIGN KEY"):  # the store's errors: SQLAlchemy's
             running.store.add_usage("w-none", [usage_record()], time.time(), lambda s, e: 1.0, 1.0, 0.001)
 
 
