@@ -41,11 +41,15 @@ else
 fi
 if [ "${1:-}" = "--dev" ]; then
   "${install[@]}" -r requirements/dev.txt
-  # tests/test_clock_offset.py shifts a worker's clock with Debian's libfaketime
-  if ! command -v faketime >/dev/null && command -v apt-get >/dev/null; then
+  # tests/test_clock_offset.py shifts a worker's clock with Debian's libfaketime; the store's tests start their own
+  # Postgres server from Debian's postgresql binaries (tests/postgres_server.py; /usr/lib/postgresql/N/bin)
+  wanted=()
+  command -v faketime >/dev/null || wanted+=(faketime)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || wanted+=(postgresql)
+  if [ "${#wanted[@]}" -gt 0 ] && command -v apt-get >/dev/null; then
     sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
-    # a fresh machine's package lists may be empty: update once when the plain install cannot find it
-    "${sudo[@]}" apt-get install -y -q faketime || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q faketime; }
+    # a fresh machine's package lists may be empty: update once when the plain install cannot find them
+    "${sudo[@]}" apt-get install -y -q "${wanted[@]}" || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q "${wanted[@]}"; }
   fi
 fi
 .venv/bin/farworker --version
