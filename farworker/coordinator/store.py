@@ -1,7 +1,7 @@
 """The coordinator's ledger storage, SQL only (the rules deciding what to store live in services/): SQLite, a file
 path and the embedded default, or Postgres, a postgresql:// URL and the store several coordinators share.
 
-SQLAlchemy Core runs the same SQL on both: text() with named parameters, in the subset both speak (ON CONFLICT,
+SQLAlchemy Core runs the same SQL on both: _sql() with named parameters, in the subset both speak (ON CONFLICT,
 RETURNING, CASE); the one difference is Postgres' row lock (FOR UPDATE), which SQLite's single writer makes moot.
 The schema is versioned by Alembic (migrations/) and brought to head on start; a pre-Alembic SQLite ledger migrates
 in place. SQLite: one connection behind a lock, WAL, synchronous=FULL, writes in BEGIN IMMEDIATE (as before).
@@ -13,6 +13,7 @@ then the row count), never by a check-then-insert.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -37,6 +38,8 @@ DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_keys
 COPY_ORDER = ("workers", "heartbeats", "nonces", "usage", "completions", "completion_keys", "completion_route",
               "probes", "receipts", "uptime_slots", "quarantine")
 MIGRATION_LOCK = 0x6661726C65646772  # pg_advisory_xact_lock key: replicas starting at once migrate one at a time
+# A statement's text() parsed once (its bind parameters found by a regex), not at every call.
+_sql = functools.lru_cache(maxsize=512)(text)
 POSTGRES_POOL = {"pool_size": 10, "max_overflow": 20, "pool_timeout": 30, "pool_pre_ping": True}
 
 
@@ -95,7 +98,7 @@ class Store:
     def _migrate(self) -> None:
         with self._lock, self._engine.begin() as conn:
             if self.postgres:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                conn.execute(_sql("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             migrations.upgrade_to_head(conn)
         if not self.postgres:
             # after migrating, outside a transaction (where SQLite ignores it), on the one connection: as before,
@@ -122,7 +125,7 @@ class Store:
 
     def _read(self, sql: str, args: dict | None = None) -> list[sa.RowMapping]:
         with self._lock, self._engine.connect().execution_options(farworker_read=True) as conn:
-            return conn.execute(text(sql), args or {}).mappings().all()
+            return conn.execute(_sql(sql), args or {}).mappings().all()
 
     # --- auth ---------------------------------------------------------------------------------------
     def public_key_of(self, peer_id: str) -> str | None:
@@ -134,9 +137,9 @@ class Store:
         the timestamp window refuses their requests anyway. One insert decides: of two requests racing with the
         same nonce (two replicas), the second waits for the first's row and inserts nothing."""
         with self._tx() as conn:
-            conn.execute(text("DELETE FROM nonces WHERE seen_at < :before"), {"before": now - keep_s})
+            conn.execute(_sql("DELETE FROM nonces WHERE seen_at < :before"), {"before": now - keep_s})
             inserted = conn.execute(
-                text("INSERT INTO nonces (peer_id, nonce, seen_at) VALUES (:peer, :nonce, :now)"
+                _sql("INSERT INTO nonces (peer_id, nonce, seen_at) VALUES (:peer, :nonce, :now)"
                      " ON CONFLICT (peer_id, nonce) DO NOTHING"),
                 {"peer": peer_id, "nonce": nonce, "now": now},
             ).rowcount
@@ -169,7 +172,7 @@ class Store:
         fields.update(worker_id=f"w-{uuid.uuid4().hex[:16]}", peer_id=req["peer_id"], registered_at=now)
         with self._tx() as conn:
             return conn.execute(
-                text(f"INSERT INTO workers ({', '.join(fields)}) VALUES ({', '.join(':' + k for k in fields)})"
+                _sql(f"INSERT INTO workers ({', '.join(fields)}) VALUES ({', '.join(':' + k for k in fields)})"
                      f" ON CONFLICT (peer_id) DO UPDATE SET {updates} RETURNING worker_id"),
                 fields,
             ).scalar_one()
@@ -183,7 +186,7 @@ class Store:
         on Postgres the worker's row is locked meanwhile, so two beats racing on two replicas count one slot)."""
         with self._tx() as conn:
             row = conn.execute(
-                text("SELECT counted_beat_at, heartbeat_interval, registered_at FROM workers WHERE worker_id = :w"
+                _sql("SELECT counted_beat_at, heartbeat_interval, registered_at FROM workers WHERE worker_id = :w"
                      + self._for_update),
                 {"w": worker_id},
             ).mappings().one()
@@ -199,20 +202,20 @@ class Store:
                 updates.update(block_start=payload["blocks"][0], block_end=payload["blocks"][1])
             assignments = ", ".join(f"{k} = :{k}" for k in updates)
             extra = ", heartbeat_count = heartbeat_count + 1, counted_beat_at = :now" if counts else ""
-            conn.execute(text(f"UPDATE workers SET {assignments}{extra} WHERE worker_id = :w"),
+            conn.execute(_sql(f"UPDATE workers SET {assignments}{extra} WHERE worker_id = :w"),
                          {**updates, "now": now, "w": worker_id})
             if counts:  # the slot itself too: with a mesh view, uptime needs the beat and the DHT in one slot
                 conn.execute(
-                    text("INSERT INTO uptime_slots (worker_id, slot, beat) VALUES (:w, :slot, 1)"
+                    _sql("INSERT INTO uptime_slots (worker_id, slot, beat) VALUES (:w, :slot, 1)"
                          " ON CONFLICT (worker_id, slot) DO UPDATE SET beat = 1"),
                     {"w": worker_id, "slot": counted_slot},
                 )
             conn.execute(
-                text("INSERT INTO heartbeats (worker_id, received_at, payload) VALUES (:w, :now, :payload)"),
+                _sql("INSERT INTO heartbeats (worker_id, received_at, payload) VALUES (:w, :now, :payload)"),
                 {"w": worker_id, "now": now, "payload": json.dumps(payload)},
             )
             conn.execute(
-                text("DELETE FROM heartbeats WHERE worker_id = :w AND seq <= "
+                _sql("DELETE FROM heartbeats WHERE worker_id = :w AND seq <= "
                      "(SELECT seq FROM heartbeats WHERE worker_id = :w ORDER BY seq DESC LIMIT 1 OFFSET :keep)"),
                 {"w": worker_id, "keep": HEARTBEAT_HISTORY},
             )
@@ -225,7 +228,7 @@ class Store:
 
     def set_state(self, worker_id: str, state: str) -> None:
         with self._tx() as conn:
-            conn.execute(text("UPDATE workers SET state = :state WHERE worker_id = :w"),
+            conn.execute(_sql("UPDATE workers SET state = :state WHERE worker_id = :w"),
                          {"state": state, "w": worker_id})
 
     def worker_ids(self) -> list[str]:
@@ -243,7 +246,7 @@ class Store:
             return
         with self._tx() as conn:
             conn.execute(
-                text("INSERT INTO uptime_slots (worker_id, slot, online) VALUES (:w, :slot, 1)"
+                _sql("INSERT INTO uptime_slots (worker_id, slot, online) VALUES (:w, :slot, 1)"
                      " ON CONFLICT (worker_id, slot) DO UPDATE SET online = 1"),
                 [{"w": worker_id, "slot": slot} for worker_id, slot in slots.items()],
             )
@@ -273,7 +276,7 @@ class Store:
             for r in records:
                 share = share_of(r["blocks"][0], r["blocks"][1])
                 inserted = conn.execute(
-                    text("INSERT INTO usage (id, worker_id, session_id, block_start, block_end, tokens, steps,"
+                    _sql("INSERT INTO usage (id, worker_id, session_id, block_start, block_end, tokens, steps,"
                          " started_at, ended_at, received_at, share, reliability, earned_far)"
                          " VALUES (:id, :w, :session, :start, :end, :tokens, :steps, :started, :ended, :now, :share,"
                          " :reliability, :far) ON CONFLICT (id) DO NOTHING"),
@@ -285,7 +288,7 @@ class Store:
                 if inserted == 1:
                     accepted[r["id"]] = None
                 else:
-                    owner = conn.execute(text("SELECT worker_id FROM usage WHERE id = :id"), {"id": r["id"]}).first()
+                    owner = conn.execute(_sql("SELECT worker_id FROM usage WHERE id = :id"), {"id": r["id"]}).first()
                     if owner and owner.worker_id == worker_id:
                         accepted[r["id"]] = None
         return list(accepted)
@@ -353,7 +356,7 @@ class Store:
     def record_reachability(self, worker_id: str, reachability_json: str) -> None:
         """The last dial of the worker's announced addresses (services/reachability.py); replaces the one before."""
         with self._tx() as conn:
-            conn.execute(text("UPDATE workers SET reachability = :r WHERE worker_id = :w"),
+            conn.execute(_sql("UPDATE workers SET reachability = :r WHERE worker_id = :w"),
                          {"r": reachability_json, "w": worker_id})
 
     def record_probe(self, worker_id: str, at: float, block: int, tokens: int, error: float | None,
@@ -361,13 +364,13 @@ class Store:
         """One probe's outcome; a wrong answer (``quarantine``) also quarantines the worker from ``at`` on."""
         with self._tx() as conn:
             conn.execute(
-                text("INSERT INTO probes (worker_id, at, block, tokens, error, tolerance, problem)"
+                _sql("INSERT INTO probes (worker_id, at, block, tokens, error, tolerance, problem)"
                      " VALUES (:w, :at, :block, :tokens, :error, :tolerance, :problem)"),
                 {"w": worker_id, "at": at, "block": block, "tokens": tokens, "error": error,
                  "tolerance": tolerance, "problem": problem},
             )
             if quarantine:
-                conn.execute(text("INSERT INTO quarantine (worker_id, since, reason) VALUES (:w, :at, :problem)"
+                conn.execute(_sql("INSERT INTO quarantine (worker_id, since, reason) VALUES (:w, :at, :problem)"
                                   " ON CONFLICT (worker_id) DO NOTHING"),
                              {"w": worker_id, "at": at, "problem": problem})
 
@@ -407,14 +410,14 @@ class Store:
         with self._tx() as conn:
             for r in receipts:
                 inserted = conn.execute(
-                    text("INSERT INTO receipts (id, session_id, peer_id, block_start, block_end, tokens, model,"
+                    _sql("INSERT INTO receipts (id, session_id, peer_id, block_start, block_end, tokens, model,"
                          " client_key_id, created_at, received_at, receipt) VALUES (:id, :session, :peer, :start,"
                          " :end, :tokens, :model, :client, :created, :now, :receipt) ON CONFLICT DO NOTHING"),
                     {"id": r["id"], "session": r["session_id"], "peer": r["peer_id"], "start": r["blocks"][0],
                      "end": r["blocks"][1], "tokens": r["tokens"], "model": r["model"], "client": r["client_key_id"],
                      "created": r["created_at"], "now": now, "receipt": json.dumps(r, sort_keys=True)},
                 ).rowcount
-                if inserted == 1 or conn.execute(text("SELECT 1 FROM receipts WHERE id = :id"),
+                if inserted == 1 or conn.execute(_sql("SELECT 1 FROM receipts WHERE id = :id"),
                                                  {"id": r["id"]}).first():
                     accepted[r["id"]] = None  # new, or delivered again: counted once
                 else:
@@ -436,7 +439,7 @@ class Store:
         ledger already, so a completion recorded twice attests its route once."""
         with self._tx() as conn:
             inserted = conn.execute(
-                text("INSERT INTO completions (id, created_at, model, prompt_tokens, completion_tokens)"
+                _sql("INSERT INTO completions (id, created_at, model, prompt_tokens, completion_tokens)"
                      " VALUES (:id, :now, :model, :prompt, :completion) ON CONFLICT (id) DO NOTHING"),
                 {"id": completion_id, "now": now, "model": model, "prompt": prompt_tokens,
                  "completion": completion_tokens},
@@ -444,11 +447,11 @@ class Store:
             if inserted != 1:
                 return False
             if key_name is not None:
-                conn.execute(text("INSERT INTO completion_keys (completion_id, key_name) VALUES (:id, :key)"),
+                conn.execute(_sql("INSERT INTO completion_keys (completion_id, key_name) VALUES (:id, :key)"),
                              {"id": completion_id, "key": key_name})
             if route:
                 conn.execute(
-                    text("INSERT INTO completion_route (completion_id, peer_id, worker_id, block_start, block_end,"
+                    _sql("INSERT INTO completion_route (completion_id, peer_id, worker_id, block_start, block_end,"
                          " tokens) VALUES (:id, :peer, :w, :start, :end, :tokens)"),
                     [{"id": completion_id, "peer": s["peer_id"], "w": s["worker_id"], "start": s["blocks"][0],
                       "end": s["blocks"][1], "tokens": s["tokens"]} for s in route],
@@ -488,17 +491,17 @@ class Store:
         with self._tx() as target:
             for table in COPY_ORDER:
                 with source._lock, source._engine.connect().execution_options(farworker_read=True) as conn:
-                    rows = conn.execute(text(f"SELECT * FROM {table}")).mappings()
+                    rows = conn.execute(_sql(f"SELECT * FROM {table}")).mappings()
                     while chunk := rows.fetchmany(batch):
                         names = list(chunk[0].keys())
                         target.execute(
-                            text(f"INSERT INTO {table} ({', '.join(names)})"
+                            _sql(f"INSERT INTO {table} ({', '.join(names)})"
                                  f" VALUES ({', '.join(':' + n for n in names)})"),
                             [dict(r) for r in chunk],
                         )
             if self.postgres:  # rows came with their seq: the sequences continue after the highest
                 for table in ("heartbeats", "probes"):
-                    target.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'),"
+                    target.execute(_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'),"
                                         f" COALESCE((SELECT MAX(seq) FROM {table}), 0) + 1, false)"))
 
     def totals(self) -> dict[str, float]:
