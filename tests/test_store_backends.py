@@ -323,3 +323,24 @@ def test_copy_ledger_moves_a_sqlite_ledger_into_postgres_and_checks_the_totals(t
     assert checked.output.splitlines()[-1] == "totals DIFFER: the copy is not the ledger"
     wrong = copy_ledger("--from", str(source), "--to", str(tmp_path / "other.sqlite"))
     assert wrong.exit_code == 78 and "--to must be a postgresql:// URL" in wrong.output
+
+
+def test_the_coordinator_names_a_database_it_cannot_use_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from farworker.local_mesh import base_env
+
+    def coordinator(db: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "farworker", "coordinator", "--db", db, "--port", "9"],
+                              env=base_env(), capture_output=True, text=True, timeout=120, check=False)
+
+    wrong = coordinator("mysql://user@127.0.0.1/ledger")
+    assert wrong.returncode == 78  # configuration: systemd does not retry it
+    assert wrong.stderr.strip().splitlines() == [
+        "--db accepts a SQLite file path or a postgresql:// URL, got a mysql:// URL"]
+    down = coordinator("postgresql://farworker:secret@127.0.0.1:9/ledger")  # nothing listens on the discard port
+    assert down.returncode == 75  # temporary: Restart=on-failure tries again
+    [line] = down.stderr.strip().splitlines()
+    assert line.startswith("cannot open the ledger postgresql://farworker:***@127.0.0.1:9/ledger: ")
+    assert "secret" not in line
