@@ -44,7 +44,8 @@ def free_port() -> int:
 
 class PostgresServer:
     def __init__(self, bin_dir: Path):
-        self.dir = Path(tempfile.mkdtemp(prefix="farworker-pg-"))
+        # as root under /tmp, which nobody can reach (a TMPDIR under /root would not be)
+        self.dir = Path(tempfile.mkdtemp(prefix="farworker-pg-", dir="/tmp" if os.geteuid() == 0 else None))
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self._as = {}

@@ -112,12 +112,12 @@ def test_fast_beats_do_not_buy_uptime(coordinator, worker):
     assert requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()["heartbeat_count"] == 1
 
 
-def test_uptime_is_observed_not_bought_by_beating_fast(tmp_path, keys):
+def test_uptime_is_observed_not_bought_by_beating_fast(ledger_db, keys):
     """A worker on a 30 s interval beats every 15 s for 30 minutes, then falls silent: at the hour it was up
     about half of it (it was 100 % when every half interval counted), and it shows offline."""
     from farworker.coordinator.store import Store
 
-    store = Store(tmp_path / "c.sqlite")
+    store = Store(ledger_db)  # SQLite and Postgres
     t0 = 1_800_000_000.0
     worker_id = store.register(registration(keys[0]), t0, 30.0)
     for k in range(1, 121):
