@@ -1,8 +1,9 @@
 """The coordinator's ledger storage, SQL only (the rules deciding what to store live in services/): SQLite, a file
 path and the embedded default, or Postgres, a postgresql:// URL and the store several coordinators share.
 
-SQLAlchemy Core runs the same SQL on both: _sql() with named parameters, in the subset both speak (ON CONFLICT,
-RETURNING, CASE); the one difference is Postgres' row lock (FOR UPDATE), which SQLite's single writer makes moot.
+SQLAlchemy Core runs the same SQL on both: text() with named parameters, in the subset both speak (ON CONFLICT,
+RETURNING, CASE); the one difference is Postgres' row lock (FOR NO KEY UPDATE), which SQLite's single writer makes
+moot.
 The schema is versioned by Alembic (migrations/) and brought to head on start; a pre-Alembic SQLite ledger migrates
 in place. SQLite: one connection behind a lock, WAL, synchronous=FULL, writes in BEGIN IMMEDIATE (as before).
 Postgres: a connection pool. Either way every write that belongs to one request is one transaction, and what two
@@ -82,7 +83,10 @@ class Store:
             self.path = str(target)
             self._engine = sa.create_engine(postgres_url(self.path), **POSTGRES_POOL)
             self._lock = contextlib.nullcontext()  # the pool gives each thread its own connection
-            self._for_update = " FOR UPDATE"
+            # the worker's row for a heartbeat: NO KEY UPDATE (as its UPDATE takes anyway) serialises two beats
+            # but not the foreign key checks of usage and uptime-slot inserts (KEY SHARE), which FOR UPDATE would
+            # block, and a DHT watch recording several workers' slots at once could then deadlock with a beat
+            self._for_update = " FOR NO KEY UPDATE"
         else:
             self.path = Path(target)
             self.path.parent.mkdir(parents=True, exist_ok=True)
