@@ -67,6 +67,7 @@ def _sqlite_engine(path: Path) -> sa.Engine:
     def _connect(dbapi_connection, _record):
         dbapi_connection.execute("PRAGMA journal_mode=WAL")
         dbapi_connection.execute("PRAGMA synchronous=FULL")
+        dbapi_connection.execute("PRAGMA foreign_keys=ON")  # a reconnection too (the store's migration turns it off)
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
@@ -100,18 +101,22 @@ class Store:
             raise
 
     def _migrate(self) -> None:
+        if not self.postgres:  # as before: a migration that rebuilds a table runs with foreign keys off
+            self._sqlite_pragma("PRAGMA foreign_keys=OFF")
         with self._lock, self._engine.begin() as conn:
             if self.postgres:
-                conn.execute(_sql("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             migrations.upgrade_to_head(conn)
         if not self.postgres:
-            # after migrating, outside a transaction (where SQLite ignores it), on the one connection: as before,
-            # a migration that rebuilds a table runs with foreign keys off
-            raw = self._engine.raw_connection()
-            try:
-                raw.driver_connection.execute("PRAGMA foreign_keys=ON")
-            finally:
-                raw.close()
+            self._sqlite_pragma("PRAGMA foreign_keys=ON")
+
+    def _sqlite_pragma(self, pragma: str) -> None:
+        """On the one connection, outside a transaction (where SQLite ignores foreign_keys)."""
+        raw = self._engine.raw_connection()
+        try:
+            raw.driver_connection.execute(pragma)
+        finally:
+            raw.close()
 
     def schema_revision(self) -> str | None:
         """The Alembic revision the database is at."""
