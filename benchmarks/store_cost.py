@@ -1,4 +1,4 @@
-"""Benchmark 14: what the ledger store costs per worker request, before and after SQLAlchemy (issue 21).
+"""Benchmark 15: what the ledger store costs per worker request, before and after SQLAlchemy (issue 21).
 
 One "request" is what a worker's report costs the store: consume_nonce, heartbeat and add_usage of one record,
 three transactions. Measured, in interleaved repetitions on fresh databases: main's raw sqlite3 store (its

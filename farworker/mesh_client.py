@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farworker.petals import compat as petals_compat
+from farworker.petals import prompt_logits
 
 log = logging.getLogger("farworker.mesh_client")
 
@@ -53,6 +54,20 @@ class MeshError(Exception):
         self.status, self.code, self.field = status, code, field
 
 
+# The most alternatives a request may ask for per position (vLLM's default bound; OpenAI's chat allows 20).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class TokenLogprob:
+    """One position's token with its log-probability under the model (before temperature and top-p: what
+    OpenAI and vLLM report) and the most likely tokens there, best first."""
+
+    token: int
+    logprob: float | None  # None: the prompt's first token (nothing before it predicts it)
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class Generation:
     prompt_ids: list[int]
@@ -61,6 +76,8 @@ class Generation:
     finish_reason: str
     route: list[dict]  # {"peer_id", "blocks": [start, end], "tokens", "session_id"}: one per server session
     id: str = ""  # the coordinator's id for the request, once recorded
+    logprobs: list[TokenLogprob] | None = None  # one per completion token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked for (echo)
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,7 @@ class MeshClient:
         except Exception as err:
             raise MeshError(f"cannot start the mesh client for {self.model_path}: {err}") from None
         self._config = model.config
+        prompt_logits.install(model)
         if any(
             (self.model_path / name).is_file()
             for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -162,13 +180,39 @@ class MeshClient:
     def decode(self, ids: list[int]) -> str | None:
         return self._tokenizer.decode(ids, skip_special_tokens=True) if self._tokenizer else None
 
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids (text through the model's tokenizer), checked against the vocabulary."""
+        with self._lock:
+            self._load()
+        return self._prompt_ids(prompt)
+
+    def token_texts(self, context: list[int], token: int, others=()) -> tuple[str, list[str]]:
+        """The text ``token`` adds after ``context`` (a few tokens before it: a sentencepiece word's leading space
+        and byte-level tokens only decode in context), and the text each of ``others`` would have added there.
+        Without a tokenizer, OpenAI's and vLLM's ``token_id:N``."""
+        if self._tokenizer is None:
+            return f"token_id:{token}", [f"token_id:{t}" for t in others]
+        before = list(context[-4:])
+        head = self._tokenizer.decode(before, skip_special_tokens=False)
+
+        def added(t: int) -> str:
+            text = self._tokenizer.decode(before + [t], skip_special_tokens=False)
+            return text[len(head):] if text.startswith(head) else self._tokenizer.decode([t])
+
+        return added(token), [added(t) for t in others]
+
     def generate(self, prompt: str | list[int], max_tokens: int, temperature: float, *, top_p: float = 1.0,
                  seed: int | None = None, stop: tuple[str, ...] = (), on_token=None,
-                 cancelled: threading.Event | None = None, first_steps=None, audits=None) -> Generation:
+                 cancelled: threading.Event | None = None, first_steps=None, audits=None,
+                 logprobs: int | None = None, echo: bool = False) -> Generation:
         """One completion in its own petals inference session; many may run at once (one per thread).
 
-        ``on_token(token_id)`` is called as each new token arrives (streaming); ``cancelled`` set ends the
-        generation at the next token (a client that went away): what was served so far is still routed
+        ``logprobs`` (0..MAX_TOP_LOGPROBS; None: none) gives each completion token's log-probability and that many
+        alternatives; ``echo`` gives the prompt's too, from the same first forward (``max_tokens`` 0: that forward
+        alone, in an inference session like any other, so the workers meter it and the audits may watch it).
+
+        ``on_token(token_id, TokenLogprob | None)`` is called as each new token arrives (streaming); ``cancelled``
+        set ends the generation at the next token (a client that went away): what was served so far is still routed
         and returned. ``stop`` strings end it once the decoded completion contains one (the text is cut
         before it). ``first_steps`` (the coordinator's routed checks: ``sample() -> bool`` as the request starts,
         ``submit(FirstStep)`` once it is done; None: nothing is captured) takes one server session's first step of
@@ -193,13 +237,20 @@ class MeshClient:
             if temperature >= GREEDY_BELOW_TEMPERATURE
             else {"do_sample": False}
         )
-        watcher = _TokenWatcher(self, stop, on_token, cancelled)
+        scorer = _StepScores(logprobs) if logprobs is not None else None
+        watcher = _TokenWatcher(self, stop, on_token, cancelled, scorer)
         captured: list | None = [] if first_steps is not None and first_steps.sample() else None  # FirstStep each
         seen: list = []  # every server session of every attempt: each one's tokens were served and billed
         audited = _Audited(audits)  # every step of the server sessions the audits choose, every attempt
+        first_logits: list = []  # the first forward's logits, every prompt position (echo)
         for attempt in range(1, GENERATION_ATTEMPTS + 1):
             try:
-                output = self._generate_once(ids, max_tokens, sampling, seed, watcher, seen, captured, audited)
+                with prompt_logits_capture(echo) as first_logits:
+                    if max_tokens == 0:
+                        output = self._forward_once(ids, seen, captured, audited)
+                    else:
+                        output = self._generate_once(ids, max_tokens, sampling, seed, watcher, seen, captured,
+                                                     audited, scorer)
                 break
             except _Cancelled:
                 output = None
@@ -216,9 +267,14 @@ class MeshClient:
                 audited.submit()  # the steps it answered are audited all the same
                 raise MeshError(f"the mesh could not serve the request: {err}") from None
         audited.submit()  # audited later in the audits' thread, never here
-        completion = watcher.tokens if output is None or watcher.stopped else output[0, len(ids):].tolist()
+        if max_tokens == 0:
+            completion = []
+        else:
+            completion = watcher.tokens if output is None or watcher.stopped else output[0, len(ids):].tolist()
         eos = getattr(self._config, "eos_token_id", None)
-        if watcher.stopped or output is None:
+        if max_tokens == 0:
+            finish = "length"
+        elif watcher.stopped or output is None:
             finish = "stop"
         else:
             finish = ("stop" if len(completion) < max_tokens or (eos is not None and completion[-1:] == [eos])
@@ -235,33 +291,54 @@ class MeshClient:
         ]
         if captured:  # one server session, at random; verified later in the checker's thread, never here
             first_steps.submit(random.choice(captured))
-        return Generation(ids, completion, watcher.text(completion), finish, route)
+        generation = Generation(ids, completion, watcher.text(completion), finish, route)
+        if scorer is not None:
+            generation.logprobs = watcher.entries[:len(completion)]
+        if echo:
+            generation.prompt_logprobs = _prompt_entries(ids, first_logits[0] if first_logits else None,
+                                                         logprobs or 0)
+        return generation
 
-    def _generate_once(self, ids: list[int], max_tokens: int, sampling: dict, seed: int | None, watcher, seen: list,
-                       captured: list | None = None, audited: _Audited | None = None):
-        import torch
-
-        model = self._model
-        with model.inference_session(max_length=len(ids) + max_tokens) as session:
+    @contextlib.contextmanager
+    def _session(self, max_length: int, seen: list, captured: list | None, audited: _Audited | None):
+        """An inference session with the request's route tracked and its steps offered to the checks."""
+        with self._model.inference_session(max_length=max_length) as session:
             self._track(session, seen)
             if captured is not None:
                 petals_compat.on_first_steps(session, lambda *first_step: _capture(captured, *first_step))
             if audited is not None and audited.audits is not None:
                 petals_compat.on_every_step(session, audited.watch)
             try:
-                if seed is not None and sampling["do_sample"]:
-                    torch.manual_seed(seed)  # per thread's generator would be better; torch has one global CPU RNG
-                with torch.inference_mode():
-                    return model.generate(
-                        torch.tensor([ids]),
-                        max_new_tokens=max_tokens,
-                        session=session,
-                        pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
-                        streamer=watcher,
-                        **sampling,
-                    )
+                yield session
             finally:
                 _keep(seen, petals_compat.server_sessions_of(session))
+
+    def _generate_once(self, ids: list[int], max_tokens: int, sampling: dict, seed: int | None, watcher, seen: list,
+                       captured: list | None = None, audited: _Audited | None = None, scorer=None):
+        import torch
+
+        model = self._model
+        with self._session(len(ids) + max_tokens, seen, captured, audited) as session:
+            if seed is not None and sampling["do_sample"]:
+                torch.manual_seed(seed)  # per thread's generator would be better; torch has one global CPU RNG
+            with torch.inference_mode():
+                return model.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=max_tokens,
+                    session=session,
+                    pad_token_id=getattr(self._config, "pad_token_id", None) or 0,
+                    streamer=watcher,
+                    logits_processor=[scorer] if scorer is not None else None,
+                    **sampling,
+                )
+
+    def _forward_once(self, ids: list[int], seen: list, captured: list | None, audited: _Audited | None):
+        """The prompt through the mesh once, no token generated (echo with max_tokens 0)."""
+        import torch
+
+        with self._session(len(ids), seen, captured, audited), torch.inference_mode():
+            self._model(torch.tensor([ids]))
+        return None
 
     @staticmethod
     def _track(session, seen: list) -> None:
@@ -340,6 +417,55 @@ class _Audited:
             self.audits.submit(captures)
 
 
+@contextlib.contextmanager
+def prompt_logits_capture(wanted: bool):
+    if not wanted:
+        yield []
+        return
+    with prompt_logits.first_forward_logits() as target:
+        yield target
+
+
+def _top(logprobs, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    values, indices = logprobs.topk(min(k, logprobs.shape[-1]))
+    return list(zip(indices.tolist(), values.tolist(), strict=True))
+
+
+def _prompt_entries(ids: list[int], logits, k: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it (the first: None, as OpenAI and vLLM)."""
+    import torch
+
+    if logits is None:
+        raise MeshError("the mesh's forward gave no prompt logits")
+    entries = [TokenLogprob(ids[0], None, [])]
+    for i in range(1, len(ids)):  # row by row: a long prompt's [positions, vocab] is not copied whole again
+        row = torch.log_softmax(logits[0, i - 1].float(), dim=-1)
+        entries.append(TokenLogprob(ids[i], float(row[ids[i]]), _top(row, k)))
+    return entries
+
+
+class _StepScores:
+    """A logits processor that keeps each step's log-softmax of the model's scores (first in transformers' list,
+    so before temperature and top-p) for the token the step then picks."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.last = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        self.last = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+    def entry(self, token: int) -> TokenLogprob | None:
+        if self.last is None:
+            return None
+        return TokenLogprob(token, float(self.last[token]), _top(self.last, self.k))
+
+
 def _keep(seen: list, server_sessions) -> None:
     for server_session in server_sessions:
         if not any(server_session is known for known in seen):
@@ -354,9 +480,11 @@ class _TokenWatcher:
     """transformers' streamer interface: sees each new token as it is generated, feeds ``on_token``, ends the
     generation on a stop string or a cancellation."""
 
-    def __init__(self, mesh: MeshClient, stop: tuple[str, ...], on_token, cancelled: threading.Event | None):
-        self.mesh, self.stop, self.on_token, self.cancelled = mesh, stop, on_token, cancelled
+    def __init__(self, mesh: MeshClient, stop: tuple[str, ...], on_token, cancelled: threading.Event | None,
+                 scorer: _StepScores | None = None):
+        self.mesh, self.stop, self.on_token, self.cancelled, self.scorer = mesh, stop, on_token, cancelled, scorer
         self.tokens: list[int] = []
+        self.entries: list[TokenLogprob] = []  # each token's log-probabilities (with a scorer)
         self.stopped = False  # a stop string appeared
         self._prompt_seen = False
         self._replay = 0  # tokens a retry regenerates that were passed on already
@@ -366,6 +494,7 @@ class _TokenWatcher:
         self._prompt_seen = False
         self._replay = len(self.tokens)
         self.tokens = []
+        self.entries = []
 
     def put(self, value) -> None:
         if not self._prompt_seen:  # generate() first hands the streamer the prompt
@@ -375,8 +504,11 @@ class _TokenWatcher:
             raise _Cancelled()
         for token in value.reshape(-1).tolist():
             self.tokens.append(int(token))
+            entry = self.scorer.entry(int(token)) if self.scorer is not None else None
+            if entry is not None:
+                self.entries.append(entry)
             if len(self.tokens) > self._replay and self.on_token is not None:
-                self.on_token(int(token))
+                self.on_token(int(token), entry)
         if self.stop and any(s in (self.mesh.decode(self.tokens) or "") for s in self.stop):
             self.stopped = True
             raise _Cancelled()

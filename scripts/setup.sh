@@ -41,6 +41,8 @@ else
 fi
 if [ "${1:-}" = "--dev" ]; then
   "${install[@]}" -r requirements/dev.txt
+  # lm-evaluation-harness (tests/test_lm_eval.py): heavy, and held to the runtime set by its locks
+  "${install[@]}" -r requirements/eval.txt -c "$locks/runtime.lock" -c "$locks/coordinator.lock"
   # tests/test_clock_offset.py shifts a worker's clock with Debian's libfaketime; the store's tests start their own
   # Postgres server from Debian's postgresql binaries (tests/postgres_server.py; /usr/lib/postgresql/N/bin)
   wanted=()

@@ -138,15 +138,17 @@ def test_a_temperature_far_below_one_is_served_not_a_mesh_error(mesh):
     ("payload", "field"),
     [
         ({"prompt": PROMPT, "max_tokens": -1}, "max_tokens"),
-        ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+        ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ({"prompt": PROMPT, "max_new_tokens": 4}, "max_new_tokens"),  # not this API's name
         ({"prompt": PROMPT, "max_tokens": 4, "temperature": -0.1}, "temperature"),
         ({"prompt": PROMPT, "max_tokens": 4, "temperature": 10.5}, "temperature"),
         ({"prompt": PROMPT, "max_tokens": 4, "temperature": "hot"}, "temperature"),
         ({"prompt": PROMPT, "max_tokens": 4, "seed": -7}, "seed"),
-        ({"prompt": PROMPT, "max_tokens": 4, "n": 3}, "n"),  # one choice per request
+        ({"prompt": PROMPT, "max_tokens": 4, "n": 9}, "n"),  # at most 8 choices
+        ({"prompt": PROMPT, "max_tokens": 4, "best_of": 2}, "best_of"),  # not built: refused, not ignored
         ({"prompt": PROMPT, "max_tokens": 4, "top_p": 0}, "top_p"),
-        ({"prompt": PROMPT, "max_tokens": 4, "logprobs": 1}, "logprobs"),  # not supported: refused, not ignored
+        ({"prompt": PROMPT, "max_tokens": 4, "logprobs": 21}, "logprobs"),
+        ({"prompt": [PROMPT, []], "max_tokens": 4}, "prompt"),  # an empty prompt in a list
         ({"prompt": "", "max_tokens": 4}, "prompt"),
         ({"prompt": [], "max_tokens": 4}, "prompt"),
         ({"max_tokens": 4}, "prompt"),  # neither text nor token ids

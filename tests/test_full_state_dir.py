@@ -7,15 +7,14 @@ The state dir is a real 8 MiB tmpfs this test mounts (root only), filled with a 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
 from polling import wait_for
+from small_fs import fill, small_dir_fixture  # noqa: F401 (the small_dir fixture)
 
 from farworker.coordinator.app import Settings
 from farworker.coordinator.service import RunningCoordinator
@@ -26,24 +25,6 @@ from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint
 pytestmark = [pytest.mark.slow, pytest.mark.faults,
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
               pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")]
-
-
-@pytest.fixture
-def small_dir(tmp_path):
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], check=True)
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the file system refuses (ENOSPC); returns it."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as file, contextlib.suppress(OSError):
-        while True:
-            file.write(b"\0" * 65536)
-    return filler
 
 
 def test_a_full_state_dir_holds_usage_in_memory_and_writes_it_once_there_is_space(tmp_path, small_dir):

@@ -1,6 +1,7 @@
 """The coordinator as the official `openai` Python client sees it: models, completions and chat completions,
 streamed and not, errors in OpenAI's shape, many requests at once, a bounded queue (429), and a client that
-goes away mid-stream. Runs on test_mesh_ledger's mesh (two `farworker run` workers splitting the tiny model,
+goes away mid-stream; what eval harnesses send (logprobs, echo with max_tokens 0, n choices, lists of prompts) and
+lm-evaluation-harness itself. Runs on test_mesh_ledger's mesh (two `farworker run` workers splitting the tiny model,
 which has a byte-level tokenizer and Llama-2 chat's template); every answer is compared with local
 transformers' greedy output on the same checkpoint.
 """
@@ -8,12 +9,15 @@ transformers' greedy output on the same checkpoint.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from pathlib import Path
 
 import openai
 import pytest
 import requests
 import test_mesh_ledger
+from eval_task import lm_eval_offline
 from polling import wait_for
 
 from farworker.coordinator.app import Settings
@@ -97,9 +101,142 @@ def test_sampling_with_a_seed_repeats(client):
     assert sample() == sample()
 
 
+# Logprobs from the mesh against local transformers' log-softmax, both float32 on the same checkpoint: the workers'
+# blocks and the local model sum in different orders and batch shapes, so they agree to ~1e-6, not bit for bit.
+LOGPROB_TOLERANCE = 1e-4
+PROMPT_IDS = [1, 37, 101, 250, 7, 64]
+
+
+def local_logprobs(mesh, ids: list[int]):
+    from farworker.local_reference import log_softmax_locally
+
+    return log_softmax_locally(str(mesh.model), ids)
+
+
+def assert_close(got: float, expected: float) -> None:
+    assert abs(got - expected) <= LOGPROB_TOLERANCE, (got, expected)
+
+
+def test_completion_logprobs_equal_local_log_softmax_plain_and_streamed(mesh, client):
+    plain = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT_IDS, max_tokens=NEW_TOKENS, temperature=0,
+                                      logprobs=5)
+    choice = plain.choices[0]
+    completion = choice.model_extra["token_ids"]
+    assert completion == generate_locally(str(mesh.model), PROMPT_IDS, NEW_TOKENS)
+    local = local_logprobs(mesh, PROMPT_IDS + completion)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == NEW_TOKENS
+    # each token's text, special tokens included (the choice's text skips them), and where it starts
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(NEW_TOKENS)]
+    for i, token in enumerate(completion):
+        row = local[len(PROMPT_IDS) - 1 + i]
+        assert_close(logprobs.token_logprobs[i], float(row[token]))
+        top = logprobs.top_logprobs[i]  # 5 alternatives and the chosen token, fewer where texts coincide
+        assert 1 <= len(top) <= 6
+        assert_close(max(top.values()), float(row.max()))
+        local_top = row.topk(5).values.tolist()
+        assert all(any(abs(value - v) <= LOGPROB_TOLERANCE for v in local_top) for value in top.values()), top
+        assert logprobs.token_logprobs[i] == max(logprobs.top_logprobs[i].values())  # greedy: the top token
+    chunks = list(client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT_IDS, max_tokens=NEW_TOKENS,
+                                            temperature=0, logprobs=5, stream=True))
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == logprobs.token_logprobs
+
+
+def test_echo_scores_the_prompt_in_one_forward_with_the_same_numbers(mesh, client):
+    local = local_logprobs(mesh, PROMPT_IDS)
+    scored = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT_IDS, max_tokens=0, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert choice.model_extra["token_ids"] == [] and scored.usage.completion_tokens == 0
+    assert scored.usage.prompt_tokens == len(PROMPT_IDS)
+    assert scored.model_extra["route"], "the forward went through the mesh and is attested"
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None  # as OpenAI, vLLM
+    assert len(choice.logprobs.tokens) == len(PROMPT_IDS)
+    for i in range(1, len(PROMPT_IDS)):
+        assert_close(choice.logprobs.token_logprobs[i], float(local[i - 1][PROMPT_IDS[i]]))
+    # with tokens to generate: the same prompt numbers, then the completion's, from the same first forward
+    both = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT_IDS, max_tokens=3, echo=True, logprobs=0,
+                                     temperature=0).choices[0]
+    assert len(both.logprobs.token_logprobs) == len(PROMPT_IDS) + 3
+    for got, expected in zip(both.logprobs.token_logprobs[1:len(PROMPT_IDS)],
+                             choice.logprobs.token_logprobs[1:], strict=True):
+        assert_close(got, expected)
+
+
+def test_echo_of_a_text_prompt_returns_its_text(client):
+    scored = client.completions.create(model=TINY_MODEL_NAME, prompt="Hello mesh", max_tokens=0, echo=True,
+                                       logprobs=0)
+    assert scored.choices[0].text == "Hello mesh"
+    assert "".join(scored.choices[0].logprobs.tokens) == "Hello mesh"
+    plain = client.completions.create(model=TINY_MODEL_NAME, prompt="Hello mesh", max_tokens=2, echo=True,
+                                      temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text.startswith("Hello mesh")
+    assert plain.usage.completion_tokens == 2 and plain.usage.prompt_tokens == len("Hello mesh")  # byte tokens
+
+
+def test_chat_logprobs_equal_local_log_softmax(mesh, client, tokenizer):
+    ids = list(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
+    answer = client.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, max_tokens=NEW_TOKENS,
+                                            temperature=0, logprobs=True, top_logprobs=3)
+    completion = generate_locally(str(mesh.model), ids, NEW_TOKENS)
+    local = local_logprobs(mesh, ids + completion)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == NEW_TOKENS
+    for i, entry in enumerate(content):
+        assert_close(entry.logprob, float(local[len(ids) - 1 + i][completion[i]]))
+        assert len(entry.top_logprobs) == 3 and entry.bytes == list(entry.token.encode())
+        assert_close(entry.top_logprobs[0].logprob, float(local[len(ids) - 1 + i].max()))
+    chunks = list(client.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, max_tokens=NEW_TOKENS,
+                                                 temperature=0, logprobs=True, stream=True))
+    streamed = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == [e.logprob for e in content]
+
+
+def test_n_choices_with_a_seed_are_distinct_and_reproducible(client):
+    def sample():
+        answer = client.completions.create(model=TINY_MODEL_NAME, prompt=[1, 5, 9], max_tokens=6, temperature=1.0,
+                                           n=3, seed=99)
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        assert answer.usage.prompt_tokens == 3  # the prompt once, as OpenAI counts it
+        assert answer.usage.completion_tokens == sum(len(c.model_extra["token_ids"]) for c in answer.choices)
+        return [c.model_extra["token_ids"] for c in answer.choices]
+
+    first = sample()
+    assert all(len(tokens) == 6 and all(0 <= t < 512 for t in tokens) for tokens in first), first
+    assert len({tuple(tokens) for tokens in first}) == 3, first  # each its own continuation
+    assert sample() == first
+
+
+def test_n_choices_greedy_are_equal_streamed_too(mesh, client):
+    expected = generate_locally(str(mesh.model), [1, 5, 9], 5)
+    answer = client.completions.create(model=TINY_MODEL_NAME, prompt=[1, 5, 9], max_tokens=5, temperature=0, n=3)
+    assert [c.model_extra["token_ids"] for c in answer.choices] == [expected] * 3
+    chat = client.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, max_tokens=4, temperature=0, n=2,
+                                          stream=True)
+    texts = ["", ""]
+    for c in chat:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts[0] == texts[1] != ""
+
+
+def test_a_list_of_prompts_gets_a_choice_each(mesh, client):
+    answer = client.completions.create(model=TINY_MODEL_NAME, prompt=[[1, 5, 9], [1, 7]], max_tokens=0, echo=True,
+                                       logprobs=1)
+    assert [len(c.logprobs.token_logprobs) for c in answer.choices] == [3, 2]
+    assert answer.usage.prompt_tokens == 5
+
+
 @pytest.mark.parametrize("call,param", [
-    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", n=2), "n"),
-    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", logprobs=2), "logprobs"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", n=9), "n"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", logprobs=21), "logprobs"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", best_of=2), "best_of"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", max_tokens=0), "max_tokens"),
+    (lambda c: c.completions.create(model=TINY_MODEL_NAME, prompt="x", echo=True, stream=True), "echo"),
+    (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, top_logprobs=2), "top_logprobs"),
+    (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, logprobs=True, top_logprobs=21),
+     "top_logprobs"),
+    (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=CHAT, n=9), "n"),
     (lambda c: c.chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "tool", "content": "x"}]),
      "messages.0.role"),
     (lambda c: c.chat.completions.create(model="gpt-4", messages=CHAT), "model"),
@@ -201,6 +338,40 @@ def test_api_keys_guard_the_api_and_count_usage_per_key(mesh, tokenizer, tmp_pat
             OTHER_COORDINATORS_ROUTES[row["peer_id"]] += row["tokens"]
 
 
+def test_echo_forwards_are_audited_like_generations(mesh):
+    """An echo's prompt-only session is work like any other: petals opens its server sessions the same way, so the
+    coordinator's audits can capture every step of them and recompute every position (here all are captured and
+    audited with the audits' own rule and the coordinator's own reference blocks)."""
+    from farworker.coordinator.services.audit import audit_session
+    from farworker.coordinator.spot_check import SpotChecker, span_tolerance
+    from farworker.session_capture import CaptureBudget, SessionCapture
+
+    class EveryServerSession:
+        """SessionAudits' interface to the mesh client, choosing every server session."""
+
+        def __init__(self):
+            self.captures: list = []
+
+        def watch(self, peer_id, span, session_id):
+            return SessionCapture(peer_id, tuple(span), session_id, CaptureBudget(1 << 30))
+
+        def submit(self, captures):
+            self.captures += captures
+
+    audits, prompt = EveryServerSession(), [1, 5, 9, 200, 7, 64, 3]
+    coordinator_mesh = mesh.coordinator.app.state.mesh
+    served = coordinator_mesh.generate(prompt, 0, 0.0, echo=True, logprobs=0, audits=audits)
+    for span in served.route:  # served outside the coordinator's API: the ledger test adds it by hand
+        OTHER_COORDINATORS_ROUTES[span["peer_id"]] += span["tokens"]
+    assert served.completion_ids == [] and len(served.prompt_logprobs) == len(prompt)
+    assert sorted(tuple(c.span) for c in audits.captures) == [(0, 2), (2, 4)]
+    checker = SpotChecker(coordinator_mesh)
+    for capture in audits.captures:
+        result = audit_session(capture, checker.reference_output,
+                               span_tolerance("float32", "none", capture.span[1] - capture.span[0]))
+        assert result.passed and result.positions == len(prompt), result
+
+
 def test_a_bad_api_keys_file_is_one_line_naming_the_line(tmp_path):
     from farworker.coordinator.command import read_api_keys
 
@@ -208,6 +379,62 @@ def test_a_bad_api_keys_file_is_one_line_naming_the_line(tmp_path):
     bad.write_text("alice sk-alice-0123456789abcdef\nbob short\n")
     with pytest.raises(ValueError, match="line 2: expected 'NAME KEY'"):
         read_api_keys(bad)
+
+
+LM_EVAL_TASK = "farworker_mc"
+LM_EVAL_TASK_DIR = Path(__file__).resolve().parent / "eval_task"
+# float32 on both sides; the mesh's blocks and the local model sum in other orders: ~1e-6 apart per token
+LOGLIKELIHOOD_TOLERANCE = 1e-4
+
+
+def lm_evaluate(model: str, model_args: str) -> dict:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[LM_EVAL_TASK], batch_size=4,
+                                   log_samples=True, bootstrap_iters=0)
+
+
+def lm_eval_loglikelihoods(results: dict) -> dict[int, list[float]]:
+    """Per item, each choice's log-likelihood (lm-eval's is_greedy aside: 0.4.1's local-completions gets it wrong
+    for any server, comparing a token's text with a float)."""
+    return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in results["samples"][LM_EVAL_TASK]}
+
+
+def test_lm_eval_local_completions_through_the_mesh_equals_its_hf_model(mesh, monkeypatch, tmp_path):
+    """lm-evaluation-harness scores the mesh like the model itself: its `local-completions` model (echo + logprobs
+    through /v1/completions, the `openai` client underneath) and its `hf` model (local transformers, float32) run the
+    repository's small multiple-choice task (tests/eval_task/: a local jsonl, no hub download) on the tiny
+    checkpoint, and get the same accuracy and the same log-likelihood for every choice."""
+    monkeypatch.chdir(LM_EVAL_TASK_DIR)  # the data file and exact_match/ (tests/eval_task/exact_match/) are found here
+    for name, value in lm_eval_offline.offline_environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")  # lm-eval's client reads it; this coordinator has no keys
+    datasets_builder = pytest.importorskip("datasets.builder", reason="lm-eval is in requirements/eval.txt")
+    monkeypatch.setattr(datasets_builder, "is_remote_filesystem", lm_eval_offline.is_remote_filesystem)
+    from lm_eval.tasks import TASK_REGISTRY, include_path
+
+    if LM_EVAL_TASK not in TASK_REGISTRY:  # once per process: lm-eval refuses a second registration
+        include_path(str(LM_EVAL_TASK_DIR))
+    started = time.monotonic()
+    through_mesh = lm_evaluate("local-completions", f"model={TINY_MODEL_NAME},base_url={mesh.url}/v1,"
+                                                 f"tokenizer_backend=huggingface,tokenizer={mesh.model}")
+    mesh_s, started = time.monotonic() - started, time.monotonic()
+    local = lm_evaluate("hf", f"pretrained={mesh.model},dtype=float32,device=cpu")
+    local_s = time.monotonic() - started
+    mesh_ll, local_ll = lm_eval_loglikelihoods(through_mesh), lm_eval_loglikelihoods(local)
+    assert sorted(mesh_ll) == sorted(local_ll) == list(range(36))
+    for doc, expected in local_ll.items():
+        assert len(mesh_ll[doc]) == len(expected) == 4
+        for got, want in zip(mesh_ll[doc], expected, strict=True):
+            assert abs(got - want) <= LOGLIKELIHOOD_TOLERANCE, (doc, mesh_ll[doc], expected)
+    assert through_mesh["results"][LM_EVAL_TASK]["acc,none"] == local["results"][LM_EVAL_TASK]["acc,none"]
+    worst = max(abs(a - b) for doc in local_ll for a, b in zip(mesh_ll[doc], local_ll[doc], strict=True))
+    print(f"\nlm-eval {LM_EVAL_TASK}: acc {through_mesh['results'][LM_EVAL_TASK]['acc,none']:.4f} local-completions "
+          "through the mesh "
+          f"({mesh_s:.1f} s), {local['results'][LM_EVAL_TASK]['acc,none']:.4f} hf ({local_s:.1f} s); "
+          f"{sum(map(len, local_ll.values()))} log-likelihoods, largest difference {worst:.2e}; item 0: mesh "
+          f"{mesh_ll[0]}, hf {local_ll[0]}")
 
 
 def test_the_ledger_equals_every_route_including_streams_and_cancellations(mesh):

@@ -78,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
     store = Store(settings.db_path)
     app.state.settings, app.state.store = settings, store
     app.state.metrics = CollectorRegistry()  # GET /metrics (Prometheus)
+    store.write_refusals.export(app.state.metrics)  # whether the ledger database refuses writes (disk full)
     app.state.workers = Workers(store, settings)
     runtime = app.state.runtime = Runtime(settings, store, app.state.workers, app.state.metrics)
     # its parts, for operators and tests (None where not configured)

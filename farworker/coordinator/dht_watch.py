@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 
+from farworker.coordinator.errors import StoreFull
 from farworker.coordinator.services.ledger import online_slot
 from farworker.coordinator.services.uptime import online_workers
 
@@ -61,5 +62,7 @@ class DhtWatch:
         while not self._stop.wait(self.period):
             try:
                 self.look()
+            except StoreFull:  # those slots are not recorded (disk full; write_refusals said so once): keep looking
+                continue
             except Exception as err:  # the mesh not reachable yet, a slow DHT: those slots earn nothing; keep looking
                 log.warning("could not read the DHT for observed uptime: %s", err)

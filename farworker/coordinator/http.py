@@ -71,10 +71,13 @@ def _for_openai(request: Request) -> bool:
 
 
 async def api_error(request: Request, err: ApiError) -> JSONResponse:
+    retry_after = err.retry_after_s or (1 if err.status == 429 and _for_openai(request) else None)
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
     if _for_openai(request):
-        headers = {"Retry-After": "1"} if err.status == 429 else None
         return JSONResponse(openai_error(err.status, err.message, err.code, err.field), err.status, headers)
-    return error(err.status, err.message, err.code, err.field)
+    response = error(err.status, err.message, err.code, err.field)
+    response.headers.update(headers or {})
+    return response
 
 
 async def invalid_payload(request: Request, err: RequestValidationError) -> JSONResponse:

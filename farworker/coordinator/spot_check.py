@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from farworker.coordinator.errors import StoreFull
 from farworker.coordinator.services import reachability
 from farworker.coordinator.services.check_queue import CheckQueue
 from farworker.mesh_client import FirstStep
@@ -199,6 +200,8 @@ class SpotCheckLoop:
                     elif result.problem:
                         log.info("probe of worker %s: %s", row["worker_id"], result.problem)
                     self._check_reachability(row)  # after the verdict: a dial takes ~0.5 s per address
+            except StoreFull:  # the disk is full: write_refusals said so once; the next round tries again
+                continue
             except Exception:  # a probe round must never end the loop (mesh not loaded yet, DHT hiccup)
                 log.exception("spot-check round failed")
 

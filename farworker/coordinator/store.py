@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import os
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -27,8 +28,10 @@ from sqlalchemy import event, text
 from sqlalchemy.pool import StaticPool
 
 from farworker.coordinator import migrations
+from farworker.coordinator.errors import StoreFull
 from farworker.coordinator.services import ledger
 from farworker.coordinator.settings import display_target, is_database_url
+from farworker.coordinator.write_refusals import WriteRefusals
 
 HEARTBEAT_HISTORY = 500  # kept per worker; older beats only live on as counts
 
@@ -76,10 +79,37 @@ def _sqlite_engine(path: Path) -> sa.Engine:
     return engine
 
 
+LOW_SPACE_BYTES = 1 << 20  # an I/O error while the database's file system has less free than this: it is full
+
+
+def store_full(err: BaseException, path: Path | None) -> StoreFull | None:
+    """The write refused for want of space, as StoreFull; None for any other error. SQLite says SQLITE_FULL when a
+    write to the database, its WAL or journal hits ENOSPC; growing the WAL's shared-memory index gives an I/O error
+    instead (SQLITE_IOERR_SHMSIZE and kin), taken as "full" when the file system of ``path`` has no space left.
+    Postgres says disk_full (SQLSTATE 53100). SQLAlchemy hands the driver's error as ``orig``."""
+    err = getattr(err, "orig", None) or err
+    if getattr(err, "sqlstate", None) == "53100":  # psycopg's DiskFull: the server's disk
+        return StoreFull(f"{str(err).strip().splitlines()[0]} (the Postgres server's disk)")
+    if path is None or not isinstance(err, sqlite3.OperationalError):
+        return None
+    code = getattr(err, "sqlite_errorcode", 0)
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return StoreFull(f"{err}, on {path.parent}")
+    if code & 0xFF == sqlite3.SQLITE_IOERR:
+        try:
+            stat = os.statvfs(path.parent)
+        except OSError:
+            return None
+        if stat.f_bavail * stat.f_frsize < LOW_SPACE_BYTES:
+            return StoreFull(f"{err} with {stat.f_bavail * stat.f_frsize} bytes free on {path.parent}")
+    return None
+
+
 class Store:
     def __init__(self, target: str | os.PathLike):
         """``target``: a SQLite file path, or a postgresql:// URL."""
         self.postgres = is_database_url(target)
+        self.write_refusals = WriteRefusals()
         if self.postgres:
             self.path = str(target)
             self._engine = sa.create_engine(postgres_url(self.path), **POSTGRES_POOL)
@@ -129,8 +159,24 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sa.Connection]:
-        with self._lock, self._engine.begin() as conn:
-            yield conn
+        """One write transaction (under the lock on SQLite). A write refused for want of space (disk full) is rolled
+        back whole and raised as StoreFull; the next transaction starts clean, so writes resume once there is space."""
+        with self._lock:
+            try:
+                with self._engine.begin() as conn:
+                    yield conn
+            except sa.exc.DBAPIError as err:  # at BEGIN, in a statement or at COMMIT; rolled back by then
+                full = self._refused(err)
+                if full is None:
+                    raise
+                raise full from err
+        self.write_refusals.accepted()
+
+    def _refused(self, err: BaseException) -> StoreFull | None:
+        full = store_full(err, None if self.postgres else self.path)
+        if full is not None:
+            self.write_refusals.refused(full.reason)
+        return full
 
     def _read(self, sql: str, args: dict | None = None) -> list[sa.RowMapping]:
         with self._lock, self._engine.connect().execution_options(farworker_read=True) as conn:

@@ -14,6 +14,8 @@ import threading
 
 from prometheus_client import Counter
 
+from farworker.coordinator.errors import StoreFull
+
 log = logging.getLogger("farworker.coordinator")
 
 
@@ -70,6 +72,8 @@ class CheckQueue:
                 return
             try:
                 self._check(item)
+            except StoreFull:  # its verdict could not be written (disk full; write_refusals said so once)
+                self._count("unverifiable")
             except Exception:  # a check must never end the thread (a block that cannot load, a DHT hiccup)
                 log.exception("%s: checking a session of %s failed", self._thread.name, getattr(item, "peer_id", "?"))
                 self._count("unverifiable")
