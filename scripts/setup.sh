@@ -41,14 +41,16 @@ else
 fi
 if [ "${1:-}" = "--dev" ]; then
   "${install[@]}" -r requirements/dev.txt
-  # lm-evaluation-harness (tests/test_lm_eval.py): heavy, and held to the runtime set by its locks
+  # lm-evaluation-harness (the lm-eval test in tests/test_openai_api.py): heavy, and held to the runtime set by its locks
   "${install[@]}" -r requirements/eval.txt -c "$locks/runtime.lock" -c "$locks/coordinator.lock"
   # Debian packages the tests use: tests/test_clock_offset.py shifts a worker's clock with libfaketime;
   # tests/test_mesh_page.py drives the coordinator's page in chromium (Playwright's own browser download is not
-  # reachable from these machines)
+  # reachable from these machines); the store's tests start their own Postgres server from Debian's postgresql
+  # binaries (tests/postgres_server.py; /usr/lib/postgresql/N/bin)
   missing=()
   command -v faketime >/dev/null || missing+=(faketime)
   [ -x /usr/bin/chromium ] || missing+=(chromium)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
     # a fresh machine's package lists may be empty: update once when the plain install cannot find them

@@ -79,3 +79,22 @@ def bootstrap_peer(tmp_path):
     peer, maddrs = start_bootstrap_peer(tmp_path)
     yield maddrs
     peer.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real Postgres for the session, started on first use (tests/postgres_server.py), stopped at the end."""
+    from postgres_server import PostgresServer
+
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_db(request, tmp_path):
+    """A fresh, empty ledger database for a Store: a SQLite file, or a database of its own on the session's
+    Postgres (a postgresql:// URL). Tests taking it run on both backends."""
+    if request.param == "sqlite":
+        return tmp_path / "ledger.sqlite"
+    return request.getfixturevalue("postgres_server").new_database()

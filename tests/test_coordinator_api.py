@@ -118,12 +118,12 @@ def test_fast_beats_do_not_buy_uptime(coordinator, worker):
     assert requests.get(f"{coordinator.url}/v1/workers/{worker_id}", timeout=5).json()["heartbeat_count"] == 1
 
 
-def test_uptime_is_observed_not_bought_by_beating_fast(tmp_path, keys):
+def test_uptime_is_observed_not_bought_by_beating_fast(ledger_db, keys):
     """A worker on a 30 s interval beats every 15 s for 30 minutes, then falls silent: at the hour it was up
     about half of it (it was 100 % when every half interval counted), and it shows offline."""
     from farworker.coordinator.store import Store
 
-    store = Store(tmp_path / "c.sqlite")
+    store = Store(ledger_db)  # SQLite and Postgres
     t0 = 1_800_000_000.0
     worker_id = store.register(registration(keys[0]), t0, 30.0)
     for k in range(1, 121):
@@ -483,6 +483,8 @@ INSERT INTO usage VALUES ('u-1', 'w-old', 's', 0, 2, 7, 1, 101.0, 102.0, 102.0, 
 def test_a_ledger_from_before_null_blocks_opens_and_takes_joining_workers(tmp_path, keys):
     import sqlite3
 
+    import sqlalchemy
+
     db = tmp_path / "old.sqlite"
     old = sqlite3.connect(db)
     old.executescript(_LEDGER_BEFORE_NULL_BLOCKS)
@@ -509,7 +511,7 @@ def test_a_ledger_from_before_null_blocks_opens_and_takes_joining_workers(tmp_pa
     # opened again: nothing left to rebuild, everything still there, and foreign keys enforced
     with RunningCoordinator(Settings(db_path=db, heartbeat_interval_s=2.0)) as running:
         assert len(requests.get(f"{running.url}/v1/workers", timeout=5).json()["workers"]) == 2
-        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        with pytest.raises(sqlalchemy.exc.IntegrityError, match="FOREIGN KEY"):  # the store's errors: SQLAlchemy's
             running.store.add_usage("w-none", [usage_record()], time.time(), lambda s, e: 1.0, 1.0, 0.001)
 
 

@@ -43,8 +43,8 @@ def receipt(blocks, tokens: int, n: int = 0) -> dict:
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "ledger.sqlite")
+def store(ledger_db):
+    s = Store(ledger_db)
     yield s
     s.close()
 

@@ -31,8 +31,8 @@ AMOUNTS = ("settled_far", "pending_far", "forfeited_far")
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "ledger.sqlite")
+def store(ledger_db):
+    s = Store(ledger_db)
     yield s
     s.close()
 

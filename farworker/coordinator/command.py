@@ -15,10 +15,14 @@ from farworker.coordinator.settings import (
     DEFAULT_SETTLE_AFTER_S,
     DEFAULT_UNPROVEN_TTL_S,
     Settings,
+    display_target,
+    is_database_url,
 )
 
+EX_TEMPFAIL = 75  # sysexits: a temporary failure (the database down); systemd's Restart=on-failure retries
 
-@click.command("coordinator")
+
+@click.group("coordinator", invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8787, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -27,8 +31,9 @@ from farworker.coordinator.settings import (
     envvar="FARLABS_COORDINATOR_DB",
     default="coordinator.sqlite",
     show_default=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="SQLite file [env FARLABS_COORDINATOR_DB].",
+    metavar="PATH|URL",
+    help="The ledger: a SQLite file (the embedded default), or a postgresql://USER:PASSWORD@HOST:PORT/DB URL "
+    "(the production store, which several coordinators may share) [env FARLABS_COORDINATOR_DB].",
 )
 @click.option(
     "--heartbeat-interval",
@@ -157,7 +162,9 @@ from farworker.coordinator.settings import (
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
 )
+@click.pass_context
 def coordinator_command(
+    ctx,
     host,
     port,
     db_path,
@@ -184,7 +191,11 @@ def coordinator_command(
 ):
     """Run the reference Far Labs coordinator: worker registry, signed heartbeats and usage, the earnings
     ledger, and completions routed through the mesh."""
+    if ctx.invoked_subcommand is not None:
+        return  # `farworker coordinator copy-ledger ...`: the subcommand runs instead of the coordinator
     require_extra()  # before anything imports FastAPI: a worker host installs without it
+    import sqlalchemy
+
     from farworker.coordinator.service import serve  # here: `farworker run` registers this command, without FastAPI
 
     if model_path is not None and not initial_peers:
@@ -243,8 +254,48 @@ def coordinator_command(
         )
         serve(settings, host, port, log_level)
     except OSError as err:
-        click.echo(f"cannot serve on {host}:{port} with database {db_path}: {err.strerror or err}", err=True)
+        click.echo(f"cannot serve on {host}:{port} with database {display_target(db_path)}: {err.strerror or err}",
+                   err=True)
         sys.exit(EX_CONFIG)
+    except ValueError as err:  # a --db URL the store cannot serve
+        click.echo(str(err), err=True)
+        sys.exit(EX_CONFIG)
+    except sqlalchemy.exc.SQLAlchemyError as err:  # the database refused or could not be reached: worth a retry
+        first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        click.echo(f"cannot open the ledger {display_target(db_path)}: {first}", err=True)
+        sys.exit(EX_TEMPFAIL)
+
+
+@coordinator_command.command("copy-ledger")
+@click.option("--from", "source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The SQLite ledger to copy (the coordinator using it should be stopped).")
+@click.option("--to", "target", required=True, metavar="URL",
+              help="postgresql:// URL of an empty database (its schema is made first).")
+@click.option("--verify-only", is_flag=True, help="Copy nothing: compare the totals of a ledger already copied.")
+def copy_ledger_command(source, target, verify_only):
+    """Copy a SQLite ledger into Postgres, then check both hold the same totals: rows per table, tokens and $FAR,
+    and every worker's ledger figures. Prints them; exit 0 when all match, 1 on a mismatch, 78 on bad input."""
+    require_extra()
+    import sqlalchemy
+
+    from farworker.coordinator.services.ledger_copy import copy_ledger
+
+    if not is_database_url(target) or not target.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        click.echo(f"--to must be a postgresql:// URL, got {target!r}", err=True)
+        sys.exit(EX_CONFIG)
+    try:
+        matched, lines = copy_ledger(source, target, verify_only=verify_only)
+    except ValueError as err:
+        click.echo(str(err), err=True)
+        sys.exit(EX_CONFIG)
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        click.echo(f"copy-ledger to {display_target(target)}: {first}", err=True)
+        sys.exit(1)
+    for line in lines:
+        click.echo(line)
+    sys.exit(0 if matched else 1)
+
 
 
 def read_api_keys(path: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ import click
 
 from farworker.config import EX_CONFIG
 
-EXTRA_MODULES = ("fastapi", "uvicorn")
+EXTRA_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "psycopg")
 INSTALL_HINT = "pip install 'farworker[coordinator]'"
 
 

@@ -21,9 +21,24 @@ DEFAULT_MAX_UNPROVEN = 256
 DEFAULT_UNPROVEN_TTL_S = 3600.0  # an hour to load a model and answer a probe, then it no longer holds a place
 
 
+def is_database_url(target) -> bool:
+    """A database URL (postgresql://...) rather than a SQLite file path."""
+    return isinstance(target, str) and "://" in target
+
+
+def display_target(target) -> str:
+    """The database for messages and logs: a URL without its password."""
+    text = str(target)
+    if not is_database_url(text) or "@" not in text:
+        return text
+    scheme, rest = text.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else text
+
+
 @dataclass
 class Settings:
-    db_path: Path
+    db_path: Path | str  # a SQLite file, or a postgresql:// URL (the store several coordinators share)
     heartbeat_interval_s: float = 30.0
     signature_window_s: int = 60
     max_body_bytes: int = 1 << 20
@@ -63,7 +78,8 @@ class Settings:
     unproven_ttl_s: float = DEFAULT_UNPROVEN_TTL_S
 
     def __post_init__(self):
-        self.db_path = Path(self.db_path)
+        if not is_database_url(self.db_path):
+            self.db_path = Path(self.db_path)
         self.registration_allowlist = frozenset(self.registration_allowlist)
         if not self.max_unproven_workers >= 1:
             raise ValueError(f"max_unproven_workers must be 1 or more, got {self.max_unproven_workers}")

@@ -1,194 +1,96 @@
-"""SQLite storage of the reference coordinator (SQL only: the rules deciding what to store live in services/).
+"""The coordinator's ledger storage, SQL only (the rules deciding what to store live in services/): SQLite, a file
+path and the embedded default, or Postgres, a postgresql:// URL and the store several coordinators share.
 
-Workers, heartbeats, nonces, the usage ledger, completions. One connection behind a lock: the reference coordinator
-serves a private mesh, and SQLite serialises writers anyway. Every write that belongs to one request is one transaction.
+SQLAlchemy Core runs the same SQL on both: text() with named parameters, in the subset both speak (ON CONFLICT,
+RETURNING, CASE); the one difference is Postgres' row lock (FOR NO KEY UPDATE), which SQLite's single writer makes
+moot.
+The schema is versioned by Alembic (migrations/) and brought to head on start; a pre-Alembic SQLite ledger migrates
+in place. SQLite: one connection behind a lock, WAL, synchronous=FULL, writes in BEGIN IMMEDIATE (as before).
+Postgres: a connection pool. Either way every write that belongs to one request is one transaction, and what two
+requests (or two coordinators) racing on the same key store is decided by a unique key (INSERT ... ON CONFLICT,
+then the row count), never by a check-then-insert.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import sqlalchemy as sa
+from sqlalchemy import event, text
+from sqlalchemy.pool import StaticPool
+
+from farworker.coordinator import migrations
 from farworker.coordinator.errors import StoreFull
 from farworker.coordinator.services import ledger
+from farworker.coordinator.settings import display_target, is_database_url
 from farworker.coordinator.write_refusals import WriteRefusals
 
 HEARTBEAT_HISTORY = 500  # kept per worker; older beats only live on as counts
 
-_WORKERS_COLUMNS = """
-    worker_id TEXT PRIMARY KEY,
-    peer_id TEXT NOT NULL UNIQUE,
-    public_key TEXT NOT NULL,
-    wallet_address TEXT NOT NULL,
-    model_name TEXT NOT NULL,
-    block_start INTEGER,  -- NULL until the worker knows its span (registered before loading it)
-    block_end INTEGER,
-    total_blocks INTEGER,
-    torch_dtype TEXT NOT NULL,
-    quant_type TEXT NOT NULL,
-    location TEXT NOT NULL,
-    farworker_version TEXT NOT NULL,
-    announce_maddrs TEXT NOT NULL,
-    hardware TEXT NOT NULL,
-    state TEXT NOT NULL,
-    registered_at REAL NOT NULL,
-    last_registered_at REAL NOT NULL,
-    heartbeat_interval REAL NOT NULL,
-    heartbeat_count INTEGER NOT NULL DEFAULT 0,
-    counted_beat_at REAL,
-    last_heartbeat_at REAL,
-    last_heartbeat TEXT,
-    host_id TEXT,  -- NULL from workers before multi-GPU hosts (and from any that send none)
-    instance INTEGER,
-    reachability TEXT  -- JSON {"at", "tried": {address: null or why not}} of the last dial; NULL: not dialled yet
-"""
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS workers ({_WORKERS_COLUMNS});
-CREATE TABLE IF NOT EXISTS heartbeats (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
-    received_at REAL NOT NULL,
-    payload TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS heartbeats_worker ON heartbeats(worker_id, seq);
-CREATE INDEX IF NOT EXISTS workers_registered ON workers(registered_at, worker_id);  -- the pages' order
-CREATE TABLE IF NOT EXISTS nonces (
-    peer_id TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    seen_at REAL NOT NULL,
-    PRIMARY KEY (peer_id, nonce)
-);
-CREATE INDEX IF NOT EXISTS nonces_seen ON nonces(seen_at);
-CREATE TABLE IF NOT EXISTS usage (
-    id TEXT PRIMARY KEY,
-    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
-    session_id TEXT NOT NULL,
-    block_start INTEGER NOT NULL,
-    block_end INTEGER NOT NULL,
-    tokens INTEGER NOT NULL,
-    steps INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    ended_at REAL NOT NULL,
-    received_at REAL NOT NULL,
-    share REAL NOT NULL,
-    reliability REAL NOT NULL,
-    earned_far REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_worker ON usage(worker_id, received_at);
-CREATE TABLE IF NOT EXISTS completions (
-    id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    model TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS completion_keys (  -- which API key asked for a completion (keys configured)
-    completion_id TEXT PRIMARY KEY REFERENCES completions(id),
-    key_name TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS completion_route (
-    completion_id TEXT NOT NULL REFERENCES completions(id),
-    peer_id TEXT NOT NULL,
-    worker_id TEXT,
-    block_start INTEGER NOT NULL,
-    block_end INTEGER NOT NULL,
-    tokens INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS completion_route_peer ON completion_route(peer_id);
-CREATE TABLE IF NOT EXISTS probes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
-    at REAL NOT NULL,
-    block INTEGER NOT NULL,
-    tokens INTEGER NOT NULL,  -- positions the worker computed: attested work
-    error REAL,  -- relative L2 error against the reference; NULL: no answer
-    tolerance REAL NOT NULL,
-    problem TEXT  -- NULL: passed
-);
-CREATE INDEX IF NOT EXISTS probes_worker ON probes(worker_id, seq);
-CREATE TABLE IF NOT EXISTS receipts (  -- direct clients' signed receipts: what vouches for direct traffic
-    id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL UNIQUE,  -- a server session is vouched for once, whatever receipts name it
-    peer_id TEXT NOT NULL,  -- pays only the worker of this peer id
-    block_start INTEGER NOT NULL,
-    block_end INTEGER NOT NULL,
-    tokens INTEGER NOT NULL,
-    model TEXT NOT NULL,
-    client_key_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    received_at REAL NOT NULL,
-    receipt TEXT NOT NULL  -- as signed, for audits
-);
-CREATE INDEX IF NOT EXISTS receipts_peer ON receipts(peer_id);
-CREATE TABLE IF NOT EXISTS uptime_slots (  -- per heartbeat interval since registration: what was observed in it
-    worker_id TEXT NOT NULL REFERENCES workers(worker_id),
-    slot INTEGER NOT NULL,  -- services/uptime.interval_slot; slot 0 (the registration's) is never recorded
-    beat INTEGER NOT NULL DEFAULT 0,  -- 1: a valid, healthy heartbeat arrived in it
-    online INTEGER NOT NULL DEFAULT 0,  -- 1: the coordinator saw the worker's whole span ONLINE in the DHT in it
-    PRIMARY KEY (worker_id, slot)
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    worker_id TEXT PRIMARY KEY REFERENCES workers(worker_id),
-    since REAL NOT NULL,
-    reason TEXT NOT NULL
-);
-"""
-
 DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_keys", "completion_route", "probes",
                "quarantine", "receipts", "uptime_slots")
+# Every table in the order foreign keys allow inserting them (copy_from), nonces too: a copy taken while
+# workers are live must still refuse a replay inside the signature window.
+COPY_ORDER = ("workers", "heartbeats", "nonces", "usage", "completions", "completion_keys", "completion_route",
+              "probes", "receipts", "uptime_slots", "quarantine")
+MIGRATION_LOCK = 0x6661726C65646772  # pg_advisory_xact_lock key: replicas starting at once migrate one at a time
+# A statement's text() parsed once (its bind parameters found by a regex), not at every call.
+_sql = functools.lru_cache(maxsize=512)(text)
+POSTGRES_POOL = {"pool_size": 10, "max_overflow": 20, "pool_timeout": 30, "pool_pre_ping": True}
 
 
-def _allow_unknown_blocks(conn: sqlite3.Connection) -> None:
-    """Ledgers written before workers registered ahead of loading their blocks have NOT NULL block
-    columns in ``workers``. SQLite cannot drop a constraint, so the table is rebuilt with today's
-    definition and its rows copied (SQLite's documented ALTER TABLE procedure; foreign keys are off
-    meanwhile, and heartbeats and usage keep referring to ``workers`` by name)."""
-    columns = {row[1]: row[3] for row in conn.execute("PRAGMA table_info(workers)")}
-    if not columns.get("block_start"):
-        return
-    names = ", ".join(columns)
-    conn.execute("BEGIN IMMEDIATE")
+def postgres_url(target: str) -> sa.URL:
+    """``target`` for SQLAlchemy with psycopg 3 (a bare postgresql:// would pick psycopg2); ValueError naming
+    what is accepted for any other URL."""
     try:
-        conn.execute(f"CREATE TABLE workers_unknown_blocks ({_WORKERS_COLUMNS})")
-        conn.execute(f"INSERT INTO workers_unknown_blocks ({names}) SELECT {names} FROM workers")
-        conn.execute("DROP TABLE workers")
-        conn.execute("ALTER TABLE workers_unknown_blocks RENAME TO workers")
-        if conn.execute("PRAGMA foreign_key_check").fetchall():
-            raise sqlite3.IntegrityError("the rebuilt workers table breaks a foreign key")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        url = sa.make_url(target)
+    except sa.exc.ArgumentError as err:
+        raise ValueError(f"--db {target!r}: not a URL ({err})") from None
+    if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise ValueError(f"--db accepts a SQLite file path or a postgresql:// URL, got a {url.drivername}:// URL")
+    return url.set(drivername="postgresql+psycopg")
 
 
-def _add_host_columns(conn: sqlite3.Connection) -> None:
-    """Ledgers written before workers said which host they run on lack the host columns: added, NULL."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(workers)")}
-    for name, kind in (("host_id", "TEXT"), ("instance", "INTEGER")):
-        if name not in columns:
-            conn.execute(f"ALTER TABLE workers ADD COLUMN {name} {kind}")
+def _sqlite_engine(path: Path) -> sa.Engine:
+    """One connection (StaticPool; the store's lock serialises its use), WAL, synchronous=FULL, autocommit driver
+    with the transactions the store opens: BEGIN IMMEDIATE for writes (the write lock from the start, so two
+    processes on one file never deadlock upgrading a read lock), a plain BEGIN for reads."""
+    engine = sa.create_engine(f"sqlite:///{path}", poolclass=StaticPool,
+                              connect_args={"check_same_thread": False, "timeout": 30, "isolation_level": None})
 
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=FULL")
+        dbapi_connection.execute("PRAGMA foreign_keys=ON")  # a reconnection too (the store's migration turns it off)
 
-def _add_reachability_column(conn: sqlite3.Connection) -> None:
-    """Ledgers written before the coordinator dialled workers lack the column: added, NULL (not dialled)."""
-    if "reachability" not in {row[1] for row in conn.execute("PRAGMA table_info(workers)")}:
-        conn.execute("ALTER TABLE workers ADD COLUMN reachability TEXT")
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("farworker_read") else "BEGIN IMMEDIATE")
+
+    return engine
 
 
 LOW_SPACE_BYTES = 1 << 20  # an I/O error while the database's file system has less free than this: it is full
 
 
-def store_full(err: BaseException, path: Path) -> StoreFull | None:
+def store_full(err: BaseException, path: Path | None) -> StoreFull | None:
     """The write refused for want of space, as StoreFull; None for any other error. SQLite says SQLITE_FULL when a
     write to the database, its WAL or journal hits ENOSPC; growing the WAL's shared-memory index gives an I/O error
-    instead (SQLITE_IOERR_SHMSIZE and kin), taken as "full" when the file system has no space left."""
-    if not isinstance(err, sqlite3.OperationalError):
+    instead (SQLITE_IOERR_SHMSIZE and kin), taken as "full" when the file system of ``path`` has no space left.
+    Postgres says disk_full (SQLSTATE 53100). SQLAlchemy hands the driver's error as ``orig``."""
+    err = getattr(err, "orig", None) or err
+    if getattr(err, "sqlstate", None) == "53100":  # psycopg's DiskFull: the server's disk
+        return StoreFull(f"{str(err).strip().splitlines()[0]} (the Postgres server's disk)")
+    if path is None or not isinstance(err, sqlite3.OperationalError):
         return None
     code = getattr(err, "sqlite_errorcode", 0)
     if code & 0xFF == sqlite3.SQLITE_FULL:
@@ -204,148 +106,145 @@ def store_full(err: BaseException, path: Path) -> StoreFull | None:
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, target: str | os.PathLike):
+        """``target``: a SQLite file path, or a postgresql:// URL."""
+        self.postgres = is_database_url(target)
         self.write_refusals = WriteRefusals()
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
-        self._conn.executescript(_LEASES_SCHEMA)
-        _allow_unknown_blocks(self._conn)
-        _add_host_columns(self._conn)
-        _add_reachability_column(self._conn)
-        self._conn.execute("PRAGMA foreign_keys=ON")
+        if self.postgres:
+            self.path = str(target)
+            self._engine = sa.create_engine(postgres_url(self.path), **POSTGRES_POOL)
+            self._lock = contextlib.nullcontext()  # the pool gives each thread its own connection
+            # the worker's row for a heartbeat: NO KEY UPDATE (as its UPDATE takes anyway) serialises two beats
+            # but not the foreign key checks of usage and uptime-slot inserts (KEY SHARE), which FOR UPDATE would
+            # block, and a DHT watch recording several workers' slots at once could then deadlock with a beat
+            self._for_update = " FOR NO KEY UPDATE"
+        else:
+            self.path = Path(target)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._engine = _sqlite_engine(self.path)
+            self._lock = threading.Lock()
+            self._for_update = ""  # BEGIN IMMEDIATE already holds the database's one write lock
+        try:
+            self._migrate()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def _migrate(self) -> None:
+        if not self.postgres:  # as before: a migration that rebuilds a table runs with foreign keys off
+            self._sqlite_pragma("PRAGMA foreign_keys=OFF")
+        with self._lock, self._engine.begin() as conn:
+            if self.postgres:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            migrations.upgrade_to_head(conn)
+        if not self.postgres:
+            self._sqlite_pragma("PRAGMA foreign_keys=ON")
+
+    def _sqlite_pragma(self, pragma: str) -> None:
+        """On the one connection, outside a transaction (where SQLite ignores foreign_keys)."""
+        raw = self._engine.raw_connection()
+        try:
+            raw.driver_connection.execute(pragma)
+        finally:
+            raw.close()
+
+    def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at."""
+        with self._lock, self._engine.connect().execution_options(farworker_read=True) as conn:
+            return migrations.current_revision(conn)
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._engine.dispose()
 
-    def _tx(self):
-        """One write transaction under the lock. A write refused for want of space (disk full) is rolled back
-        whole and raised as StoreFull; the next transaction starts clean, so writes resume once there is space."""
-        store = self
-
-        class _Tx:
-            def __enter__(self):
-                store._lock.acquire()
-                try:
-                    store._conn.execute("BEGIN IMMEDIATE")
-                except BaseException as err:
-                    store._lock.release()
-                    full = store._refused(err)
-                    if full is None:
-                        raise
-                    raise full from err
-                return store._conn
-
-            def __exit__(self, exc_type, exc, tb):
-                try:
-                    if exc is None:
-                        try:
-                            store._conn.execute("COMMIT")
-                        except sqlite3.Error as err:  # not committed: below, rolled back and raised
-                            exc = err
-                        else:
-                            store.write_refusals.accepted()
-                            return False
-                    if store._conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL may)
-                        with contextlib.suppress(sqlite3.Error):  # the error that got us here is raised below
-                            store._conn.execute("ROLLBACK")
-                finally:
-                    store._lock.release()
-                full = store._refused(exc)
-                if full is not None:
-                    raise full from exc
-                if exc_type is None:
-                    raise exc  # the failed COMMIT
-                return False
-
-        return _Tx()
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sa.Connection]:
+        """One write transaction (under the lock on SQLite). A write refused for want of space (disk full) is rolled
+        back whole and raised as StoreFull; the next transaction starts clean, so writes resume once there is space."""
+        with self._lock:
+            try:
+                with self._engine.begin() as conn:
+                    yield conn
+            except sa.exc.DBAPIError as err:  # at BEGIN, in a statement or at COMMIT; rolled back by then
+                full = self._refused(err)
+                if full is None:
+                    raise
+                raise full from err
+        self.write_refusals.accepted()
 
     def _refused(self, err: BaseException) -> StoreFull | None:
-        full = store_full(err, self.path)
+        full = store_full(err, None if self.postgres else self.path)
         if full is not None:
             self.write_refusals.refused(full.reason)
         return full
 
-    def _read(self, sql: str, args=()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+    def _read(self, sql: str, args: dict | None = None) -> list[sa.RowMapping]:
+        with self._lock, self._engine.connect().execution_options(farworker_read=True) as conn:
+            return conn.execute(_sql(sql), args or {}).mappings().all()
 
     # --- auth ---------------------------------------------------------------------------------------
     def public_key_of(self, peer_id: str) -> str | None:
-        rows = self._read("SELECT public_key FROM workers WHERE peer_id = ?", (peer_id,))
+        rows = self._read("SELECT public_key FROM workers WHERE peer_id = :peer", {"peer": peer_id})
         return rows[0]["public_key"] if rows else None
 
     def consume_nonce(self, peer_id: str, nonce: str, now: float, keep_s: float) -> bool:
         """Remember ``nonce``; False if it was seen before. Nonces older than ``keep_s`` are forgotten:
-        the timestamp window refuses their requests anyway."""
+        the timestamp window refuses their requests anyway. One insert decides: of two requests racing with the
+        same nonce (two replicas), the second waits for the first's row and inserts nothing."""
         with self._tx() as conn:
-            conn.execute("DELETE FROM nonces WHERE seen_at < ?", (now - keep_s,))
-            try:
-                conn.execute(
-                    "INSERT INTO nonces (peer_id, nonce, seen_at) VALUES (?, ?, ?)", (peer_id, nonce, now)
-                )
-            except sqlite3.IntegrityError:
-                return False
-        return True
+            conn.execute(_sql("DELETE FROM nonces WHERE seen_at < :before"), {"before": now - keep_s})
+            inserted = conn.execute(
+                _sql("INSERT INTO nonces (peer_id, nonce, seen_at) VALUES (:peer, :nonce, :now)"
+                     " ON CONFLICT (peer_id, nonce) DO NOTHING"),
+                {"peer": peer_id, "nonce": nonce, "now": now},
+            ).rowcount
+        return inserted == 1
 
     # --- workers ------------------------------------------------------------------------------------
     def register(self, req: dict, now: float, interval: float) -> str:
-        """Insert or refresh the worker of ``req['peer_id']``; its worker id survives restarts."""
+        """Insert or refresh the worker of ``req['peer_id']``; its worker id survives restarts. One upsert on the
+        peer id: two registrations racing on two replicas give one worker."""
+        fields = {
+            "public_key": req["public_key"],
+            "wallet_address": req["wallet_address"],
+            "model_name": req["model_name"],
+            "block_start": req["blocks"][0] if req["blocks"] else None,
+            "block_end": req["blocks"][1] if req["blocks"] else None,
+            "total_blocks": req.get("total_blocks"),
+            "torch_dtype": req["torch_dtype"],
+            "quant_type": req["quant_type"],
+            "location": req["location"],
+            "farworker_version": req["version"],
+            "announce_maddrs": json.dumps(req["announce_maddrs"]),
+            "hardware": json.dumps(req["hardware"]),
+            "host_id": req.get("host_id"),
+            "instance": req.get("instance"),
+            "state": "joining",
+            "last_registered_at": now,
+            "heartbeat_interval": interval,
+        }
+        updates = ", ".join(f"{k} = excluded.{k}" for k in fields)
+        fields.update(worker_id=f"w-{uuid.uuid4().hex[:16]}", peer_id=req["peer_id"], registered_at=now)
         with self._tx() as conn:
-            row = conn.execute(
-                "SELECT worker_id FROM workers WHERE peer_id = ?", (req["peer_id"],)
-            ).fetchone()
-            fields = {
-                "public_key": req["public_key"],
-                "wallet_address": req["wallet_address"],
-                "model_name": req["model_name"],
-                "block_start": req["blocks"][0] if req["blocks"] else None,
-                "block_end": req["blocks"][1] if req["blocks"] else None,
-                "total_blocks": req.get("total_blocks"),
-                "torch_dtype": req["torch_dtype"],
-                "quant_type": req["quant_type"],
-                "location": req["location"],
-                "farworker_version": req["version"],
-                "announce_maddrs": json.dumps(req["announce_maddrs"]),
-                "hardware": json.dumps(req["hardware"]),
-                "host_id": req.get("host_id"),
-                "instance": req.get("instance"),
-                "state": "joining",
-                "last_registered_at": now,
-                "heartbeat_interval": interval,
-            }
-            if row:
-                worker_id = row["worker_id"]
-                assignments = ", ".join(f"{k} = ?" for k in fields)
-                conn.execute(
-                    f"UPDATE workers SET {assignments} WHERE worker_id = ?", [*fields.values(), worker_id]
-                )
-            else:
-                worker_id = f"w-{uuid.uuid4().hex[:16]}"
-                fields.update(worker_id=worker_id, peer_id=req["peer_id"], registered_at=now)
-                conn.execute(
-                    f"INSERT INTO workers ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
-                    list(fields.values()),
-                )
-        return worker_id
+            return conn.execute(
+                _sql(f"INSERT INTO workers ({', '.join(fields)}) VALUES ({', '.join(':' + k for k in fields)})"
+                     f" ON CONFLICT (peer_id) DO UPDATE SET {updates} RETURNING worker_id"),
+                fields,
+            ).scalar_one()
 
     def worker_row(self, worker_id: str) -> dict | None:
-        rows = self._read("SELECT * FROM workers WHERE worker_id = ?", (worker_id,))
+        rows = self._read("SELECT * FROM workers WHERE worker_id = :w", {"w": worker_id})
         return dict(rows[0]) if rows else None
 
     def heartbeat(self, worker_id: str, payload: dict, now: float) -> None:
-        """Store a beat, and the uptime slot it counts for (services/ledger.beat_slot decides, in this transaction)."""
+        """Store a beat, and the uptime slot it counts for (services/ledger.beat_slot decides, in this transaction;
+        on Postgres the worker's row is locked meanwhile, so two beats racing on two replicas count one slot)."""
         with self._tx() as conn:
             row = conn.execute(
-                "SELECT counted_beat_at, heartbeat_interval, registered_at FROM workers WHERE worker_id = ?",
-                (worker_id,),
-            ).fetchone()
+                _sql("SELECT counted_beat_at, heartbeat_interval, registered_at FROM workers WHERE worker_id = :w"
+                     + self._for_update),
+                {"w": worker_id},
+            ).mappings().one()
             counted_slot = ledger.beat_slot(row["registered_at"], row["counted_beat_at"], now,
                                             row["heartbeat_interval"], payload.get("healthy", True))
             counts = counted_slot is not None
@@ -356,66 +255,75 @@ class Store:
             }
             if payload.get("blocks"):
                 updates.update(block_start=payload["blocks"][0], block_end=payload["blocks"][1])
-            assignments = ", ".join(f"{k} = ?" for k in updates)
-            extra = ", heartbeat_count = heartbeat_count + 1, counted_beat_at = ?" if counts else ""
-            args = [*updates.values(), *([now] if counts else []), worker_id]
-            conn.execute(f"UPDATE workers SET {assignments}{extra} WHERE worker_id = ?", args)
+            assignments = ", ".join(f"{k} = :{k}" for k in updates)
+            extra = ", heartbeat_count = heartbeat_count + 1, counted_beat_at = :now" if counts else ""
+            conn.execute(_sql(f"UPDATE workers SET {assignments}{extra} WHERE worker_id = :w"),
+                         {**updates, "now": now, "w": worker_id})
             if counts:  # the slot itself too: with a mesh view, uptime needs the beat and the DHT in one slot
                 conn.execute(
-                    "INSERT INTO uptime_slots (worker_id, slot, beat) VALUES (?, ?, 1)"
-                    " ON CONFLICT (worker_id, slot) DO UPDATE SET beat = 1",
-                    (worker_id, counted_slot),
+                    _sql("INSERT INTO uptime_slots (worker_id, slot, beat) VALUES (:w, :slot, 1)"
+                         " ON CONFLICT (worker_id, slot) DO UPDATE SET beat = 1"),
+                    {"w": worker_id, "slot": counted_slot},
                 )
             conn.execute(
-                "INSERT INTO heartbeats (worker_id, received_at, payload) VALUES (?, ?, ?)",
-                (worker_id, now, json.dumps(payload)),
+                _sql("INSERT INTO heartbeats (worker_id, received_at, payload) VALUES (:w, :now, :payload)"),
+                {"w": worker_id, "now": now, "payload": json.dumps(payload)},
             )
             conn.execute(
-                "DELETE FROM heartbeats WHERE worker_id = ? AND seq <= "
-                "(SELECT seq FROM heartbeats WHERE worker_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                (worker_id, worker_id, HEARTBEAT_HISTORY),
+                _sql("DELETE FROM heartbeats WHERE worker_id = :w AND seq <= "
+                     "(SELECT seq FROM heartbeats WHERE worker_id = :w ORDER BY seq DESC LIMIT 1 OFFSET :keep)"),
+                {"w": worker_id, "keep": HEARTBEAT_HISTORY},
             )
 
     def heartbeats(self, worker_id: str) -> list[dict]:
         rows = self._read(
-            "SELECT received_at, payload FROM heartbeats WHERE worker_id = ? ORDER BY seq", (worker_id,)
+            "SELECT received_at, payload FROM heartbeats WHERE worker_id = :w ORDER BY seq", {"w": worker_id}
         )
         return [{"received_at": r["received_at"], **json.loads(r["payload"])} for r in rows]
 
     def set_state(self, worker_id: str, state: str) -> None:
         with self._tx() as conn:
-            conn.execute("UPDATE workers SET state = ? WHERE worker_id = ?", (state, worker_id))
+            conn.execute(_sql("UPDATE workers SET state = :state WHERE worker_id = :w"),
+                         {"state": state, "w": worker_id})
 
     def worker_ids(self) -> list[str]:
         return [r["worker_id"] for r in self._read("SELECT worker_id FROM workers ORDER BY registered_at")]
 
     def worker_by_peer(self, peer_id: str) -> str | None:
-        rows = self._read("SELECT worker_id FROM workers WHERE peer_id = ?", (peer_id,))
+        rows = self._read("SELECT worker_id FROM workers WHERE peer_id = :peer", {"peer": peer_id})
         return rows[0]["worker_id"] if rows else None
 
     def worker_rows_page(self, after: tuple[float, str] | None, limit: int) -> list[dict]:
         """At most ``limit`` workers in registration order (then worker id), after ``(registered_at, worker_id)``."""
-        sql, args = "SELECT * FROM workers", []
+        sql, args = "SELECT * FROM workers", {"limit": limit}
         if after is not None:
-            sql, args = sql + " WHERE (registered_at, worker_id) > (?, ?)", list(after)
-        return [dict(r) for r in self._read(sql + " ORDER BY registered_at, worker_id LIMIT ?", [*args, limit])]
+            sql += " WHERE (registered_at, worker_id) > (:at, :id)"
+            args.update(at=after[0], id=after[1])
+        return [dict(r) for r in self._read(sql + " ORDER BY registered_at, worker_id LIMIT :limit", args)]
+
+    _NO_HOST = "CASE WHEN host_id IS NULL THEN 1 ELSE 0 END"
 
     def host_keys_page(self, after: tuple[int, str] | None, limit: int) -> list[tuple[int, str]]:
         """At most ``limit`` hosts as (0, host id), then (1, "") for the workers that sent no host id, after
         ``after``."""
-        sql, args = ("SELECT DISTINCT CASE WHEN host_id IS NULL THEN 1 ELSE 0 END AS no_host,"
-                     " COALESCE(host_id, '') AS host FROM workers", [])
+        sql = f"SELECT DISTINCT {self._NO_HOST} AS no_host, COALESCE(host_id, '') AS host FROM workers"
+        args: dict = {"limit": limit}
         if after is not None:
-            sql, args = sql + " WHERE (CASE WHEN host_id IS NULL THEN 1 ELSE 0 END, COALESCE(host_id, '')) > (?, ?)", \
-                list(after)
-        rows = self._read(sql + " ORDER BY no_host, host LIMIT ?", [*args, limit])
+            sql += f" WHERE ({self._NO_HOST}, COALESCE(host_id, '')) > (:no_host, :host)"
+            args.update(no_host=after[0], host=after[1])
+        rows = self._read(sql + " ORDER BY no_host, host LIMIT :limit", args)
         return [(int(r["no_host"]), r["host"]) for r in rows]
 
     def worker_rows_of_hosts(self, host_ids: list[str], no_host: bool) -> list[dict]:
         """The workers registered with these host ids (and, ``no_host``, those that sent none)."""
-        marks = ", ".join("?" * len(host_ids))
-        sql = f"SELECT * FROM workers WHERE host_id IN ({marks})" + (" OR host_id IS NULL" if no_host else "")
-        return [dict(r) for r in self._read(sql + " ORDER BY registered_at, worker_id", host_ids)]
+        marks = ", ".join(f":h{i}" for i in range(len(host_ids)))
+        where = [f"host_id IN ({marks})"] if host_ids else []
+        if no_host:
+            where.append("host_id IS NULL")
+        if not where:
+            return []
+        sql = "SELECT * FROM workers WHERE " + " OR ".join(where) + " ORDER BY registered_at, worker_id"
+        return [dict(r) for r in self._read(sql, {f"h{i}": h for i, h in enumerate(host_ids)})]
 
     # --- proven workers (services/registration.py, services/probe_order.py) ------------------------------
     # Proven: a passed probe, a route of the coordinator's own completions, or a client's receipt names it.
@@ -430,7 +338,7 @@ class Store:
         """How many workers registered since ``registered_since`` are not proven, and the oldest registration."""
         row = self._read(
             f"SELECT COUNT(*) AS n, MIN(registered_at) AS oldest FROM workers"
-            f" WHERE registered_at >= ? AND worker_id NOT IN ({self._PROVEN})", (registered_since,))[0]
+            f" WHERE registered_at >= :since AND worker_id NOT IN ({self._PROVEN})", {"since": registered_since})[0]
         return int(row["n"]), row["oldest"]
 
     def probe_stats(self, worker_id: str | None = None) -> dict[str, dict]:
@@ -438,85 +346,76 @@ class Store:
         row went unanswered (no answer at all: error and tokens none; a wrong answer is an answer)."""
         answered = "NOT (error IS NULL AND tokens = 0 AND problem IS NOT NULL)"
         # one worker's view reads its own rows only (the probes_worker index)
-        inner, outer, args = (" AND worker_id = ?", " WHERE p.worker_id = ?", (worker_id, worker_id)) if worker_id \
-            else ("", "", ())
+        inner, outer = (" AND worker_id = :w", " WHERE p.worker_id = :w") if worker_id else ("", "")
         rows = self._read(
             "SELECT p.worker_id, MAX(p.at) AS last_at,"
             " SUM(CASE WHEN p.seq > COALESCE(a.seq, 0) THEN 1 ELSE 0 END) AS unanswered FROM probes p"
             f" LEFT JOIN (SELECT worker_id, MAX(seq) AS seq FROM probes WHERE {answered}{inner} GROUP BY worker_id) a"
-            f" ON a.worker_id = p.worker_id{outer} GROUP BY p.worker_id", args)
+            f" ON a.worker_id = p.worker_id{outer} GROUP BY p.worker_id", {"w": worker_id} if worker_id else {})
         return {r["worker_id"]: {"last_at": r["last_at"], "unanswered": int(r["unanswered"])} for r in rows}
 
     # --- observed uptime ----------------------------------------------------------------------------
     def record_online(self, slots: dict[str, int]) -> None:
         """The coordinator saw these workers' spans ONLINE in the DHT in these slots {worker id: slot}
         (coordinator/dht_watch.py, services/uptime.online_slot)."""
+        if not slots:
+            return
         with self._tx() as conn:
-            for worker_id, slot in slots.items():
-                conn.execute(
-                    "INSERT INTO uptime_slots (worker_id, slot, online) VALUES (?, ?, 1)"
-                    " ON CONFLICT (worker_id, slot) DO UPDATE SET online = 1",
-                    (worker_id, slot),
-                )
+            conn.execute(
+                _sql("INSERT INTO uptime_slots (worker_id, slot, online) VALUES (:w, :slot, 1)"
+                     " ON CONFLICT (worker_id, slot) DO UPDATE SET online = 1"),
+                [{"w": worker_id, "slot": slot} for worker_id, slot in slots.items()],
+            )
 
     def count_slots(self, worker_id: str, online: bool, before: int | None = None,
                     from_slot: int | None = None) -> int:
         """Slots with a counted beat (and, ``online``, the span seen ONLINE), optionally in [from_slot, before)."""
-        sql = "SELECT COUNT(*) AS n FROM uptime_slots WHERE worker_id = ? AND beat = 1"
-        args: list = [worker_id]
+        sql = "SELECT COUNT(*) AS n FROM uptime_slots WHERE worker_id = :w AND beat = 1"
+        args: dict = {"w": worker_id}
         if online:
             sql += " AND online = 1"
         if before is not None:
-            sql, args = sql + " AND slot < ?", [*args, before]
+            sql, args["before"] = sql + " AND slot < :before", before
         if from_slot is not None:
-            sql, args = sql + " AND slot >= ?", [*args, from_slot]
+            sql, args["from_slot"] = sql + " AND slot >= :from_slot", from_slot
         return int(self._read(sql, args)[0]["n"])
 
     def first_slot(self, worker_id: str, online: bool, before: int | None = None) -> int | None:
         """The first slot with a counted beat (and, ``online``, the span seen ONLINE), optionally before ``before``."""
-        sql = "SELECT MIN(slot) AS s FROM uptime_slots WHERE worker_id = ? AND beat = 1"
-        args: list = [worker_id]
+        sql = "SELECT MIN(slot) AS s FROM uptime_slots WHERE worker_id = :w AND beat = 1"
+        args: dict = {"w": worker_id}
         if online:
             sql += " AND online = 1"
         if before is not None:
-            sql, args = sql + " AND slot < ?", [*args, before]
+            sql, args["before"] = sql + " AND slot < :before", before
         return self._read(sql, args)[0]["s"]
 
     # --- ledger -------------------------------------------------------------------------------------
     def add_usage(self, worker_id: str, records: list[dict], now: float, share_of, reliability: float,
                   far_per_token: float) -> list[str]:
         """Store new records once, each with its share (``share_of(start, end)``), the reliability and its claimed
-        $FAR (services/ledger.earned_far); returns the ids now on this worker's ledger (new or seen before)."""
+        $FAR (services/ledger.earned_far); returns the ids now on this worker's ledger (new or seen before). The id
+        is the unique key: of one record sent to two replicas at once, the insert that comes second stores
+        nothing (it waits for the first's row) and finds the first's."""
         accepted: dict[str, None] = {}  # ordered, once per id even if the batch repeats one
         with self._tx() as conn:
             for r in records:
                 share = share_of(r["blocks"][0], r["blocks"][1])
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO usage (id, worker_id, session_id, block_start, block_end, tokens,"
-                    " steps,"
-                    " started_at, ended_at, received_at, share, reliability, earned_far)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        r["id"],
-                        worker_id,
-                        r["session_id"],
-                        r["blocks"][0],
-                        r["blocks"][1],
-                        r["tokens"],
-                        r["steps"],
-                        r["started_at"],
-                        r["ended_at"],
-                        now,
-                        share,
-                        reliability,
-                        ledger.earned_far(r["tokens"], share, reliability, far_per_token),
-                    ),
-                )
-                if cur.rowcount == 1:
+                inserted = conn.execute(
+                    _sql("INSERT INTO usage (id, worker_id, session_id, block_start, block_end, tokens, steps,"
+                         " started_at, ended_at, received_at, share, reliability, earned_far)"
+                         " VALUES (:id, :w, :session, :start, :end, :tokens, :steps, :started, :ended, :now, :share,"
+                         " :reliability, :far) ON CONFLICT (id) DO NOTHING"),
+                    {"id": r["id"], "w": worker_id, "session": r["session_id"], "start": r["blocks"][0],
+                     "end": r["blocks"][1], "tokens": r["tokens"], "steps": r["steps"], "started": r["started_at"],
+                     "ended": r["ended_at"], "now": now, "share": share, "reliability": reliability,
+                     "far": ledger.earned_far(r["tokens"], share, reliability, far_per_token)},
+                ).rowcount
+                if inserted == 1:
                     accepted[r["id"]] = None
                 else:
-                    owner = conn.execute("SELECT worker_id FROM usage WHERE id = ?", (r["id"],)).fetchone()
-                    if owner and owner["worker_id"] == worker_id:
+                    owner = conn.execute(_sql("SELECT worker_id FROM usage WHERE id = :id"), {"id": r["id"]}).first()
+                    if owner and owner.worker_id == worker_id:
                         accepted[r["id"]] = None
         return list(accepted)
 
@@ -527,38 +426,42 @@ class Store:
         $FAR in all, received before ``paid_until`` (payable), and of those since ``since``. Routes, probes and
         receipts count only from before ``paid_until`` too (a quarantine freezes what pays), and each price tier of
         the payable claims also sums the $FAR of those received by ``settled_until``."""
+        args = {"w": worker_id, "since": since, "paid_until": paid_until, "settled_until": settled_until}
         claimed = self._read(
             "SELECT COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(tokens * (block_end - block_start)), 0) AS tb,"
             " COALESCE(SUM(earned_far), 0) AS earned,"
-            " COALESCE(SUM(CASE WHEN received_at < ? THEN earned_far ELSE 0 END), 0) AS payable,"
-            " COALESCE(SUM(CASE WHEN received_at >= ? AND received_at < ? THEN earned_far ELSE 0 END), 0) AS recent"
-            " FROM usage WHERE worker_id = ?",
-            (paid_until, since, paid_until, worker_id),
+            " COALESCE(SUM(CASE WHEN received_at < :paid_until THEN earned_far ELSE 0 END), 0) AS payable,"
+            " COALESCE(SUM(CASE WHEN received_at >= :since AND received_at < :paid_until THEN earned_far ELSE 0 END),"
+            " 0) AS recent FROM usage WHERE worker_id = :w",
+            args,
         )[0]
         routed = self._read(
             "SELECT COALESCE(SUM(r.tokens), 0) AS tokens,"
             " COALESCE(SUM(r.tokens * (r.block_end - r.block_start)), 0) AS tb"
             " FROM completion_route r JOIN workers w ON w.peer_id = r.peer_id"
-            " JOIN completions c ON c.id = r.completion_id WHERE w.worker_id = ? AND c.created_at < ?",
-            (worker_id, paid_until),
+            " JOIN completions c ON c.id = r.completion_id WHERE w.worker_id = :w AND c.created_at < :paid_until",
+            args,
         )[0]
-        probed = self._read("SELECT COALESCE(SUM(tokens), 0) AS tokens FROM probes WHERE worker_id = ? AND at < ?",
-                            (worker_id, paid_until))[0]
+        probed = self._read(
+            "SELECT COALESCE(SUM(tokens), 0) AS tokens FROM probes WHERE worker_id = :w AND at < :paid_until", args
+        )[0]
         # What a covered token-block is worth differs per record (the reliability when it arrived): paid
         # token-blocks are valued cheapest first, so claims added beside covered ones never raise their worth.
+        # (ROUND over NUMERIC: Postgres has no two-argument ROUND of a double.)
         payable_by_price = self._read(
             "SELECT SUM(tokens * (block_end - block_start)) AS tb, SUM(earned_far) AS far,"
-            " SUM(CASE WHEN received_at <= ? THEN earned_far ELSE 0 END) AS settled FROM usage"
-            " WHERE worker_id = ? AND received_at < ? AND tokens > 0 AND block_end > block_start"
-            " GROUP BY ROUND(earned_far / (tokens * (block_end - block_start)), 15) ORDER BY SUM(earned_far) / SUM("
-            "tokens * (block_end - block_start))",
-            (settled_until, worker_id, paid_until),
+            " SUM(CASE WHEN received_at <= :settled_until THEN earned_far ELSE 0 END) AS settled FROM usage"
+            " WHERE worker_id = :w AND received_at < :paid_until AND tokens > 0 AND block_end > block_start"
+            " GROUP BY ROUND(CAST(earned_far / (tokens * (block_end - block_start)) AS NUMERIC), 15)"
+            " ORDER BY SUM(earned_far) / SUM(tokens * (block_end - block_start))",
+            args,
         )
         vouched = self._read(
             "SELECT COALESCE(SUM(r.tokens), 0) AS tokens,"
             " COALESCE(SUM(r.tokens * (r.block_end - r.block_start)), 0) AS tb"
-            " FROM receipts r JOIN workers w ON w.peer_id = r.peer_id WHERE w.worker_id = ? AND r.received_at < ?",
-            (worker_id, paid_until),
+            " FROM receipts r JOIN workers w ON w.peer_id = r.peer_id"
+            " WHERE w.worker_id = :w AND r.received_at < :paid_until",
+            args,
         )[0]
         return {
             "claimed_tokens": int(claimed["tokens"]),
@@ -579,33 +482,37 @@ class Store:
     def record_reachability(self, worker_id: str, reachability_json: str) -> None:
         """The last dial of the worker's announced addresses (services/reachability.py); replaces the one before."""
         with self._tx() as conn:
-            conn.execute("UPDATE workers SET reachability = ? WHERE worker_id = ?", (reachability_json, worker_id))
+            conn.execute(_sql("UPDATE workers SET reachability = :r WHERE worker_id = :w"),
+                         {"r": reachability_json, "w": worker_id})
 
     def record_probe(self, worker_id: str, at: float, block: int, tokens: int, error: float | None,
                      tolerance: float, problem: str | None, quarantine: bool) -> None:
         """One probe's outcome; a wrong answer (``quarantine``) also quarantines the worker from ``at`` on."""
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO probes (worker_id, at, block, tokens, error, tolerance, problem)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (worker_id, at, block, tokens, error, tolerance, problem),
+                _sql("INSERT INTO probes (worker_id, at, block, tokens, error, tolerance, problem)"
+                     " VALUES (:w, :at, :block, :tokens, :error, :tolerance, :problem)"),
+                {"w": worker_id, "at": at, "block": block, "tokens": tokens, "error": error,
+                 "tolerance": tolerance, "problem": problem},
             )
             if quarantine:
-                conn.execute("INSERT OR IGNORE INTO quarantine (worker_id, since, reason) VALUES (?, ?, ?)",
-                             (worker_id, at, problem))
+                conn.execute(_sql("INSERT INTO quarantine (worker_id, since, reason) VALUES (:w, :at, :problem)"
+                                  " ON CONFLICT (worker_id) DO NOTHING"),
+                             {"w": worker_id, "at": at, "problem": problem})
 
     def probe_summary(self, worker_id: str) -> dict:
         row = self._read(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(problem IS NULL), 0) AS passed, MAX(at) AS last"
-            " FROM probes WHERE worker_id = ?",
-            (worker_id,),
+            "SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN problem IS NULL THEN 1 ELSE 0 END), 0) AS passed,"
+            " MAX(at) AS last FROM probes WHERE worker_id = :w",
+            {"w": worker_id},
         )[0]
-        last = self._read("SELECT problem FROM probes WHERE worker_id = ? ORDER BY seq DESC LIMIT 1", (worker_id,))
-        return {"probes": row["n"], "probes_passed": row["passed"], "last_probe_at": row["last"],
+        last = self._read("SELECT problem FROM probes WHERE worker_id = :w ORDER BY seq DESC LIMIT 1",
+                          {"w": worker_id})
+        return {"probes": int(row["n"]), "probes_passed": int(row["passed"]), "last_probe_at": row["last"],
                 "last_probe_problem": last[0]["problem"] if last else None}
 
     def quarantine_of(self, worker_id: str) -> dict | None:
-        rows = self._read("SELECT since, reason FROM quarantine WHERE worker_id = ?", (worker_id,))
+        rows = self._read("SELECT since, reason FROM quarantine WHERE worker_id = :w", {"w": worker_id})
         return dict(rows[0]) if rows else None
 
     def quarantined_peers(self) -> set[str]:
@@ -613,33 +520,34 @@ class Store:
         return {r["peer_id"] for r in rows}
 
     def usage_records(self, worker_id: str | None = None) -> list[dict]:
-        sql, args = "SELECT * FROM usage", ()
+        sql, args = "SELECT * FROM usage", {}
         if worker_id:
-            sql, args = sql + " WHERE worker_id = ?", (worker_id,)
+            sql, args = sql + " WHERE worker_id = :w", {"w": worker_id}
         return [dict(r) for r in self._read(sql + " ORDER BY received_at, id", args)]
 
     # --- receipts -----------------------------------------------------------------------------------
     def add_receipts(self, receipts: list[dict], now: float) -> tuple[list[str], list[str]]:
         """Store verified receipts, each once: returns (ids on the ledger, new or seen before; ids not counted
-        because another receipt already vouches for their server session)."""
+        because another receipt already vouches for their server session). The receipt id and the session id are
+        unique keys: the insert decides (a racing copy waits for the first and stores nothing), then the id tells a
+        delivery seen before from another receipt for the same session."""
         accepted: dict[str, None] = {}
         duplicates: dict[str, None] = {}
         with self._tx() as conn:
             for r in receipts:
-                known = conn.execute("SELECT id FROM receipts WHERE id = ? OR session_id = ?",
-                                     (r["id"], r["session_id"])).fetchall()
-                if any(row["id"] == r["id"] for row in known):
-                    accepted[r["id"]] = None  # delivered again: counted once already
-                elif known:
-                    duplicates[r["id"]] = None
+                inserted = conn.execute(
+                    _sql("INSERT INTO receipts (id, session_id, peer_id, block_start, block_end, tokens, model,"
+                         " client_key_id, created_at, received_at, receipt) VALUES (:id, :session, :peer, :start,"
+                         " :end, :tokens, :model, :client, :created, :now, :receipt) ON CONFLICT DO NOTHING"),
+                    {"id": r["id"], "session": r["session_id"], "peer": r["peer_id"], "start": r["blocks"][0],
+                     "end": r["blocks"][1], "tokens": r["tokens"], "model": r["model"], "client": r["client_key_id"],
+                     "created": r["created_at"], "now": now, "receipt": json.dumps(r, sort_keys=True)},
+                ).rowcount
+                if inserted == 1 or conn.execute(_sql("SELECT 1 FROM receipts WHERE id = :id"),
+                                                 {"id": r["id"]}).first():
+                    accepted[r["id"]] = None  # new, or delivered again: counted once
                 else:
-                    conn.execute(
-                        "INSERT INTO receipts (id, session_id, peer_id, block_start, block_end, tokens, model,"
-                        " client_key_id, created_at, received_at, receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (r["id"], r["session_id"], r["peer_id"], r["blocks"][0], r["blocks"][1], r["tokens"],
-                         r["model"], r["client_key_id"], r["created_at"], now, json.dumps(r, sort_keys=True)),
-                    )
-                    accepted[r["id"]] = None
+                    duplicates[r["id"]] = None
         return list(accepted), list(duplicates)
 
     # --- completions --------------------------------------------------------------------------------
@@ -652,25 +560,29 @@ class Store:
         completion_tokens: int,
         route: list[dict],
         key_name: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """The completion, its API key and its route, once per id: False (and nothing stored) if the id is on the
+        ledger already, so a completion recorded twice attests its route once."""
         with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO completions (id, created_at, model, prompt_tokens, completion_tokens)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (completion_id, now, model, prompt_tokens, completion_tokens),
-            )
+            inserted = conn.execute(
+                _sql("INSERT INTO completions (id, created_at, model, prompt_tokens, completion_tokens)"
+                     " VALUES (:id, :now, :model, :prompt, :completion) ON CONFLICT (id) DO NOTHING"),
+                {"id": completion_id, "now": now, "model": model, "prompt": prompt_tokens,
+                 "completion": completion_tokens},
+            ).rowcount
+            if inserted != 1:
+                return False
             if key_name is not None:
-                conn.execute("INSERT INTO completion_keys (completion_id, key_name) VALUES (?, ?)",
-                             (completion_id, key_name))
-            conn.executemany(
-                "INSERT INTO completion_route"
-                " (completion_id, peer_id, worker_id, block_start, block_end, tokens)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (completion_id, s["peer_id"], s["worker_id"], s["blocks"][0], s["blocks"][1], s["tokens"])
-                    for s in route
-                ],
-            )
+                conn.execute(_sql("INSERT INTO completion_keys (completion_id, key_name) VALUES (:id, :key)"),
+                             {"id": completion_id, "key": key_name})
+            if route:
+                conn.execute(
+                    _sql("INSERT INTO completion_route (completion_id, peer_id, worker_id, block_start, block_end,"
+                         " tokens) VALUES (:id, :peer, :w, :start, :end, :tokens)"),
+                    [{"id": completion_id, "peer": s["peer_id"], "w": s["worker_id"], "start": s["blocks"][0],
+                      "end": s["blocks"][1], "tokens": s["tokens"]} for s in route],
+                )
+        return True
 
     def key_usage(self) -> list[dict]:
         """Per API key: completions asked for and their tokens (the paying side of the ledger)."""
@@ -679,62 +591,95 @@ class Store:
             " SUM(c.completion_tokens) AS completion_tokens FROM completion_keys k"
             " JOIN completions c ON c.id = k.completion_id GROUP BY k.key_name ORDER BY k.key_name"
         )
-        return [dict(r) for r in rows]
+        return [{"key_name": r["key_name"], "completions": int(r["completions"]),
+                 "prompt_tokens": int(r["prompt_tokens"]), "completion_tokens": int(r["completion_tokens"])}
+                for r in rows]
 
     def completion_routes(self) -> list[dict]:
-        return [dict(r) for r in self._read("SELECT * FROM completion_route ORDER BY rowid")]
+        """Every route segment, by completion (oldest first), each completion's in the order of its blocks."""
+        rows = self._read(
+            "SELECT r.completion_id, r.peer_id, r.worker_id, r.block_start, r.block_end, r.tokens"
+            " FROM completion_route r JOIN completions c ON c.id = r.completion_id"
+            " ORDER BY c.created_at, r.completion_id, r.block_start, r.peer_id"
+        )
+        return [dict(r) for r in rows]
 
     def latest_completions(self, limit: int) -> list[dict]:
         """The newest ``limit`` completions, newest first, each with its route (the mesh page's last routes)."""
         completions = [dict(r) for r in self._read(
             "SELECT id, created_at, model, prompt_tokens, completion_tokens FROM completions"
-            " ORDER BY created_at DESC, id LIMIT ?", (limit,))]
+            " ORDER BY created_at DESC, id LIMIT :limit", {"limit": limit})]
         routes: dict[str, list[dict]] = {c["id"]: [] for c in completions}
         if routes:
-            marks = ", ".join("?" * len(routes))
-            for r in self._read(f"SELECT * FROM completion_route WHERE completion_id IN ({marks}) ORDER BY rowid",
-                                tuple(routes)):
+            marks = ", ".join(f":c{i}" for i in range(len(routes)))
+            for r in self._read(f"SELECT * FROM completion_route WHERE completion_id IN ({marks})"
+                                " ORDER BY block_start, peer_id", {f"c{i}": c for i, c in enumerate(routes)}):
                 routes[r["completion_id"]].append(dict(r))
         return [{**c, "route": routes[c["id"]]} for c in completions]
 
     def probes(self, worker_id: str, limit: int) -> list[dict]:
         """A worker's newest ``limit`` probes (and failed routed checks and audits), newest first."""
         return [dict(r) for r in self._read(
-            "SELECT at, block, tokens, error, tolerance, problem FROM probes WHERE worker_id = ?"
-            " ORDER BY seq DESC LIMIT ?", (worker_id, limit))]
+            "SELECT at, block, tokens, error, tolerance, problem FROM probes WHERE worker_id = :w"
+            " ORDER BY seq DESC LIMIT :limit", {"w": worker_id, "limit": limit})]
 
     def counts(self) -> dict[str, int]:
         """Row count per data table (tests check that refused requests stored nothing)."""
-        return {t: self._read(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in DATA_TABLES}
+        return {t: int(self._read(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"]) for t in DATA_TABLES}
+
+    # --- moving a ledger (`farworker coordinator copy-ledger`) --------------------------------------
+    def copy_from(self, source: Store, batch: int = 5000) -> None:
+        """Copy every row of ``source`` into this store, in one transaction; ValueError if this one holds data
+        (a copy goes into a fresh database, never on top of a ledger)."""
+        if any(self.counts().values()):
+            raise ValueError(f"{display_target(self.path)} already holds a ledger; copy into an empty database")
+        with self._tx() as target:
+            for table in COPY_ORDER:
+                with source._lock, source._engine.connect().execution_options(farworker_read=True) as conn:
+                    rows = conn.execute(_sql(f"SELECT * FROM {table}")).mappings()
+                    while chunk := rows.fetchmany(batch):
+                        names = list(chunk[0].keys())
+                        target.execute(
+                            _sql(f"INSERT INTO {table} ({', '.join(names)})"
+                                 f" VALUES ({', '.join(':' + n for n in names)})"),
+                            [dict(r) for r in chunk],
+                        )
+            if self.postgres:  # rows came with their seq: the sequences continue after the highest
+                for table in ("heartbeats", "probes"):
+                    target.execute(_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'),"
+                                        f" COALESCE((SELECT MAX(seq) FROM {table}), 0) + 1, false)"))
+
+    def totals(self) -> dict[str, float]:
+        """What a copied ledger must match: rows per table, and the sums of its tokens and $FAR."""
+        figures: dict[str, float] = {f"{t} rows": n for t, n in self.counts().items()}
+        sums = (("usage", "tokens"), ("usage", "earned_far"), ("completion_route", "tokens"), ("probes", "tokens"),
+                ("receipts", "tokens"), ("completions", "completion_tokens"), ("uptime_slots", "beat"),
+                ("uptime_slots", "online"), ("workers", "heartbeat_count"))
+        for table, column in sums:
+            value = self._read(f"SELECT COALESCE(SUM({column}), 0) AS s FROM {table}")[0]["s"]
+            figures[f"{table} {column}"] = float(value) if column == "earned_far" else int(value)
+        return figures
+
 
     # --- leases: which replica runs the background loops (services/lease.py) -------------------------------------
-    # Portable SQL (SQLite >= 3.24 and Postgres): one atomic upsert takes a free or expired lease, or renews our own.
+    # One atomic upsert takes a free or expired lease, or renews our own (ON CONFLICT ... WHERE: SQLite and Postgres).
     def take_lease(self, name: str, holder: str, now: float, expires_at: float) -> bool:
         """Hold lease ``name`` until ``expires_at`` if it is free, expired at ``now`` or ours; True if we hold it."""
         with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)"
+            conn.execute(_sql(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (:name, :holder, :until)"
                 " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at"
-                " WHERE leases.expires_at < ? OR leases.holder = excluded.holder",
-                (name, holder, expires_at, now),
-            )
-            row = conn.execute("SELECT holder FROM leases WHERE name = ?", (name,)).fetchone()
-        return row is not None and row["holder"] == holder
+                " WHERE leases.expires_at < :now OR leases.holder = excluded.holder"),
+                {"name": name, "holder": holder, "until": expires_at, "now": now})
+            row = conn.execute(_sql("SELECT holder FROM leases WHERE name = :name"), {"name": name}).first()
+        return row is not None and row.holder == holder
 
     def release_lease(self, name: str, holder: str) -> None:
         with self._tx() as conn:
-            conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?", (name, holder))
+            conn.execute(_sql("UPDATE leases SET expires_at = 0 WHERE name = :name AND holder = :holder"),
+                         {"name": name, "holder": holder})
 
     def lease(self, name: str) -> dict | None:
         """{"holder", "expires_at"} of lease ``name``; None if nobody ever took it."""
-        rows = self._read("SELECT holder, expires_at FROM leases WHERE name = ?", (name,))
+        rows = self._read("SELECT holder, expires_at FROM leases WHERE name = :name", {"name": name})
         return dict(rows[0]) if rows else None
-
-
-_LEASES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    expires_at REAL NOT NULL
-);
-"""
