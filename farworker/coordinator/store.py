@@ -109,6 +109,7 @@ class Store:
     def __init__(self, target: str | os.PathLike):
         """``target``: a SQLite file path, or a postgresql:// URL."""
         self.postgres = is_database_url(target)
+        self._closed = False
         self.write_refusals = WriteRefusals()
         if self.postgres:
             self.path = str(target)
@@ -154,14 +155,21 @@ class Store:
             return migrations.current_revision(conn)
 
     def close(self) -> None:
+        """Final: a closed store refuses every later read and write (a disposed engine alone would reconnect)."""
         with self._lock:
+            self._closed = True
             self._engine.dispose()
+
+    def _open(self) -> None:
+        if self._closed:
+            raise sa.exc.ResourceClosedError("the ledger store is closed")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sa.Connection]:
         """One write transaction (under the lock on SQLite). A write refused for want of space (disk full) is rolled
         back whole and raised as StoreFull; the next transaction starts clean, so writes resume once there is space."""
         with self._lock:
+            self._open()
             try:
                 with self._engine.begin() as conn:
                     yield conn
@@ -179,6 +187,7 @@ class Store:
         return full
 
     def _read(self, sql: str, args: dict | None = None) -> list[sa.RowMapping]:
+        self._open()
         with self._lock, self._engine.connect().execution_options(farworker_read=True) as conn:
             return conn.execute(_sql(sql), args or {}).mappings().all()
 
