@@ -116,6 +116,61 @@ def test_ledger_probes_receipts_and_completions(store):
                               "completion_route": 1, "probes": 3, "quarantine": 1, "receipts": 1, "uptime_slots": 0}
 
 
+def test_pages_proofs_probe_runs_slots_routes_and_leases(store):
+    """The queries of the pages (GET /v1/workers, /v1/hosts), the flood rules (proven workers, unanswered probes),
+    observed uptime's first slot, the mesh page's reads and the replicas' lease: the same answers on both backends."""
+    a = store.register({**registration("12D3KooWA"), "host_id": "h-2"}, T0 + 2, 30.0)
+    b = store.register({**registration("12D3KooWB"), "host_id": "h-1"}, T0 + 1, 30.0)
+    c = store.register(registration("12D3KooWC"), T0 + 1, 30.0)  # no host id; same time as b: worker id decides
+    first_two = store.worker_rows_page(None, 2)
+    assert [r["worker_id"] for r in first_two] == sorted([b, c])
+    rest = store.worker_rows_page((first_two[-1]["registered_at"], first_two[-1]["worker_id"]), 2)
+    assert [r["worker_id"] for r in rest] == [a]
+    assert store.host_keys_page(None, 10) == [(0, "h-1"), (0, "h-2"), (1, "")]
+    assert store.host_keys_page((0, "h-1"), 10) == [(0, "h-2"), (1, "")]
+    assert [r["worker_id"] for r in store.worker_rows_of_hosts(["h-2"], no_host=True)] == [c, a]
+    assert store.worker_rows_of_hosts([], no_host=False) == []
+
+    # proof: a passed probe proves a; b has only unanswered probes; c nothing
+    assert store.proven_worker_ids() == set() and store.unproven_workers(T0) == (3, T0 + 1)
+    store.record_probe(a, T0 + 10, 0, 8, 1e-6, 1e-3, None, quarantine=False)
+    for at in (11, 12, 13):  # no answer at all: error none, tokens 0, a problem
+        store.record_probe(b, T0 + at, 0, 0, None, 1e-3, "no answer", quarantine=False)
+    assert store.proven_worker_ids() == {a}
+    assert store.unproven_workers(T0) == (2, T0 + 1) and store.unproven_workers(T0 + 2) == (0, None)
+    assert store.probe_stats() == {a: {"last_at": T0 + 10, "unanswered": 0}, b: {"last_at": T0 + 13, "unanswered": 3}}
+    assert store.probe_stats(b) == {b: {"last_at": T0 + 13, "unanswered": 3}}
+    store.record_probe(b, T0 + 14, 0, 8, 0.5, 1e-3, "differs", quarantine=False)  # a wrong answer is an answer
+    assert store.probe_stats(b)[b]["unanswered"] == 0
+    assert [p["at"] for p in store.probes(b, 2)] == [T0 + 14, T0 + 13]
+
+    # the first slot with a beat (and seen online)
+    assert store.first_slot(a, online=False) is None
+    for at in (31, 61, 91):
+        store.heartbeat(a, {"state": "online", "blocks": [0, 2], "healthy": True}, T0 + at)
+    store.record_online({a: 2})
+    assert store.first_slot(a, online=False) == 1 and store.first_slot(a, online=True) == 2
+    assert store.first_slot(a, online=True, before=2) is None
+
+    # the latest completions, newest first, each with its route
+    for n, at in ((1, 20), (2, 30)):
+        store.record_completion(f"cmpl-{n}", T0 + at, MODEL, 3, 4,
+                                [{"peer_id": "12D3KooWA", "worker_id": a, "blocks": [0, 2], "tokens": 4}])
+    latest = store.latest_completions(1)
+    assert [(x["id"], [r["worker_id"] for r in x["route"]]) for x in latest] == [("cmpl-2", [a])]
+
+    # the lease: free, then held until it expires; the other replica takes it only after
+    assert store.lease("loops") is None
+    assert store.take_lease("loops", "r1", T0, T0 + 30) is True
+    assert store.take_lease("loops", "r2", T0 + 29, T0 + 59) is False
+    assert store.take_lease("loops", "r1", T0 + 29, T0 + 59) is True  # renewed
+    assert store.take_lease("loops", "r2", T0 + 60, T0 + 90) is True  # expired at +59
+    store.release_lease("loops", "r1")  # not its own any more: nothing changes
+    assert store.lease("loops") == {"holder": "r2", "expires_at": T0 + 90}
+    store.release_lease("loops", "r2")
+    assert store.take_lease("loops", "r1", T0 + 61, T0 + 91) is True
+
+
 def test_a_store_refuses_a_url_it_cannot_serve():
     with pytest.raises(ValueError, match="accepts a SQLite file path or a postgresql:// URL, got a mysql:// URL"):
         Store("mysql://user@127.0.0.1/ledger")
