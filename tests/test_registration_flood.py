@@ -194,8 +194,7 @@ PERIOD = 2.0  # probe period
 
 
 def probes_of(store, worker_id: str, since: float) -> list[dict]:
-    return [dict(r) for r in store._read("SELECT at, error, problem FROM probes WHERE worker_id = ? AND at >= ?"
-                                         " ORDER BY seq", (worker_id, since))]
+    return [p for p in reversed(store.probes(worker_id, 100_000)) if p["at"] >= since]  # oldest first
 
 
 @pytest.mark.slow

@@ -85,9 +85,8 @@ def test_routed_requests_quarantine_an_altered_worker_and_not_an_honest_one(tmp_
         # the honest span was checked whenever it was the one drawn (at random); it passed every time
         assert bad["routed_checks"] == 1 and good["routed_checks"] == final["verified"] - 1, (good, final)
         # the failed check's error: the altered blocks read ~5e-3 of the span's update, float32 tolerance 1e-3
-        errors = [row["error"] for row in coordinator.store._read(
-            "SELECT p.error FROM probes p JOIN workers w ON w.worker_id = p.worker_id WHERE w.peer_id = ?",
-            (altered_id,))]
+        store = coordinator.store
+        errors = [row["error"] for row in store.probes(store.worker_by_peer(altered_id), 10_000)]
         assert len(errors) == 1 and errors[0] > 1e-3, errors
         # the worker hears why in its heartbeat answers
         wait_for(lambda: "QUARANTINED by the coordinator" in altered.proc.log_tail(400), 30, "the worker told")

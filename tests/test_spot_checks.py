@@ -65,9 +65,9 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
 
         wait_for(lambda: (view(honest_id) or {}).get("probes", 0) >= HONEST_PROBES, 120,
                  f"{HONEST_PROBES} probes of the honest worker")
-        errors = {peer: [row["error"] for row in coordinator.store._read(
-            "SELECT p.error FROM probes p JOIN workers w ON w.worker_id = p.worker_id WHERE w.peer_id = ?", (peer,))]
-            for peer in (honest_id, altered_id)}
+        store = coordinator.store
+        errors = {peer: [row["error"] for row in store.probes(store.worker_by_peer(peer), 10_000)]
+                  for peer in (honest_id, altered_id)}
         # float32 on both sides: the same arithmetic (measured 0.0); the altered blocks: 5.3e-3 of the update
         assert max(errors[honest_id]) <= 1e-6 and min(errors[altered_id]) > 1e-3, errors
         good = view(honest_id)
@@ -117,9 +117,9 @@ def test_int8_workers_pass_against_the_float_reference_and_an_altered_int8_worke
                  f"{INT8_PROBES} probes of the honest int8 worker")
         good = view(honest_id)
         assert good["quarantined"] is None and good["state"] == "online", good
-        errors = {peer: [row["error"] for row in coordinator.store._read(
-            "SELECT p.error FROM probes p JOIN workers w ON w.worker_id = p.worker_id WHERE w.peer_id = ?", (peer,))]
-            for peer in (honest_id, altered_id)}
+        store = coordinator.store
+        errors = {peer: [row["error"] for row in store.probes(store.worker_by_peer(peer), 10_000)]
+                  for peer in (honest_id, altered_id)}
         honest_errors = [e for e in errors[honest_id] if e is not None]
         assert len(honest_errors) >= INT8_PROBES * 0.95, errors[honest_id]  # answered, not just reached
         # int8's own error is there (not a float32 worker passing), and stays under the tolerance
