@@ -108,7 +108,7 @@ def main() -> None:
             w.proc.stop(30)
         boot.stop()
         postgres.stop()
-    summary = {name: {key: statistics.median(r[key] for r in runs[name])
+    summary = {name: {key: round(statistics.median(r[key] for r in runs[name]), 3)
                       for key in ("tokens_per_s", "mean_latency_s", "p99_latency_s", "requests")} for name in runs}
     summary["two / one tokens_per_s"] = round(summary["two_replicas"]["tokens_per_s"]
                                               / summary["one_replica"]["tokens_per_s"], 2)
