@@ -34,7 +34,10 @@ from farworker.local_mesh import shared_cache_dir, start_bootstrap_peer, start_w
 from farworker.tiny_model import TINY_MODEL_NAME, ensure_tiny_checkpoint  # noqa: E402
 
 
-def load(url: str, level: int, seconds: float, new_tokens: int) -> dict:
+def load(url: str | list[str], level: int, seconds: float, new_tokens: int) -> dict:
+    """``level`` clients back to back for ``seconds``. Several URLs (replicas without a load balancer): each client
+    sends its requests to them in turn, round-robin, starting at a different one."""
+    urls = [url] if isinstance(url, str) else url
     latencies: list[float] = []
     per_token: list[float] = []
     tokens = [0]
@@ -43,9 +46,11 @@ def load(url: str, level: int, seconds: float, new_tokens: int) -> dict:
 
     def client(index: int) -> None:
         prompt = [1, 5 + index, 40 + index]
+        sent = index
         while time.monotonic() < deadline:
             started = time.monotonic()
-            answer = requests.post(url, json={"prompt": prompt, "max_tokens": new_tokens}, timeout=300)
+            target, sent = urls[sent % len(urls)], sent + 1
+            answer = requests.post(target, json={"prompt": prompt, "max_tokens": new_tokens}, timeout=300)
             answer.raise_for_status()
             with lock:
                 latencies.append(time.monotonic() - started)
@@ -61,9 +66,11 @@ def load(url: str, level: int, seconds: float, new_tokens: int) -> dict:
         t.join()
     elapsed = time.monotonic() - began
     per_token.sort()
+    ordered = sorted(latencies)
     return {"tokens_per_s": round(tokens[0] / elapsed, 2), "mean_latency_s": round(statistics.mean(latencies), 3),
             "requests": len(latencies), "p50_token_ms": round(1000 * per_token[len(per_token) // 2], 2),
-            "p99_token_ms": round(1000 * per_token[min(len(per_token) - 1, int(0.99 * len(per_token)))], 2)}
+            "p99_token_ms": round(1000 * per_token[min(len(per_token) - 1, int(0.99 * len(per_token)))], 2),
+            "p99_latency_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)}
 
 
 def main() -> None:

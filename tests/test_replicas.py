@@ -2,7 +2,9 @@
 behind a load balancer: what one saw, the other knows (nonces, usage ids, quarantines), the background loops run on
 one of them and move when it dies, and a worker given both URLs reports through the death of either.
 
-SQLite in WAL mode shared by two processes on one machine stands in for the production Postgres here.
+Each shared-ledger test runs twice: on one SQLite file in WAL mode (two processes on one host) and on a database of
+its own on the session's real Postgres (tests/postgres_server.py), the production setup. The tests of the worker's
+client alone (which URL it uses) run on the SQLite pair only: the ledger plays no part in them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def free_port() -> int:
 class Replica:
     """One `farworker coordinator` process on the shared ledger ``db``; ``start()`` returns once it answers."""
 
-    def __init__(self, work: Path, name: str, db: Path, *extra: str, port: int | None = None):
+    def __init__(self, work: Path, name: str, db: Path | str, *extra: str, port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = ManagedProcess(name, farworker_command(
@@ -65,11 +67,21 @@ class Replica:
         return float(found[1]) if found else None
 
 
+# the shared-ledger tests: on both backends; the client-only tests: on the SQLite pair (one pair per backend a module)
+ON_BOTH_LEDGERS = pytest.mark.parametrize("replicas", ["sqlite", "postgres"], indirect=True)
+ON_SQLITE = pytest.mark.parametrize("replicas", ["sqlite"], indirect=True)
+
+
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory):
-    """Two replicas without a model: the worker routes, the ledger, the nonces."""
+def replicas(request, tmp_path_factory):
+    """Two replicas without a model: the worker routes, the ledger, the nonces. ``request.param``: the ledger's
+    backend, a SQLite file or a database of its own on the session's Postgres (a postgresql:// URL)."""
     work = tmp_path_factory.mktemp("replicas")
-    pair = [Replica(work, name, work / "ledger.sqlite") for name in ("replica-a", "replica-b")]
+    if request.param == "sqlite":
+        db: Path | str = work / "ledger.sqlite"
+    else:
+        db = request.getfixturevalue("postgres_server").new_database()
+    pair = [Replica(work, name, db) for name in ("replica-a", "replica-b")]
     try:
         yield [replica.start() for replica in pair]
     finally:
@@ -86,6 +98,7 @@ def signed(identity: Identity, path: str, payload: dict) -> tuple[bytes, dict]:
     return body, {"Content-Type": "application/json", **identity.sign("POST", path, body)}
 
 
+@ON_BOTH_LEDGERS
 def test_a_heartbeat_replayed_to_the_other_replica_is_refused(replicas):
     first, second = replicas
     worker = Identity.generate()
@@ -103,6 +116,7 @@ def test_a_heartbeat_replayed_to_the_other_replica_is_refused(replicas):
         ledger.close()
 
 
+@ON_BOTH_LEDGERS
 def test_a_usage_batch_posted_to_both_replicas_at_once_is_counted_once(replicas):
     worker = Identity.generate()
     worker_id = register(replicas[0], worker)
@@ -135,6 +149,7 @@ def test_a_usage_batch_posted_to_both_replicas_at_once_is_counted_once(replicas)
         ledger.close()
 
 
+@ON_BOTH_LEDGERS
 def test_a_quarantine_decided_by_one_replica_is_seen_at_once_by_the_other(replicas):
     deciding, other = replicas
     worker = Identity.generate()
@@ -151,11 +166,13 @@ def test_a_quarantine_decided_by_one_replica_is_seen_at_once_by_the_other(replic
     assert answer["earn_rate_far_per_hour"] == 0
 
 
-def db_of(replica: Replica) -> Path:
+def db_of(replica: Replica) -> str:
+    """The replica's ledger: a SQLite path or a postgresql:// URL (Store takes either)."""
     args = replica.proc.args
-    return Path(args[args.index("--db") + 1])
+    return str(args[args.index("--db") + 1])
 
 
+@ON_SQLITE
 def test_the_client_moves_past_a_dead_replica_and_tries_the_first_again_later(replicas, caplog):
     worker = Identity.generate()
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
@@ -177,6 +194,7 @@ def route_of(replica: Replica) -> set[str]:
     return {span["peer_id"] for span in answer.json()["route"]}
 
 
+@ON_SQLITE
 def test_a_refusal_is_an_answer_and_does_not_move_the_client(replicas, caplog):
     """A 4xx is about the request, whichever replica answers it: the client does not try it elsewhere."""
     stranger = Identity.generate()  # never registered: 401 on any replica
@@ -188,6 +206,7 @@ def test_a_refusal_is_an_answer_and_does_not_move_the_client(replicas, caplog):
     assert client.base_url == replicas[0].url and caplog.records == []
 
 
+@ON_SQLITE
 def test_check_names_the_replica_that_answers(replicas, tmp_path):
     from farworker.config import load_config
     from farworker.preflight import check_api_and_clock
@@ -233,8 +252,9 @@ def test_a_replica_without_the_lease_routes_nothing_to_a_worker_another_quaranti
 
 
 @pytest.mark.faults
-def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_path, tiny_model, bootstrap_peer):
-    db = tmp_path / "ledger.sqlite"
+def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_path, tiny_model, bootstrap_peer,
+                                                                           ledger_db):
+    db = ledger_db  # a SQLite file, or a database of its own on the session's Postgres
     # probes and the DHT watch need a model and a mesh (a bare bootstrap peer: no worker to probe)
     model = ("--model-path", str(tiny_model), "--initial-peer", bootstrap_peer[0], "--probe-period", "60")
     first = Replica(tmp_path, "replica-a", db, *model).start()
@@ -266,10 +286,11 @@ def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_
 
 @pytest.mark.slow
 @pytest.mark.faults
-def test_a_worker_given_both_replicas_reports_through_the_death_of_either(tmp_path, tiny_model, start_workers):
+def test_a_worker_given_both_replicas_reports_through_the_death_of_either(tmp_path, tiny_model, start_workers,
+                                                                          ledger_db):
     from farworker.mesh_client import MeshClient
 
-    db = tmp_path / "ledger.sqlite"
+    db = ledger_db  # a SQLite file, or a database of its own on the session's Postgres
     first = Replica(tmp_path, "replica-a", db).start()
     second = Replica(tmp_path, "replica-b", db).start()
     try:
