@@ -152,6 +152,12 @@ def test_every_block_is_shown_covered_and_the_page_runs_only_its_own_scripts(mes
     assert holders(t) == [1, 1, 1, 1]  # the tiny model's 4 blocks, split 0:2 and 2:4
     assert t.page.locator(".strip .block.gap").count() == 0
     assert "all 4 blocks covered" in t.page.inner_text("#coverage")
+    # each worker's throughput as it announces it in the DHT (the coordinator's DHT watch reads it; "–" until then)
+    t.wait("[...document.querySelectorAll('tr.worker[data-state=online] td.throughput')]"
+           ".every(td => parseFloat(td.textContent) > 0)")
+    announced = {w["worker_id"]: w["announced_throughput"]
+                 for w in requests.get(f"{mesh.url}/v1/workers", timeout=10).json()["workers"]}
+    assert all(figure and figure > 0 for figure in announced.values()), announced
     # the page's own script and style came from the coordinator; nothing else was loaded
     assert t.page.evaluate("[...document.scripts].map(s => new URL(s.src).pathname)") == ["/static/page.js"]
     assert t.errors == [] and t.dialogs == []

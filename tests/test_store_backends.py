@@ -151,6 +151,9 @@ def test_pages_proofs_probe_runs_slots_routes_and_leases(store):
     store.record_online({a: 2})
     assert store.first_slot(a, online=False) == 1 and store.first_slot(a, online=True) == 2
     assert store.first_slot(a, online=True, before=2) is None
+    assert store.worker_row(a)["announced_throughput"] is None  # not seen in the DHT yet
+    store.record_throughput({a: 12.5})
+    assert store.worker_row(a)["announced_throughput"] == 12.5 and store.worker_row(b)["announced_throughput"] is None
 
     # the latest completions, newest first, each with its route
     for n, at in ((1, 20), (2, 30)):

@@ -50,12 +50,15 @@ class DhtWatch:
         if not rows or not blocks:
             return []
         uids = [f"{self.dht_prefix}.{block}" for block in range(blocks)]
-        states = self.mesh.server_states(uids, timeout=LOOKUP_TIMEOUT_S)
+        states, throughputs = self.mesh.server_view(uids, timeout=LOOKUP_TIMEOUT_S)
         online = online_workers(rows, states)
         now = time.time()
         by_id = {row["worker_id"]: row for row in rows}
         slots = {w: online_slot(by_id[w]["registered_at"], now, by_id[w]["heartbeat_interval"]) for w in online}
         self.store.record_online({w: slot for w, slot in slots.items() if slot is not None})
+        # what clients see each worker announce (the mesh page shows it; petals' routing weighs servers by it)
+        self.store.record_throughput({w: throughputs[by_id[w]["peer_id"]] for w in online
+                                      if by_id[w]["peer_id"] in throughputs})
         return online
 
     def _run(self) -> None:

@@ -32,9 +32,10 @@ class CompletionsMesh(MeshClient):
         return remote_blocks.forward_through(self._sequence_manager(), peer_id, block, hidden)
 
     # -- observed uptime (coordinator/dht_watch.py) ------------------------------------------------------
-    def server_states(self, uids: list[str], timeout: float) -> list[dict[str, str]]:
-        """Per block uid, {peer id (base58): ServerState name} of the newest DHT records."""
-        return remote_blocks.server_states(self._sequence_manager().dht, uids, timeout)
+    def server_view(self, uids: list[str], timeout: float) -> tuple[list[dict[str, str]], dict[str, float]]:
+        """Per block uid, {peer id (base58): ServerState name} of the newest DHT records; per peer its announced
+        throughput."""
+        return remote_blocks.server_view(self._sequence_manager().dht, uids, timeout)
 
     @property
     def loaded(self) -> bool:

@@ -376,6 +376,14 @@ class Store:
                 [{"w": worker_id, "slot": slot} for worker_id, slot in slots.items()],
             )
 
+    def record_throughput(self, throughputs: dict[str, float]) -> None:
+        """The throughput these workers announce in the DHT now {worker id: figure} (coordinator/dht_watch.py)."""
+        if not throughputs:
+            return
+        with self._tx() as conn:
+            conn.execute(_sql("UPDATE workers SET announced_throughput = :t WHERE worker_id = :w"),
+                         [{"w": worker_id, "t": t} for worker_id, t in throughputs.items()])
+
     def count_slots(self, worker_id: str, online: bool, before: int | None = None,
                     from_slot: int | None = None) -> int:
         """Slots with a counted beat (and, ``online``, the span seen ONLINE), optionally in [from_slot, before)."""

@@ -37,13 +37,17 @@ def forward_through(sequence_manager, peer_id: str, block: int, hidden):
         manager.shutdown()
 
 
-def server_states(dht, uids: list[str], timeout: float) -> list[dict[str, str]]:
+def server_view(dht, uids: list[str], timeout: float) -> tuple[list[dict[str, str]], dict[str, float]]:
     """Per block uid, {peer id (base58): ServerState name} of the newest DHT records (``latest``, as petals
-    clients route: a first-found replica can still hold an older announcement)."""
+    clients route: a first-found replica can still hold an older announcement); and per peer the throughput it
+    announces with them (petals' ServerInfo.throughput, what clients' routing weighs servers by)."""
     from petals.utils.dht import get_remote_module_infos
 
     infos = get_remote_module_infos(dht, uids, latest=True, return_future=True).result(timeout=timeout)
-    return [{peer.to_base58(): server.state.name for peer, server in info.servers.items()} for info in infos]
+    states = [{peer.to_base58(): server.state.name for peer, server in info.servers.items()} for info in infos]
+    throughputs = {peer.to_base58(): float(server.throughput)
+                   for info in infos for peer, server in info.servers.items() if server.throughput is not None}
+    return states, throughputs
 
 
 def block_peers(sequence_manager, peer_ids: set[str]) -> None:

@@ -35,6 +35,11 @@ class WorkerView(BaseModel):
     registered_at: float
     last_heartbeat_at: float | None
     heartbeat_count: int
+    announced_throughput: float | None = Field(
+        default=None,
+        description="the throughput the worker announces to clients in the DHT with its ONLINE span (petals' figure, "
+        "which clients' routing weighs servers by), as the coordinator last saw it; null until seen there",
+    )
     last_heartbeat: dict | None = Field(
         description="the last heartbeat as sent: state, blocks, uptime, gpus, counters"
     )

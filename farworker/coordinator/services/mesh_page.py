@@ -42,6 +42,7 @@ def worker_row(worker: WorkerView, hide_wallets: bool) -> dict:
         "host_id": worker.host_id,
         "instance": worker.instance,
         "tokens_served": worker.tokens_served,
+        "throughput": worker.announced_throughput,
         "tokens_attested": worker.tokens_attested,
         "uptime_pct": worker.uptime_pct,
         "up_intervals": worker.up_intervals,

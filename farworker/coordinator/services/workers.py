@@ -133,6 +133,7 @@ class Workers:
             last_heartbeat_at=row["last_heartbeat_at"],
             heartbeat_count=row["heartbeat_count"],
             last_heartbeat=json.loads(row["last_heartbeat"]) if row["last_heartbeat"] else None,
+            announced_throughput=row["announced_throughput"],
             host_id=row["host_id"],
             instance=row["instance"],
             **self.figures(row, now),
