@@ -251,7 +251,13 @@ def test_a_replica_without_the_lease_routes_nothing_to_a_worker_another_quaranti
             replica.proc.stop(timeout=60)
 
 
+# The kills run on Postgres, the store replicas share in production (roles/farworker_coordinator); two replicas on one
+# SQLite file take the lease the same way (the same SQL: tests/test_lease.py, tests/test_store_backends.py).
+ON_POSTGRES = pytest.mark.parametrize("ledger_db", ["postgres"], indirect=True)
+
+
 @pytest.mark.faults
+@ON_POSTGRES
 def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_path, tiny_model, bootstrap_peer,
                                                                            ledger_db):
     db = ledger_db  # a SQLite file, or a database of its own on the session's Postgres
@@ -286,6 +292,7 @@ def test_killing_the_lease_holder_moves_the_probe_loop_to_the_other_replica(tmp_
 
 @pytest.mark.slow
 @pytest.mark.faults
+@ON_POSTGRES
 def test_a_worker_given_both_replicas_reports_through_the_death_of_either(tmp_path, tiny_model, start_workers,
                                                                           ledger_db):
     from farworker.mesh_client import MeshClient
