@@ -85,9 +85,18 @@ def run(**kwargs):
     _setup_logging()
     from farworker.runner import run_worker
 
-    code = run_worker(config)
-    # Everything is stopped and flushed (usage outbox committed, status written). Leave now rather than
-    # wait in the interpreter's exit for threads and queues petals and hivemind never close.
+    # Everything is stopped and flushed (usage outbox committed, status written) when it returns
+    _leave_now(run_worker(config))
+
+
+def _leave_now(code: int) -> None:
+    """Exit at once after a command ended its children and flushed its records: the interpreter's own exit would
+    wait for threads and queues petals and hivemind never close, and collect hivemind's P2P objects on a thread
+    without an event loop (three "Exception ignored in P2P.__del__" tracebacks after the demo's last line).
+    The /dev/shm files of the tree go first, as the exit handler would have removed them."""
+    from farworker.shm_cleanup import tracker
+
+    tracker().finish()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -151,7 +160,7 @@ def demo(max_tokens, workers, work_dir):
     _setup_logging("WARNING")
     from farworker.demo import run_demo
 
-    sys.exit(run_demo(max_tokens=max_tokens, workers=workers, work_dir=work_dir))
+    _leave_now(run_demo(max_tokens=max_tokens, workers=workers, work_dir=work_dir))  # its mesh ended, files removed
 
 
 @main.command()

@@ -66,7 +66,38 @@ def import_petals() -> ModuleType:
         import petals
 
     _make_session_finalizer_safe()
+    _make_p2p_collection_quiet()
     return petals
+
+
+def _make_p2p_collection_quiet() -> None:
+    """hivemind's P2P and its daemon client cancel their reader tasks in __del__ through cancel_task_if_running,
+    which asks for the current thread's event loop and forgives only a closed one. Collected on a thread that has
+    none (the demo's main thread, once the coordinator's client loop has ended), uvloop raises "There is no current
+    event loop" and Python prints three "Exception ignored in P2P.__del__" tracebacks. Such a thread has nothing to
+    cancel: the tasks belong to a loop that is not running there."""
+    import asyncio
+
+    from hivemind.p2p import p2p_daemon
+    from hivemind.p2p.p2p_daemon_bindings import control
+    from hivemind.utils import asyncio as hivemind_asyncio
+
+    original = hivemind_asyncio.cancel_task_if_running
+    if getattr(original, "_farworker_quiet", False):
+        return
+
+    def cancel_task_if_running(task):
+        if task is None or task.done():
+            return
+        try:
+            asyncio.get_event_loop()
+        except RuntimeError:  # no event loop in this thread: nothing here can cancel that task
+            return
+        original(task)
+
+    cancel_task_if_running._farworker_quiet = True
+    for module in (hivemind_asyncio, p2p_daemon, control):  # the two import it by name
+        module.cancel_task_if_running = cancel_task_if_running
 
 
 def _make_session_finalizer_safe() -> None:
