@@ -21,49 +21,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import benchlib as bl
 import requests
-from requests.adapters import HTTPAdapter
 
-from farworker.identity import Identity
+sys.path.insert(0, str(bl.ROOT / "tests"))  # the flooding party the tests use (tests/flood_client.py)
+from flood_client import FLOOD_SOURCE, fresh_identities, register_all  # noqa: E402
 
 HONEST = 20
-FLOOD_SOURCE = "127.0.0.2"
-
-
-class SourceAddress(HTTPAdapter):
-    def __init__(self, source: str, **kwargs):
-        self.source = source
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["source_address"] = (self.source, 0)
-        super().init_poolmanager(*args, **kwargs)
-
-
-def registration(identity: Identity) -> dict:
-    return {
-        "wallet_address": bl.WALLET, "peer_id": identity.peer_id, "public_key": identity.public_key_b64,
-        "model_name": "farworker-tiny-llama", "blocks": [0, 4], "total_blocks": 4, "torch_dtype": "float32",
-        "quant_type": "none", "location": "bench", "version": "0.1.0", "announce_maddrs": ["/ip4/127.0.0.1/tcp/9"],
-        "hardware": {"gpus": [], "gpu_count": 0, "driver_version": None, "cuda_version": None, "cpu": "x86_64",
-                     "cpu_count": 2, "ram_bytes": 8 << 30},
-    }
-
-
-def register(session: requests.Session, url: str, identity: Identity) -> int:
-    body = json.dumps(registration(identity)).encode()
-    headers = {"Content-Type": "application/json", **identity.sign("POST", "/v1/workers/register", body)}
-    return session.post(url + "/v1/workers/register", data=body, headers=headers, timeout=60).status_code
-
-
-def identities(count: int, bits: int) -> list[Identity]:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    return [Identity(rsa.generate_private_key(public_exponent=65537, key_size=bits)) for _ in range(count)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,12 +59,11 @@ def time_gets(url: str, until, least: int, most: int) -> tuple[list[float], int]
 def flood_process(url_box, ready, go, results, count: int, bits: int) -> None:
     """The flooding party, in a process of its own (its threads and key making do not share this process's GIL):
     makes its keys, says ``ready``, waits for ``go``, sends the registrations, puts the statuses in ``results``."""
-    flood = identities(count, bits)
+    flood = fresh_identities(count, bits)
     ready.set()
     go.wait()
-    with requests.Session() as session, ThreadPoolExecutor(8) as pool:
-        session.mount("http://", SourceAddress(FLOOD_SOURCE, pool_connections=8, pool_maxsize=8))
-        results.put(list(pool.map(lambda i: register(session, url_box.value.decode(), i), flood)))
+    answers = register_all(url_box.value.decode(), flood, source=FLOOD_SOURCE, blocks=[0, 4])
+    results.put([answer.status_code for answer in answers])
 
 
 def run(work: Path, count: int, bits: int, protected: bool, samples: int) -> dict:
@@ -108,7 +73,7 @@ def run(work: Path, count: int, bits: int, protected: bool, samples: int) -> dic
     url_box, ready, go, results = context.Array("c", url.encode()), context.Event(), context.Event(), context.Queue()
     flooder = context.Process(target=flood_process, args=(url_box, ready, go, results, count, bits), name="flood")
     flooder.start()  # makes its keys meanwhile
-    honest = identities(HONEST, bits)
+    honest = fresh_identities(HONEST, bits)
     flags = [] if protected else ["--registration-rate", "none", "--max-unproven-workers", "1000000"]
     proc = subprocess.Popen([sys.executable, "-m", "farworker", "coordinator", "--port", str(port), "--db",
                              str(work / f"coordinator-{protected}.sqlite3"), "--log-level", "warning", *flags],
@@ -123,8 +88,7 @@ def run(work: Path, count: int, bits: int, protected: bool, samples: int) -> dic
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the coordinator did not start") from None
                 time.sleep(0.2)
-        with requests.Session() as session:
-            assert all(register(session, url, i) == 200 for i in honest)
+        assert all(a.status_code == 200 for a in register_all(url, honest, source="127.0.0.1", blocks=[0, 4]))
         before, size_before = time_gets(url, lambda: True, samples, samples)
 
         if not ready.wait(600):

@@ -36,8 +36,8 @@ def session_from(source: str = FLOOD_SOURCE, pool: int = 8) -> requests.Session:
     return session
 
 
-def fresh_identities(count: int) -> list[Identity]:
-    return [Identity(rsa.generate_private_key(public_exponent=65537, key_size=CHEAP_KEY_BITS)) for _ in range(count)]
+def fresh_identities(count: int, bits: int = CHEAP_KEY_BITS) -> list[Identity]:
+    return [Identity(rsa.generate_private_key(public_exponent=65537, key_size=bits)) for _ in range(count)]
 
 
 def post_signed(session: requests.Session, url: str, identity: Identity, path: str, payload: dict):
