@@ -273,10 +273,6 @@ def check_bootstrap(config: WorkerConfig) -> Result:
     return Result("OK" if len(reachable) == len(config.dht_bootstrap) else "WARN", "bootstrap peers", detail)
 
 
-def check_api(config: WorkerConfig) -> Result:
-    return _ask_api(config)[0]
-
-
 def check_api_and_clock(config: WorkerConfig) -> list[Result]:
     """The coordinator API line, then the clock line when the API answered (its Date header)."""
     result, offset = _ask_api(config)

@@ -216,7 +216,7 @@ class Worker:
         return self.phase
 
     def _start_reporter(self) -> None:
-        client = CoordinatorClient(self.config.api_base_url, self.identity)
+        client = CoordinatorClient(self.config.api_base_urls, self.identity)  # parsed once, by config
         self.reporter = Reporter(
             client, self.outbox, registration=self.registration, heartbeat_payload=self.heartbeat_payload,
             interval=self.config.heartbeat_interval,

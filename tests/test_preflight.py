@@ -168,14 +168,14 @@ def http_api():
 
 
 def test_unreachable_api_is_a_warning_because_run_keeps_serving(tmp_path, http_api):
-    down = preflight.check_api(config_for(tmp_path, FARLABS_API_BASE_URL=f"http://127.0.0.1:{closed_port()}"))
+    down = preflight.check_api_and_clock(config_for(tmp_path, FARLABS_API_BASE_URL=f"http://127.0.0.1:{closed_port()}"))[0]
     assert down.level == "WARN", down.line()
     assert "outbox" in down.detail and "retries" in down.detail
 
-    malformed = preflight.check_api(config_for(tmp_path, FARLABS_API_BASE_URL="http://127.0.0.1:99999"))
+    malformed = preflight.check_api_and_clock(config_for(tmp_path, FARLABS_API_BASE_URL="http://127.0.0.1:99999"))[0]
     assert malformed.level == "FAIL" and "FARLABS_API_BASE_URL" in malformed.detail, malformed.line()
 
-    up = preflight.check_api(config_for(tmp_path, FARLABS_API_BASE_URL=http_api))
+    up = preflight.check_api_and_clock(config_for(tmp_path, FARLABS_API_BASE_URL=http_api))[0]
     assert up.level == "OK" and "HTTP 200" in up.detail, up.line()
 
 
