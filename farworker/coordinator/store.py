@@ -35,12 +35,11 @@ from farworker.coordinator.write_refusals import WriteRefusals
 
 HEARTBEAT_HISTORY = 500  # kept per worker; older beats only live on as counts
 
-DATA_TABLES = ("workers", "heartbeats", "usage", "completions", "completion_keys", "completion_route", "probes",
-               "quarantine", "receipts", "uptime_slots")
 # Every table in the order foreign keys allow inserting them (copy_from), nonces too: a copy taken while
 # workers are live must still refuse a replay inside the signature window.
 COPY_ORDER = ("workers", "heartbeats", "nonces", "usage", "completions", "completion_keys", "completion_route",
               "probes", "receipts", "uptime_slots", "quarantine")
+DATA_TABLES = tuple(table for table in COPY_ORDER if table != "nonces")  # the ledger's data (counts())
 MIGRATION_LOCK = 0x6661726C65646772  # pg_advisory_xact_lock key: replicas starting at once migrate one at a time
 # A statement's text() parsed once (its bind parameters found by a regex), not at every call.
 _sql = functools.lru_cache(maxsize=512)(text)
@@ -384,28 +383,28 @@ class Store:
             conn.execute(_sql("UPDATE workers SET announced_throughput = :t WHERE worker_id = :w"),
                          [{"w": worker_id, "t": t} for worker_id, t in throughputs.items()])
 
-    def count_slots(self, worker_id: str, online: bool, before: int | None = None,
-                    from_slot: int | None = None) -> int:
+    @staticmethod
+    def _slots_where(worker_id: str, online: bool, before: int | None, from_slot: int | None) -> tuple[str, dict]:
         """Slots with a counted beat (and, ``online``, the span seen ONLINE), optionally in [from_slot, before)."""
-        sql = "SELECT COUNT(*) AS n FROM uptime_slots WHERE worker_id = :w AND beat = 1"
-        args: dict = {"w": worker_id}
+        sql, args = " FROM uptime_slots WHERE worker_id = :w AND beat = 1", {"w": worker_id}
         if online:
             sql += " AND online = 1"
         if before is not None:
             sql, args["before"] = sql + " AND slot < :before", before
         if from_slot is not None:
             sql, args["from_slot"] = sql + " AND slot >= :from_slot", from_slot
-        return int(self._read(sql, args)[0]["n"])
+        return sql, args
+
+    def count_slots(self, worker_id: str, online: bool, before: int | None = None,
+                    from_slot: int | None = None) -> int:
+        """How many slots _slots_where selects."""
+        where, args = self._slots_where(worker_id, online, before, from_slot)
+        return int(self._read("SELECT COUNT(*) AS n" + where, args)[0]["n"])
 
     def first_slot(self, worker_id: str, online: bool, before: int | None = None) -> int | None:
-        """The first slot with a counted beat (and, ``online``, the span seen ONLINE), optionally before ``before``."""
-        sql = "SELECT MIN(slot) AS s FROM uptime_slots WHERE worker_id = :w AND beat = 1"
-        args: dict = {"w": worker_id}
-        if online:
-            sql += " AND online = 1"
-        if before is not None:
-            sql, args["before"] = sql + " AND slot < :before", before
-        return self._read(sql, args)[0]["s"]
+        """The first slot _slots_where selects."""
+        where, args = self._slots_where(worker_id, online, before, None)
+        return self._read("SELECT MIN(slot) AS s" + where, args)[0]["s"]
 
     # --- ledger -------------------------------------------------------------------------------------
     def add_usage(self, worker_id: str, records: list[dict], now: float, share_of, reliability: float,

@@ -27,11 +27,15 @@ def _quarantine_slot(store, row) -> int | None:
             if quarantined else None)
 
 
-def up_intervals(store, row, with_dht: bool) -> int:
+_READ = object()  # up_intervals' ``until`` not given: it reads the quarantine itself
+
+
+def up_intervals(store, row, with_dht: bool, until: int | None = _READ) -> int:
     """Interval slots after the registration's that count as up: a healthy beat in the slot, and (``with_dht``:
     the coordinator watches the mesh) the span seen ONLINE in the DHT in that same slot. Nothing from the slot of
-    a quarantine on."""
-    until = _quarantine_slot(store, row)
+    a quarantine on (``until``: that slot, when the caller has read it already)."""
+    if until is _READ:
+        until = _quarantine_slot(store, row)
     if with_dht:
         return store.count_slots(row["worker_id"], online=True, before=until)
     # beats only: the running count (ledgers from before uptime_slots have no slots for their older beats)
@@ -57,7 +61,7 @@ class ObservedUptime:
 def observe(store, row, with_dht: bool, now: float) -> ObservedUptime:
     """Up slots over the slots since the worker was first up, the one in progress only once it is up."""
     until = _quarantine_slot(store, row)
-    up = up_intervals(store, row, with_dht)
+    up = up_intervals(store, row, with_dht, until)
     first = store.first_slot(row["worker_id"], online=with_dht, before=until)
     if first is None and not with_dht and up > 0:
         first = 1  # a ledger from before uptime_slots: its beats counted from the first slot after registration's

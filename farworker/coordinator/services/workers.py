@@ -82,9 +82,6 @@ class Workers:
                                              quarantine["since"] if quarantine else None)
         return {**self.store.ledger_totals(worker_id, since, paid_until, settled_until), "quarantine": quarantine}
 
-    def up_intervals(self, row) -> int:
-        return uptime.up_intervals(self.store, row, self.watches_dht)
-
     def observed_uptime(self, row, now: float) -> uptime.ObservedUptime:
         return uptime.observe(self.store, row, self.watches_dht, now)
 
