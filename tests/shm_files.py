@@ -27,7 +27,7 @@ def torch_files_of(pids, since: float | None = None) -> set[str]:
     try:
         return {entry.name for entry in os.scandir(SHM_DIR)
                 if entry.name.startswith(prefixes) and (since is None or _changed_at(entry) >= since)}
-    except OSError:
+    except FileNotFoundError:  # no /dev/shm: no file anywhere; any other error must not read as "nothing left"
         return set()
 
 

@@ -293,8 +293,9 @@ class Completions:
                 failure = ApiError(err.status, str(err), err.code, err.field)
             finally:
                 self.admission.leave()
-            route = [dict(span, worker_id=self.store.worker_by_peer(span["peer_id"]))
-                     for g in generations for span in g.route]
+            spans = [span for g in generations for span in g.route]
+            worker_of = {peer: self.store.worker_by_peer(peer) for peer in {span["peer_id"] for span in spans}}
+            route = [dict(span, worker_id=worker_of[span["peer_id"]]) for span in spans]  # one lookup per peer
             answer = Answer(completion_id, generations, route, body.n)
             if generations:  # what the mesh served is owed to its workers, whatever became of the rest
                 usage = answer.usage()
