@@ -81,10 +81,8 @@ class ShedRegistrations:
             client = scope.get("client")
             try:
                 self.gate.check_rate(client[0] if client else None)
-            except Refused as err:
-                response = error(err.status, err.message, err.code, err.field)
-                response.headers["Retry-After"] = str(err.retry_after_s)
-                return await response(scope, receive, send)
+            except Refused as err:  # answered as any refusal is (api_error: Retry-After from the error)
+                return await (await api_error(Request(scope), err))(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
