@@ -17,6 +17,7 @@ Record (the dict the serving-path hook adds; its schema is farworker/wire_record
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -109,7 +110,7 @@ class Outbox:
         self._pid = -1
         self._listeners: list[Callable[[], None]] = []
         # Records the disk refused (state dir full), oldest first, written by write_held() once there is space.
-        self._held: list[dict] = []
+        self._held: collections.deque[dict] = collections.deque()  # popped from the left as they are written
         self.held_dropped = 0  # beyond MAX_HELD: counted, and said in the journal and the status
         self.held_since: float | None = None
         self._held_lock = threading.RLock()  # the meter's thread holds, the runner's writes them
@@ -209,7 +210,7 @@ class Outbox:
                     self.add(self._held[0])
                 except (sqlite3.OperationalError, OSError):
                     return False
-                self._held.pop(0)
+                self._held.popleft()
                 if not self._held:
                     log.warning("state dir writable again: the usage records held in memory since %s are in the "
                                 "outbox", time.strftime("%H:%M:%S", time.localtime(self.held_since)))
