@@ -29,6 +29,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from farworker import entry_lines
+
 RECEIPT_SCHEME = "FAR-RECEIPT-V1"
 
 
@@ -142,10 +144,7 @@ def read_client_keys(path: Path) -> dict[str, tuple[str, str]]:
         text = path.read_text()
     except OSError as err:
         raise ClientKeyError(f"cannot read: {err.strerror}") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
+    for number, fields in entry_lines.entries(text):
         if len(fields) != 2:
             raise ClientKeyError(f"line {number}: expected 'NAME PUBLIC_KEY' (base64 Ed25519 public key)")
         name, public_key_b64 = fields

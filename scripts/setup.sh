@@ -46,11 +46,13 @@ if [ "${1:-}" = "--dev" ]; then
   # Debian packages the tests use: tests/test_clock_offset.py shifts a worker's clock with libfaketime;
   # tests/test_mesh_page.py drives the coordinator's page in chromium (Playwright's own browser download is not
   # reachable from these machines); the store's tests start their own Postgres server from Debian's postgresql
-  # binaries (tests/postgres_server.py; /usr/lib/postgresql/N/bin)
+  # binaries (tests/postgres_server.py; /usr/lib/postgresql/N/bin); tests/test_haproxy_config.py runs the coordinator
+  # role's haproxy.cfg on Debian's haproxy (in the foreground, on the test's own loopback ports)
   missing=()
   command -v faketime >/dev/null || missing+=(faketime)
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
+  [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || missing+=(haproxy)
   if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
     # a fresh machine's package lists may be empty: update once when the plain install cannot find them

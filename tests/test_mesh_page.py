@@ -122,7 +122,10 @@ class Tab:
         return self.page.evaluate("window.__loaded_once === true")
 
     def wait(self, expression: str, arg=None, timeout: float = SEE) -> None:
-        self.page.wait_for_function(expression, arg=arg, timeout=timeout * 1000)
+        # Polled from here, not with page.wait_for_function: that re-evaluates a string predicate with eval() inside
+        # the page, which the page's CSP (no 'unsafe-eval') refuses, so it failed whenever the predicate was not
+        # already true at its first look. page.evaluate goes through the devtools protocol, outside the CSP.
+        wait_for(lambda: self.page.evaluate(expression, arg), timeout, f"the page to show: {expression}")
 
 
 @pytest.fixture

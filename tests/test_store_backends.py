@@ -43,6 +43,8 @@ def test_workers_beats_and_nonces(store, monkeypatch):
     assert store.worker_by_peer(PEER) == worker_id and store.worker_ids() == [worker_id]
     other = store.register(registration(peer_id="12D3KooWOther"), T0 + 1, 30.0)
     assert store.worker_ids() == [worker_id, other]
+    rows = store.worker_rows()
+    assert [r["worker_id"] for r in rows] == [worker_id, other] and rows[0] == store.worker_row(worker_id)
 
     monkeypatch.setattr(store_module, "HEARTBEAT_HISTORY", 2)
     # slots of 30 s from T0: beats at +31 (slot 1), +40 (slot 1 again: not counted), +61 (slot 2), +70 unhealthy

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from farworker import entry_lines
 from farworker.config import EX_CONFIG
 from farworker.coordinator.extra import require_extra
 from farworker.coordinator.settings import (
@@ -301,10 +302,7 @@ def copy_ledger_command(source, target, verify_only):
 def read_api_keys(path: Path) -> dict[str, str]:
     """'NAME KEY' lines (blank lines and # comments skipped) -> {key: name}; a bad line names its number."""
     keys: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
+    for number, fields in entry_lines.entries(path.read_text()):
         if len(fields) != 2 or len(fields[1]) < 16:
             raise ValueError(f"line {number}: expected 'NAME KEY' with a key of at least 16 characters")
         name, key = fields
@@ -319,8 +317,7 @@ def read_api_keys(path: Path) -> dict[str, str]:
 def read_allowlist(path: Path) -> frozenset[str]:
     """One wallet address, peer id or public key per line (blank lines and # comments skipped)."""
     entries = set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
+    for number, fields in entry_lines.entries(path.read_text()):
         if len(fields) > 1:
             raise ValueError(f"line {number}: expected one wallet address, peer id or public key")
         entries.update(fields)

@@ -42,8 +42,13 @@ class CompletionsMesh(MeshClient):
         """The petals client is up (it loads on first use: nothing to exclude peers from before)."""
         return self._model is not None
 
+    _excluded: frozenset[str] | None = None  # the peers petals was last told to route nothing to
+
     def exclude_peers(self, peer_ids: set[str]) -> None:
-        """Route nothing more to these peers (quarantined workers)."""
+        """Route nothing to these peers (the quarantined workers: the whole set each time). The probe loop and the
+        lease keeper both call this every round; petals is told only of a change."""
         with self._lock:
-            manager = self._load().transformer.h.sequence_manager
-            remote_blocks.block_peers(manager, peer_ids)
+            if self._excluded == peer_ids:
+                return
+            remote_blocks.block_peers(self._load().transformer.h.sequence_manager, peer_ids)
+            self._excluded = frozenset(peer_ids)

@@ -34,7 +34,6 @@ class Runtime:
 
     def __init__(self, settings, store, workers, registry):
         self.settings, self.store = settings, store
-        self._excluded: set[str] = set()  # quarantined peers this replica's mesh client routes nothing to
         self.mesh = self.routed_checks = self.session_audits = self.spot_checks = self.dht_watch = None
         self._new: dict = {}  # attribute -> a new loop of that kind (a stopped thread cannot start again)
         if settings.has_mesh:
@@ -111,10 +110,7 @@ class Runtime:
         its own mesh client each round, the other replicas' mesh clients learn it here, every TTL/TRIES_PER_TTL."""
         if self.mesh is None or not self.mesh.loaded:
             return
-        quarantined = self.store.quarantined_peers()
-        if quarantined != self._excluded:
-            self.mesh.exclude_peers(quarantined)
-            self._excluded = quarantined
+        self.mesh.exclude_peers(self.store.quarantined_peers())
 
     def _follow_lease(self, held: bool) -> None:
         """Start the leased loops when this replica took the lease, stop them (bounded) when it lost it. Under

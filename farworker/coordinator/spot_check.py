@@ -184,7 +184,6 @@ class SpotCheckLoop:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        excluded: set[str] = set()
         round_at = time.monotonic() + self.period
         while not self._stop.wait(max(0.0, round_at - time.monotonic())):
             # A round starts every period and, past the serving workers and one more, has one period to run: what it
@@ -194,9 +193,8 @@ class SpotCheckLoop:
             beyond_serving = 0  # probes of workers not (yet) proven serving in this round
             try:
                 quarantined = self.store.quarantined_peers()
-                if quarantined != excluded:  # a coordinator restarted with quarantined workers on its ledger
-                    self.checker.mesh.exclude_peers(quarantined)
-                    excluded = quarantined
+                # a coordinator restarted with quarantined workers on its ledger, or another replica's verdicts
+                self.checker.mesh.exclude_peers(quarantined)
                 for row in self._workers_to_probe():
                     if self._stop.is_set() or not probe_order.round_goes_on(row, beyond_serving,
                                                                             round_at - time.monotonic()):
@@ -209,7 +207,7 @@ class SpotCheckLoop:
                     wrong = not result.passed and result.tokens > 0  # it answered, and wrongly
                     record_verdict(self.store, self.checker.mesh, row["worker_id"], result, wrong)
                     if wrong:
-                        excluded = quarantined = self.store.quarantined_peers()
+                        quarantined = self.store.quarantined_peers()
                     elif result.problem:
                         log.info("probe of worker %s: %s", row["worker_id"], result.problem)
                     self._check_reachability(row)  # after the verdict: a dial takes ~0.5 s per address

@@ -297,6 +297,10 @@ class Store:
     def worker_ids(self) -> list[str]:
         return [r["worker_id"] for r in self._read("SELECT worker_id FROM workers ORDER BY registered_at")]
 
+    def worker_rows(self) -> list[dict]:
+        """Every worker's row, in registration order (one query: the lists and loops read them all)."""
+        return [dict(r) for r in self._read("SELECT * FROM workers ORDER BY registered_at, worker_id")]
+
     def worker_by_peer(self, peer_id: str) -> str | None:
         rows = self._read("SELECT worker_id FROM workers WHERE peer_id = :peer", {"peer": peer_id})
         return rows[0]["worker_id"] if rows else None

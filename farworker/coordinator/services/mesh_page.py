@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from farworker.coordinator.schemas.ledger import WorkerView
-from farworker.coordinator.services.coverage import holders_per_block, serving
+from farworker.coordinator.services.coverage import holders_per_block, models_and_blocks, serving
 from farworker.coordinator.services.hosts import group_by_host
 
 LAST_ROUTES = 10  # completions shown in "last routes"
@@ -70,9 +70,8 @@ def mesh_view(workers, now: float | None = None) -> dict:
     settings = workers.settings
     views = workers.views(now)
     model = settings.model_name
-    total = settings.model_blocks.get(model) if model else None
-    if total is None:  # no model configured: the size the served workers report
-        total = max((w.total_blocks or 0 for w in views if model is None or w.model_name == model), default=0)
+    sizes = models_and_blocks(views, settings.model_blocks, [model] if model else [])
+    total = sizes.get(model) if model else max(sizes.values(), default=0)  # no model served: its workers' largest
     served = [w for w in views if model is None or w.model_name == model]
     names = {w.worker_id: w.location for w in views}
     routes = []

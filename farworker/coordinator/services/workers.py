@@ -137,7 +137,7 @@ class Workers:
         )
 
     def rows(self) -> list:
-        return [self.store.worker_row(w) for w in self.store.worker_ids()]
+        return self.store.worker_rows()
 
     def views(self, now: float | None = None) -> list[WorkerView]:
         now = time.time() if now is None else now
