@@ -9,6 +9,8 @@ beats sent with its identity count no more.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 
 import pytest
@@ -151,3 +153,21 @@ def test_beats_without_blocks_online_in_the_dht_earn_no_uptime(tmp_path, tiny_mo
     # its beats after it left count as beats, not as uptime (but for the interval it stopped in)
     assert ghost_after["heartbeat_count"] - ghost_before["heartbeat_count"] >= WINDOW // 2 - 2
     assert ghost_after["up_intervals"] - ghost_before["up_intervals"] <= 1, (ghost_before, ghost_after)
+
+
+def test_a_dht_watch_that_cannot_start_its_mesh_client_says_why_once(tmp_path, tiny_model, bootstrap_peer, caplog):
+    """A checkpoint without its weights (or, as in the fleet's first run, with weights the service user may not read)
+    fails every look: the journal gets the reason once, not twice per heartbeat interval for as long as it lasts."""
+    checkpoint = tmp_path / TINY_MODEL_NAME
+    checkpoint.mkdir()
+    for item in tiny_model.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy(item, checkpoint / item.name)
+    settings = Settings(db_path=tmp_path / "coordinator.sqlite3", heartbeat_interval_s=0.2, model_path=checkpoint,
+                        model_name=TINY_MODEL_NAME, probe_period_s=0, initial_peers=(bootstrap_peer[0],))
+    with caplog.at_level(logging.INFO, logger="farworker.coordinator.dht_watch"), RunningCoordinator(settings) as c:
+        register_liar(c.url)  # a worker to look for: the watch looks only when there is one
+        wait_for(lambda: any("could not read the DHT" in r.getMessage() for r in caplog.records), 60, "a failed look")
+        time.sleep(2.0)  # 20 more looks, each failing the same way
+    said = [r.getMessage() for r in caplog.records if "could not read the DHT" in r.getMessage()]
+    assert len(said) == 1 and "cannot start the mesh client" in said[0], said

@@ -62,10 +62,17 @@ class DhtWatch:
         return online
 
     def _run(self) -> None:
+        failing = None  # the last failure, said once and not every period (an unreadable checkpoint, a DHT away)
         while not self._stop.wait(self.period):
             try:
                 self.look()
             except StoreFull:  # those slots are not recorded (disk full; write_refusals said so once): keep looking
                 continue
             except Exception as err:  # the mesh not reachable yet, a slow DHT: those slots earn nothing; keep looking
-                log.warning("could not read the DHT for observed uptime: %s", err)
+                if str(err) != failing:
+                    log.warning("could not read the DHT for observed uptime: %s", err)
+                    failing = str(err)
+                continue
+            if failing is not None:
+                log.info("reading the DHT for observed uptime again")
+                failing = None
