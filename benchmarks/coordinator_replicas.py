@@ -3,12 +3,16 @@
 The same real mesh as benchmark 8 (a bootstrap peer, two `farworker run` workers splitting the tiny model) is
 served by three `farworker coordinator` processes side by side: a pair sharing one Postgres database (the
 production setup, docs/ansible.md) and a single replica on a database of its own on the same server (a real
-Postgres: tests/postgres_server.py). No load balancer: with the pair, each client sends its requests to the two
-replica URLs in turn (round-robin). Each configuration gets ``--clients`` client threads sending greedy
-completions of ``--new-tokens`` tokens back to back for ``--seconds``, in alternating rounds (A/B, B/A, ...).
-Reported per configuration (median over rounds): aggregate completion tokens/s, mean and p99 request latency.
-A replica runs at most 8 generations at once (max_active_generations, the default): 16 clients queue on one
-replica, not on two. The load average before and after is recorded (the machine may be shared).
+Postgres: tests/postgres_server.py). Each configuration is reached through its own real haproxy running the
+coordinator role's haproxy.cfg (tests/haproxy_balancer.py: leastconn, health checks on /healthz), one server
+behind the single replica's and two behind the pair's, so both pay the same hop. Without haproxy installed (or
+with ``--no-balancer``) each client sends its requests to the replica URLs in turn instead.
+
+Each configuration gets ``--clients`` client threads sending greedy completions of ``--new-tokens`` tokens back
+to back for ``--seconds``, in alternating rounds (A/B, B/A, ...). Reported per configuration (median over
+rounds): aggregate completion tokens/s, mean and p99 request latency. A replica runs at most 8 generations at once
+(max_active_generations, the default): 16 clients queue on one replica, not on two. The load average before and
+after is recorded (the machine may be shared).
 
     python benchmarks/coordinator_replicas.py --rounds 2 --seconds 20 --new-tokens 8 \
         --out benchmarks/results/coordinator_replicas.json
@@ -32,6 +36,7 @@ from benchlib import ROOT, free_port, machine_info, write_json  # noqa: E402
 from concurrent_completions import load  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
+from haproxy_balancer import HAPROXY, Balancer  # noqa: E402
 from postgres_server import PostgresServer  # noqa: E402
 
 from farworker.local_mesh import (  # noqa: E402
@@ -74,6 +79,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-balancer", action="store_true", help="clients go round-robin over the replica URLs")
     args = parser.parse_args()
     load_before = os.getloadavg()
     model = ensure_tiny_checkpoint(shared_cache_dir())
@@ -82,6 +88,9 @@ def main() -> None:
     boot, peers = start_bootstrap_peer(work)
     workers = [start_worker(work, f"w{i}", "http://127.0.0.1:9", peers, span) for i, span in enumerate(("0:2", "2:4"))]
     replicas: list[ManagedProcess] = []
+    balancers: list[Balancer] = []
+    use_balancer = HAPROXY is not None and not args.no_balancer
+    replica_urls: dict[str, list[str]] = {}
     configs: dict[str, list[str]] = {}
     runs: dict[str, list[dict]] = {"one_replica": [], "two_replicas": []}
     try:
@@ -92,8 +101,14 @@ def main() -> None:
                                  ("replica-1", alone, "one_replica")):
             proc, url = start_replica(work, name, db, model, peers)
             replicas.append(proc)
-            configs.setdefault(config, []).append(f"{url}/v1/completions")
+            replica_urls.setdefault(config, []).append(url)
             load(f"{url}/v1/completions", 1, 2, args.new_tokens)  # warm its petals client
+        for config, urls in replica_urls.items():
+            if use_balancer:
+                balancers.append(Balancer(work, [int(url.rsplit(":", 1)[1]) for url in urls]).start())
+                configs[config] = [f"{balancers[-1].url}/v1/completions"]
+            else:
+                configs[config] = [f"{url}/v1/completions" for url in urls]
         order = ["one_replica", "two_replicas"]
         for _ in range(args.rounds):
             for name in order:
@@ -102,6 +117,8 @@ def main() -> None:
                 print(json.dumps({"config": name, **run}), flush=True)
             order.reverse()
     finally:
+        for balancer in balancers:
+            balancer.stop()
         for proc in replicas:
             proc.stop(30)
         for w in workers:
@@ -112,7 +129,8 @@ def main() -> None:
                       for key in ("tokens_per_s", "mean_latency_s", "p99_latency_s", "requests")} for name in runs}
     summary["two / one tokens_per_s"] = round(summary["two_replicas"]["tokens_per_s"]
                                               / summary["one_replica"]["tokens_per_s"], 2)
-    out = {"summary": summary, "runs": runs, "clients": args.clients, "new_tokens": args.new_tokens,
+    out = {"summary": summary, "runs": runs, "balancer": "haproxy" if use_balancer else "none",
+           "clients": args.clients, "new_tokens": args.new_tokens,
            "seconds": args.seconds, "load_average_before": load_before, "load_average_after": os.getloadavg(),
            "machine": machine_info()}
     write_json(str(args.out) if args.out else None, out)

@@ -8,20 +8,14 @@ does the same to real replicas under traffic."""
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import threading
-from pathlib import Path
 
-import jinja2
 import pytest
 import requests
-from polling import wait_for
+from haproxy_balancer import HAPROXY, Balancer
 from postgres_server import free_port
 
-ROLE = Path(__file__).resolve().parents[1] / "roles" / "farworker_coordinator"
-HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (scripts/setup.sh --dev)")
 
 
@@ -57,52 +51,19 @@ class Replica(threading.Thread):
         self.listener.close()
 
 
-def render(tmp_path: Path, listen_port: int, ports: list[int]) -> Path:
-    """The role's haproxy.cfg for these ports, run unprivileged in the foreground (no chroot, user or daemon)."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROLE / "templates"), undefined=jinja2.StrictUndefined)
-    env.filters["comment"] = lambda text: f"# {text}"
-    text = env.get_template("haproxy.cfg.j2").render(
-        ansible_managed="test", farworker_coordinator_listen_address="127.0.0.1",
-        farworker_coordinator_listen_port=listen_port, farworker_coordinator_health_interval="200ms",
-        _farworker_coordinator_ports=ports)
-    kept = [line for line in text.splitlines()
-            if line.split()[:1] not in (["chroot"], ["user"], ["group"], ["daemon"], ["log"], ["stats"])]
-    config = tmp_path / "haproxy.cfg"
-    config.write_text("\n".join(kept) + "\n")
-    return config
-
-
 @pytest.fixture
 def balancer(tmp_path):
     replicas = [Replica(dies=True), Replica(dies=False)]
     for replica in replicas:
         replica.start()
-    port = free_port()
-    config = render(tmp_path, port, [r.port for r in replicas])
-    check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
-    assert check.returncode == 0, check.stdout + check.stderr  # the role's `validate: haproxy -c -f %s`
-    proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    haproxy = Balancer(tmp_path, [r.port for r in replicas])  # start() runs `haproxy -c` first, as the role does
     try:
-        wait_for(lambda: _answers(url), 20, "haproxy listening")
-        yield url, replicas
+        haproxy.start()
+        yield haproxy.url, replicas
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        haproxy.stop()
         for replica in replicas:
             replica.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        requests.get(f"{url}/healthz", timeout=2)
-        return True
-    except requests.ConnectionError:
-        return False
 
 
 @needs_haproxy
