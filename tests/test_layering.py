@@ -46,7 +46,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "farworker.outbox", "farworker.wire_records", "farworker.notify", "farworker.metrics",
               "farworker.shm_guard", "farworker.process_tree", "farworker.threading_policy", "farworker.tiny_model",
               "farworker.local_reference", "farworker.unit_render", "farworker.shm_cleanup",
-              "farworker.clock_offset", "farworker.library_noise")),
+              "farworker.clock_offset", "farworker.library_noise", "farworker.entry_lines")),
 )
 ORDER = ("petals access", "base", "worker parts", "worker", "coordinator", "commands")  # bottom to top
 FORBIDDEN_OUTSIDE_PETALS = ("petals", "hivemind")
