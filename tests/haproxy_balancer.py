@@ -28,7 +28,7 @@ def render_config(directory: Path, listen_port: int, ports: list[int], health_in
         farworker_coordinator_listen_port=listen_port, farworker_coordinator_health_interval=health_interval,
         _farworker_coordinator_ports=ports)
     service_only = {"chroot", "user", "group", "daemon", "log", "stats"}
-    kept = [line for line in text.splitlines() if not (line.split()[:1] and line.split()[0] in service_only)]
+    kept = [line for line in text.splitlines() if (line.split() or [""])[0] not in service_only]
     config = directory / f"haproxy-{listen_port}.cfg"
     config.write_text("\n".join(kept) + "\n")
     return config

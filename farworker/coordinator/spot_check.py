@@ -152,14 +152,18 @@ def compare(what: str, block: int, tokens: int, sent, expected, answered, tolera
     return ProbeResult(block, tokens, error, tolerance, problem)
 
 
-def record_verdict(store, mesh, worker_id: str, result: ProbeResult, wrong: bool) -> None:
+def record_verdict(store, mesh, worker_id: str, result: ProbeResult, wrong: bool) -> set[str] | None:
     """Record a check's outcome; a wrong answer quarantines the worker (paid nothing from now, told why in its
-    heartbeat answers) and the mesh client routes nothing more to it, now, not a probe period later."""
+    heartbeat answers) and the mesh client routes nothing more to it, now, not a probe period later. Returns the
+    quarantined peers it read for that (None after a right answer)."""
     store.record_probe(worker_id, time.time(), result.block, result.tokens, result.error, result.tolerance,
                        result.problem, quarantine=wrong)
-    if wrong:
-        log.warning("worker %s quarantined: %s", worker_id, result.problem)
-        mesh.exclude_peers(store.quarantined_peers())
+    if not wrong:
+        return None
+    log.warning("worker %s quarantined: %s", worker_id, result.problem)
+    quarantined = store.quarantined_peers()
+    mesh.exclude_peers(quarantined)
+    return quarantined
 
 
 class SpotCheckLoop:
@@ -205,9 +209,9 @@ class SpotCheckLoop:
                     result = self.checker.probe(row["peer_id"], (row["block_start"], row["block_end"]),
                                                 row["torch_dtype"], row["quant_type"])
                     wrong = not result.passed and result.tokens > 0  # it answered, and wrongly
-                    record_verdict(self.store, self.checker.mesh, row["worker_id"], result, wrong)
-                    if wrong:
-                        quarantined = self.store.quarantined_peers()
+                    now_quarantined = record_verdict(self.store, self.checker.mesh, row["worker_id"], result, wrong)
+                    if now_quarantined is not None:
+                        quarantined = now_quarantined
                     elif result.problem:
                         log.info("probe of worker %s: %s", row["worker_id"], result.problem)
                     self._check_reachability(row)  # after the verdict: a dial takes ~0.5 s per address
