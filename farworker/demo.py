@@ -39,8 +39,9 @@ PROMPT = "The mesh serves"  # the tiny model's weights are random: its text is n
 WORKERS_STOP_TIMEOUT = 30.0  # seconds for all workers together to drain and exit, then their groups are killed
 
 
-class StopRequested(Exception):
-    """Raised in the main thread by SignalStop's handler: ends the demo's run, not its stop."""
+class StopRequested(BaseException):
+    """Raised in the main thread by SignalStop's handler: ends the demo's run, not its stop. A BaseException, as
+    KeyboardInterrupt is: code that catches Exception (a retry loop, a library) must not swallow it."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)

@@ -38,14 +38,25 @@ def _changed_at(entry: os.DirEntry) -> float:
         return float("-inf")
 
 
+def _command(process: psutil.Process) -> str:
+    try:
+        return f"{' '.join(process.cmdline())[-100:]} (parent {process.ppid()})"
+    except psutil.Error:
+        return "?"
+
+
 class TreePids:
     """Every pid seen in a process's tree (the process and all its descendants) from now until it exits or
-    ``close()``: children come and go, so the tree is sampled, not read once."""
+    ``close()``: children come and go, so the tree is sampled, not read once. ``commands`` keeps what each pid
+    ran when first seen, so an assertion can name the process behind a leftover file; ``processes`` keeps each as
+    psutil saw it (with its start time), so a pid reused by someone else's process is never taken for ours."""
 
     def __init__(self, root_pid: int, period: float = 0.2):
         self.root_pid = root_pid
         self.pids: set[int] = {root_pid}
+        self.commands: dict[int, str] = {root_pid: "the tree's root"}
         self._root = psutil.Process(root_pid)  # remembers its start time: a reused pid is not taken for it
+        self.processes: dict[int, psutil.Process] = {root_pid: self._root}
         self._period = period
         self._stop = threading.Event()
         self.sample()
@@ -55,7 +66,11 @@ class TreePids:
     def sample(self) -> set[int]:
         try:
             if self._root.is_running():
-                self.pids.update(child.pid for child in self._root.children(recursive=True))
+                for child in self._root.children(recursive=True):
+                    if child.pid not in self.pids:
+                        self.pids.add(child.pid)
+                        self.processes[child.pid] = child
+                        self.commands[child.pid] = _command(child)
             else:  # the root has exited: nothing more to see
                 self._stop.set()
         except psutil.Error:
@@ -70,3 +85,18 @@ class TreePids:
         self._stop.set()
         self._thread.join(5)
         return self.pids
+
+    def makers(self, names: set[str]) -> dict[str, str]:
+        """Each of ``names`` (torch files), and what the pid that made it ran."""
+        return {name: self.commands.get(int(name.split("_")[1]), "?") for name in names}
+
+    def alive(self) -> list[psutil.Process]:
+        """The tree's processes still running (a zombie has ended; its parent has not reaped it yet)."""
+        return [process for process in self.processes.values() if _running(process)]
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
