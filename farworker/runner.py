@@ -45,6 +45,11 @@ DRAIN_QUIET_SECONDS = 2.0  # a drain ends once the handlers saw no session activ
 # --stop-timeout leave 10 s above the drain for it.
 STOP_AFTER_DRAIN_SECONDS = 8.0
 REPORTER_STOP_SECONDS = 4.0  # of that: the coordinator's share; unsent usage stays in the outbox anyway
+# Of that, after a fault: petals' own shutdown, then the grace its processes get between SIGTERM and SIGKILL. With
+# the DHT, its p2pd or torch_shm_manager dead, petals' shutdown (it announces through the DHT first) and the
+# handlers' own exits waited out all that was left, twice (7 s, then 6 s), for nothing: none of it can finish.
+# A dead handler's shutdown takes milliseconds.
+FAULT_SHUTDOWN_SECONDS = 2.0
 HEALTH_PERIOD = 5.0  # seconds between health checks when systemd gives no watchdog interval
 # How long a start step may go without progress before the start counts as stuck and is restarted
 # (notify.StartupKeepalive). Downloads count bytes; the hub client's own read timeout usually fires first.
@@ -262,7 +267,7 @@ class Worker:
         if self.reporter is not None:
             self.reporter.drain_and_stop(timeout=REPORTER_STOP_SECONDS)
         if self.host is not None:
-            self.host.stop(timeout=max(1.0, self.stop_seconds_left() - 1.0))
+            self.host.stop(timeout=self.shutdown_seconds(reserve=1.0))
         if self.meter is not None:  # a session cut by the shutdown still reports what it served
             self.meter.wait_settled(timeout=min(3.0, max(0.5, self.stop_seconds_left())))
         self.state = "stopped"
@@ -276,6 +281,12 @@ class Worker:
 
     def stop_seconds_left(self) -> float:
         return self.stop_deadline - time.monotonic()
+
+    def shutdown_seconds(self, reserve: float = 0.0) -> float:
+        """How long the next step of the stop may take: what is left of its bound (less ``reserve`` for the steps
+        after it), at least a second; after a fault, at most FAULT_SHUTDOWN_SECONDS."""
+        left = max(1.0, self.stop_seconds_left() - reserve)
+        return min(left, FAULT_SHUTDOWN_SECONDS) if self.fault else left
 
     def _drain_sessions(self) -> None:
         """Blocks offline first, then give the open sessions FARLABS_DRAIN_TIMEOUT to finish: a session cut
@@ -398,8 +409,10 @@ class Worker:
         }
 
     def _peer_count(self) -> int | None:
-        if self.host is None or self.host.server is None or not self.host.server.dht.is_alive():
-            return None  # a dead DHT would make every status write (the stop path's too) wait out the timeout
+        if self.fault or self.host is None or self.host.server is None or not self.host.server.dht.is_alive():
+            # A dead DHT would make every status write (the stop path's too) wait out the timeout, and after a
+            # fault a live one may hang too: with torch_shm_manager dead, its shared-memory futures never resolve.
+            return None
         try:
             return len(self.host.server.dht.run_coroutine(_visible_peers, return_future=True).result(timeout=5))
         except Exception:
@@ -430,7 +443,7 @@ def run_worker(config: WorkerConfig) -> int:
     finally:
         worker.stop()
         gpu.stop_xid_counter()
-        end_children(timeout=max(1.0, worker.stop_seconds_left()))
+        end_children(timeout=worker.shutdown_seconds())
     return code
 
 

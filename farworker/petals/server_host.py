@@ -32,6 +32,12 @@ HEALTH_TIMEOUT = 10.0  # seconds a DHT probe may take before the server counts a
 # seconds, a 2048-token forward of a 70B block well under a minute on any GPU petals supports).
 RUNTIME_STALL_SECONDS = 120.0
 ANNOUNCE_OFFLINE_TIMEOUT = 5.0  # declaring OFFLINE takes well under a second with the DHT alive
+# petals' server loop wakes at random times (uniform up to twice its mean_balance_check_period, 120 s) to rebalance
+# blocks and to restart its module container when a child died. Fixed blocks never rebalance, and a dead child is
+# the worker's health check's to act on (exit 70, a whole fresh process tree from systemd). When petals' wake-up won
+# the race, it replaced the container in place and the worker never made its restart (a fault-matrix cell failed
+# on it, once in 20). So with fixed blocks petals' loop only waits for the stop.
+FIXED_BLOCKS_BALANCE_PERIOD = 365 * 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +98,7 @@ class PetalsHost:
             # With step batching the runtime takes its next step only when it is free, so the steps that arrived
             # meanwhile run together; petals' default (1) would load the next step alone while one computes.
             prefetch_batches=0 if cfg.step_batching else 1,
+            **({"mean_balance_check_period": FIXED_BLOCKS_BALANCE_PERIOD} if plan.fixed else {}),
         )
         block_config = self.server.block_config
         rps = measured_rps(block_config, self.server.device, self.server.torch_dtype, self.server.quant_type,
