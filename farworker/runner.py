@@ -51,6 +51,9 @@ REPORTER_STOP_SECONDS = 4.0  # of that: the coordinator's share; unsent usage st
 # A dead handler's shutdown takes milliseconds.
 FAULT_SHUTDOWN_SECONDS = 2.0
 HEALTH_PERIOD = 5.0  # seconds between health checks when systemd gives no watchdog interval
+# Between two health checks (each one a DHT query), the children are looked at this often: a pid's state is a
+# file read, and a dead child then ends the worker within a second, not up to a whole health period later.
+DEAD_CHILD_POLL = 1.0
 # How long a start step may go without progress before the start counts as stuck and is restarted
 # (notify.StartupKeepalive). Downloads count bytes; the hub client's own read timeout usually fires first.
 DOWNLOAD_STALL_SECONDS = 600.0
@@ -255,7 +258,15 @@ class Worker:
                 log.error("Exiting with status %d so the service is restarted: %s", EXIT_FAULT, self.fault)
                 self.notifier.status(f"restarting: {self.fault}")
                 return
-            self.stop_requested.wait(period)
+            self._wait_for_next_check(period)
+
+    def _wait_for_next_check(self, period: float) -> None:
+        """Until the next health check is due, or at once on a stop request or a dead child (the check then finds
+        it and the worker exits 70)."""
+        due = time.monotonic() + period
+        while (left := due - time.monotonic()) > 0:
+            if self.stop_requested.wait(min(DEAD_CHILD_POLL, left)) or self.host.dead_child():
+                return
 
     def stop(self) -> None:
         self.state = "draining"

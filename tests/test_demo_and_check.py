@@ -4,8 +4,10 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
+from shm_files import TreePids, torch_files_of
 
 from farworker.local_mesh import base_env
 
@@ -17,10 +19,16 @@ def farworker(*args, env=None, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_demo_speaks_text_generates_matching_tokens_and_shows_the_ledger():
-    result = farworker("demo", "--max-tokens", "6")
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+def test_demo_speaks_text_generates_matching_tokens_and_shows_the_ledger_and_leaves_no_shm_file():
+    began = time.time() - 1.0  # ctime of the /dev/shm files this demo's processes make; tmpfs times are coarse
+    proc = subprocess.Popen([sys.executable, "-m", "farworker", "demo", "--max-tokens", "6"], env=base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tree = TreePids(proc.pid)  # its whole tree: bootstrap peer, coordinator, workers and their processes
+    out, err = proc.communicate(timeout=300)
+    pids = tree.close()
+    assert proc.returncode == 0, out + err
+    assert len(pids) > 10, pids  # bootstrap, coordinator, workers, their handlers and DHT processes were seen
+    assert tree.makers(torch_files_of(pids, since=began)) == {}  # tests/test_shm_cleanup.py: the stops
     assert "match      YES" in out
     assert out.count("route      blocks") == 2
     lines = out.splitlines()
@@ -43,7 +51,7 @@ def test_demo_speaks_text_generates_matching_tokens_and_shows_the_ledger():
         assert uptime == "new" or float(uptime.rstrip("%")) >= 95, line
     # no library warnings on either stream (FutureWarning, UserWarning, transformers' added-tokens advice), and no
     # traceback of an object collected at the end (hivemind's P2P.__del__ on a thread without an event loop)
-    noise = [line for line in (out + result.stderr).splitlines()
+    noise = [line for line in (out + err).splitlines()
              if "Warning" in line or "Special tokens have been added" in line or "Traceback" in line
              or "Exception ignored" in line]
     assert not noise, noise
