@@ -111,10 +111,9 @@ def run_demo(max_tokens: int, workers: int, work_dir: str | None) -> int:
             code = _run_mesh(mesh, work, max_tokens, workers)
         finally:
             stop.disarm()  # a signal here on is noted: nothing interrupts the stop below
-    except StopRequested:
+    except StopRequested:  # raised at most once, and raising disarms: the stop below runs uninterrupted either way
         pass
     finally:
-        stop.disarm()
         mesh.stop()
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -14,6 +14,8 @@ import threading
 
 import psutil
 
+from farworker.petals.shm_files import creator_pid
+
 SHM_DIR = "/dev/shm"
 
 
@@ -53,7 +55,6 @@ class TreePids:
 
     def __init__(self, root_pid: int, period: float = 0.2):
         self.root_pid = root_pid
-        self.pids: set[int] = {root_pid}
         self.commands: dict[int, str] = {root_pid: "the tree's root"}
         self._root = psutil.Process(root_pid)  # remembers its start time: a reused pid is not taken for it
         self.processes: dict[int, psutil.Process] = {root_pid: self._root}
@@ -67,8 +68,7 @@ class TreePids:
         try:
             if self._root.is_running():
                 for child in self._root.children(recursive=True):
-                    if child.pid not in self.pids:
-                        self.pids.add(child.pid)
+                    if child.pid not in self.processes:
                         self.processes[child.pid] = child
                         self.commands[child.pid] = _command(child)
             else:  # the root has exited: nothing more to see
@@ -76,6 +76,10 @@ class TreePids:
         except psutil.Error:
             self._stop.set()
         return self.pids
+
+    @property
+    def pids(self) -> set[int]:
+        return set(self.processes)
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
@@ -88,7 +92,7 @@ class TreePids:
 
     def makers(self, names: set[str]) -> dict[str, str]:
         """Each of ``names`` (torch files), and what the pid that made it ran."""
-        return {name: self.commands.get(int(name.split("_")[1]), "?") for name in names}
+        return {name: self.commands.get(creator_pid(name), "?") for name in names}
 
     def alive(self) -> list[psutil.Process]:
         """The tree's processes still running (a zombie has ended; its parent has not reaped it yet)."""
