@@ -2,7 +2,11 @@
 
 The coordinator refuses a signed report whose timestamp is more than identity.DEFAULT_WINDOW_S (60 s) from its
 clock, with 401 "clock skew or replay". A worker whose clock is minutes off would repeat that 401 forever;
-measured from the Date header (1 s resolution, good enough against 30 s), it says what is wrong instead.
+measured from the Date header, it says what is wrong instead.
+
+The measure is good to a few seconds, plenty against 30 s: a Date names a whole second (the coordinator's clock
+was somewhere in the second after it, so its middle is taken), uvicorn refreshes the header it sends about once a
+second (up to a second more behind, under load more), and the request's own time counts half.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from farworker.identity import DEFAULT_WINDOW_S
 
 MAX_OFFSET_S = 30.0  # `check` fails beyond this: half the coordinator's window, so drift has room before refusals
 NTP_FIX = "fix NTP (timedatectl set-ntp true, chrony)"
+DATE_RESOLUTION_S = 1.0  # an HTTP Date is truncated to the second (RFC 9110 5.6.7)
 
 
 def offset_from_date(date_header: str | None, sent_at: float, received_at: float) -> float | None:
@@ -24,7 +29,7 @@ def offset_from_date(date_header: str | None, sent_at: float, received_at: float
         theirs = parsedate_to_datetime(date_header).timestamp()
     except (TypeError, ValueError):
         return None
-    return (sent_at + received_at) / 2 - theirs
+    return (sent_at + received_at) / 2 - (theirs + DATE_RESOLUTION_S / 2)
 
 
 def describe(offset: float) -> str:

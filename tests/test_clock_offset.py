@@ -21,6 +21,10 @@ from farworker.preflight import check_clock
 needs_faketime = pytest.mark.skipif(shutil.which("faketime") is None,
                                     reason="faketime missing: bash scripts/setup.sh --dev installs it")
 FIVE_MINUTES_AHEAD = ["faketime", "-f", "+300s"]
+# The measure's error on one host (clock_offset's docstring): the Date's second, uvicorn's once-a-second refresh of
+# it (later on a loaded machine) and the request's time. CI saw "2 s ahead" on a busy 2-core machine.
+AS_MEASURED_300_S_AHEAD = r"(29[89]|30[0-3])"
+AS_MEASURED_IN_STEP = r"[0-3]"
 
 
 def test_offset_is_this_host_minus_the_date_header():
@@ -28,6 +32,13 @@ def test_offset_is_this_host_minus_the_date_header():
     assert offset_from_date(formatdate(now - 312, usegmt=True), now, now) == pytest.approx(312, abs=1)
     assert offset_from_date(formatdate(now + 45, usegmt=True), now - 0.2, now + 0.2) == pytest.approx(-45, abs=1)
     assert offset_from_date(None, now, now) is None and offset_from_date("yesterday", now, now) is None
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 0.999])
+def test_a_clock_in_step_reads_within_half_a_second_wherever_in_its_second_the_date_was_made(fraction):
+    # The Date drops the fraction: read as the second's start, a clock in step would seem up to 1 s ahead.
+    made_at = 1_700_000_000 + fraction
+    assert abs(offset_from_date(formatdate(made_at, usegmt=True), made_at, made_at)) <= 0.5
 
 
 def test_the_rule_fails_beyond_30_s_and_names_ntp():
@@ -53,12 +64,13 @@ def test_check_fails_on_a_clock_five_minutes_ahead(tmp_path, coordinator):
     result = subprocess.run([*FIVE_MINUTES_AHEAD, *farworker_command("check")], env=env, capture_output=True,
                             text=True, timeout=120)
     clock = [line for line in result.stdout.splitlines() if " clock: " in line]
-    assert len(clock) == 1 and re.match(r"FAIL clock: this host's clock is (299|300|301) s ahead of the "
-                                        r"coordinator's; .*fix NTP", clock[0]), result.stdout
+    assert len(clock) == 1 and re.match(rf"FAIL clock: this host's clock is {AS_MEASURED_300_S_AHEAD} s ahead "
+                                        r"of the coordinator's; .*fix NTP", clock[0]), result.stdout
     assert result.returncode == 1
 
     result = subprocess.run(farworker_command("check"), env=env, capture_output=True, text=True, timeout=120)
-    assert re.search(r"^OK   clock: [01] s (ahead of|behind) the coordinator's", result.stdout, re.M), result.stdout
+    in_step = rf"^OK   clock: {AS_MEASURED_IN_STEP} s (ahead of|behind) the coordinator's"
+    assert re.search(in_step, result.stdout, re.M), result.stdout
 
 
 @needs_faketime
@@ -75,6 +87,7 @@ def test_a_worker_five_minutes_ahead_logs_the_clock_once_not_401s(tmp_path, coor
     finally:
         worker.stop(timeout=60)
     log = worker.log_path.read_text()
-    assert re.search(r"clock is \+(299|300|301) s off the coordinator's \(\d+ s ahead of\)", log), log[-3000:]
+    once = rf"clock is \+{AS_MEASURED_300_S_AHEAD} s off the coordinator's \(\d+ s ahead of\)"
+    assert re.search(once, log), log[-3000:]
     assert log.count("clock is") == 1, log[-3000:]
     assert "401" not in log, log[-3000:]
