@@ -251,9 +251,9 @@ def test_docker_stop_drains_cleanly(worker, identity_probe):
     took = time.monotonic() - started
     print(f"docker stop took {took:.1f} s")
     output = logs(name)
+    # 0, not docker's SIGKILL at 10 s (137): how long `docker stop` itself took is docker's and the machine's
     assert inspect(name, "{{.State.ExitCode}}") == "0", output[-4000:]
     assert "Received SIGTERM" in output and "Stopped cleanly" in output, output[-4000:]
-    assert took < 10, f"docker stop took {took:.1f} s (SIGKILL at 10 s)"
     # The state volume keeps the identity key: a new container on it has the same peer id.
     out, err = identity_probe.communicate(timeout=300)
     assert identity_probe.returncode == 0, err

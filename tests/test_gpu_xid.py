@@ -108,7 +108,7 @@ def test_stop_ends_the_waiting_thread_promptly(nvml):
     gpu.stop_xid_counter()
     elapsed = time.monotonic() - started
     assert not thread.is_alive()
-    assert elapsed < gpu_xid.WAIT_MS / 1000 + 0.5, elapsed  # at most one NVML wait, not a hang
+    assert elapsed < gpu_xid.WAIT_MS / 1000 + 2.0, elapsed  # at most one NVML wait (and a busy machine's delay)
     assert events.freed == 1  # the thread frees its event set on the way out
     assert [g["xid_errors"] for g in gpu.telemetry()] == [None, None]  # no counter running now
 
@@ -124,7 +124,7 @@ def test_a_failing_wait_is_logged_once_and_stop_stays_prompt(nvml, caplog):
         assert events.waits == 2  # the thread now pauses for ERROR_PAUSE seconds instead of spinning
         started = time.monotonic()
         gpu.stop_xid_counter()
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < gpu_xid.ERROR_PAUSE / 2  # not the pause's whole 5 s
     assert xid_total(0)() is None  # stopped
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "Xid 79 on GPU 0: GPU has fallen off the bus"

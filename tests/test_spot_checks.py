@@ -55,11 +55,15 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
         def view(peer_id):
             return worker_view(coordinator.url, peer_id)
 
-        online_at = time.monotonic()
         wait_for(lambda: (view(altered_id) or {}).get("quarantined"), 60, "the altered worker quarantined")
         bad = view(altered_id)
         assert bad["state"] == "quarantined" and "differ from the reference" in bad["quarantined"]
-        assert time.monotonic() - online_at < 2 * PROBE_PERIOD + 30  # its first probes (workers register late)
+        # at its first wrong answer, not after several (how long that took is the loaded machine's, not a rule)
+        altered_worker = coordinator.store.worker_by_peer(altered_id)
+        since = coordinator.store.quarantine_of(altered_worker)["since"]
+        answered_until = [p for p in coordinator.store.probes(altered_worker, 10_000)
+                          if p["at"] <= since and p["error"] is not None]
+        assert len(answered_until) == 1, answered_until
         # the worker hears why in its heartbeat answers and says so in its journal and `farworker status`
         wait_for(lambda: "QUARANTINED by the coordinator" in altered.proc.log_tail(400), 30, "the worker told")
 
@@ -68,10 +72,14 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
         store = coordinator.store
         errors = {peer: [row["error"] for row in store.probes(store.worker_by_peer(peer), 10_000)]
                   for peer in (honest_id, altered_id)}
-        # float32 on both sides: the same arithmetic (measured 0.0); the altered blocks: 5.3e-3 of the update
-        assert max(errors[honest_id]) <= 1e-6 and min(errors[altered_id]) > 1e-3, errors
+        # float32 on both sides: the same arithmetic (measured 0.0); the altered blocks: 5.3e-3 of the update. A
+        # probe that timed out on a loaded machine has no error (and a problem): a few may, as in the int8 test.
+        honest_errors = [e for e in errors[honest_id] if e is not None]
+        assert len(honest_errors) >= len(errors[honest_id]) * 0.9, errors[honest_id]  # answered, not just reached
+        assert max(honest_errors) <= 1e-6, errors[honest_id]
+        assert min(e for e in errors[altered_id] if e is not None) > 1e-3, errors[altered_id]
         good = view(honest_id)
-        assert good["quarantined"] is None and good["probes_passed"] == good["probes"], good
+        assert good["quarantined"] is None and good["probes_passed"] == len(honest_errors), good
         assert good["state"] == "online" and good["tokens_attested"] > 0
 
         # routed nothing any more: every completion goes through the honest worker only
