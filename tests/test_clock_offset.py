@@ -1,16 +1,17 @@
 """A host clock minutes off the coordinator's: `check` fails naming the offset and NTP, and `run`'s log says
 "clock is N s off" once instead of one 401 per signed report. The clock is really shifted, with Debian's
-libfaketime (`faketime`, installed by scripts/setup.sh --dev), against a real coordinator."""
+libfaketime (tests/shifted_clock.py), against a real coordinator."""
 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 from email.utils import formatdate
 
+import psutil
 import pytest
+from shifted_clock import LIBFAKETIME, clock_shifted
 
 from farworker.clock_offset import clock_problem, journal_line, offset_from_date
 from farworker.coordinator.app import Settings
@@ -18,9 +19,9 @@ from farworker.coordinator.service import RunningCoordinator
 from farworker.local_mesh import ManagedProcess, farworker_command, worker_env
 from farworker.preflight import check_clock
 
-needs_faketime = pytest.mark.skipif(shutil.which("faketime") is None,
-                                    reason="faketime missing: bash scripts/setup.sh --dev installs it")
-FIVE_MINUTES_AHEAD = ["faketime", "-f", "+300s"]
+needs_faketime = pytest.mark.skipif(LIBFAKETIME is None,
+                                    reason="libfaketime missing: bash scripts/setup.sh --dev installs it")
+FIVE_MINUTES = 300
 # The measure's error on one host (clock_offset's docstring): the Date's second, uvicorn's once-a-second refresh of
 # it (later on a loaded machine) and the request's time. CI saw "2 s ahead" on a busy 2-core machine.
 AS_MEASURED_300_S_AHEAD = r"(29[89]|30[0-3])"
@@ -61,8 +62,9 @@ def coordinator(tmp_path):
 @needs_faketime
 def test_check_fails_on_a_clock_five_minutes_ahead(tmp_path, coordinator):
     env = worker_env(tmp_path, "w", coordinator.url, [], "0:4")
-    result = subprocess.run([*FIVE_MINUTES_AHEAD, *farworker_command("check")], env=env, capture_output=True,
-                            text=True, timeout=120)
+    with clock_shifted(FIVE_MINUTES) as ahead:
+        result = subprocess.run(farworker_command("check"), env={**env, **ahead}, capture_output=True, text=True,
+                                timeout=120)
     clock = [line for line in result.stdout.splitlines() if " clock: " in line]
     assert len(clock) == 1 and re.match(rf"FAIL clock: this host's clock is {AS_MEASURED_300_S_AHEAD} s ahead "
                                         r"of the coordinator's; .*fix NTP", clock[0]), result.stdout
@@ -76,16 +78,19 @@ def test_check_fails_on_a_clock_five_minutes_ahead(tmp_path, coordinator):
 @needs_faketime
 @pytest.mark.slow
 def test_a_worker_five_minutes_ahead_logs_the_clock_once_not_401s(tmp_path, coordinator):
-    env = worker_env(tmp_path, "w", coordinator.url, [], "0:4", {"FARLABS_HEARTBEAT_INTERVAL": "1"})
-    worker = ManagedProcess("w", [*FIVE_MINUTES_AHEAD, *farworker_command("run")], env, tmp_path / "w.log").start()
-    try:
-        deadline = time.monotonic() + 120
-        while "clock is" not in worker.log_tail(400) and time.monotonic() < deadline and worker.alive:
-            time.sleep(0.2)
-        time.sleep(8)  # several registration retries, each refused with 401
-        assert worker.alive, worker.log_tail()
-    finally:
-        worker.stop(timeout=60)
+    with clock_shifted(FIVE_MINUTES) as ahead:
+        env = worker_env(tmp_path, "w", coordinator.url, [], "0:4", {"FARLABS_HEARTBEAT_INTERVAL": "1", **ahead})
+        worker = ManagedProcess("w", farworker_command("run"), env, tmp_path / "w.log").start()
+        try:
+            deadline = time.monotonic() + 120
+            while "clock is" not in worker.log_tail(400) and time.monotonic() < deadline and worker.alive:
+                time.sleep(0.2)
+            time.sleep(8)  # several registration retries, each refused with 401
+            assert worker.alive, worker.log_tail()
+            tree = [psutil.Process(worker.process.pid), *psutil.Process(worker.process.pid).children(recursive=True)]
+        finally:
+            worker.stop(timeout=60)
+    assert not [p for p in tree if p.is_running()], tree  # the test's stop ended the shifted worker, all of it
     log = worker.log_path.read_text()
     once = rf"clock is \+{AS_MEASURED_300_S_AHEAD} s off the coordinator's \(\d+ s ahead of\)"
     assert re.search(once, log), log[-3000:]
