@@ -28,7 +28,7 @@ def clock_shifted(seconds: int) -> Iterator[dict[str, str]]:
     if LIBFAKETIME is None:
         raise RuntimeError("libfaketime missing: bash scripts/setup.sh --dev installs it")
     tag = f"farworker-test-faketime-{os.getpid()}-{secrets.token_hex(4)}"
-    semaphore = _multiprocessing.SemLock(_SEMAPHORE, 1, 1, f"/{tag}-sem", False)
+    _multiprocessing.SemLock(_SEMAPHORE, 1, 1, f"/{tag}-sem", False)  # its name stays until sem_unlink
     try:
         shared = shared_memory.SharedMemory(name=f"{tag}-shm", create=True, size=_SHARED_BYTES)
         try:
@@ -37,5 +37,4 @@ def clock_shifted(seconds: int) -> Iterator[dict[str, str]]:
             shared.close()
             shared.unlink()
     finally:
-        del semaphore
         _multiprocessing.sem_unlink(f"/{tag}-sem")

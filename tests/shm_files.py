@@ -17,18 +17,20 @@ import psutil
 from farworker.petals.shm_files import creator_pid
 
 SHM_DIR = "/dev/shm"
+CTIME_SLACK_S = 1.0  # tmpfs times are coarse: a file made just after ``since`` may read a little before it
 
 
 def torch_files_of(pids, since: float | None = None) -> set[str]:
     """Names of the torch files in /dev/shm created by one of ``pids``; with ``since`` (a time.time()), only
     those made from then on: pids are reused, and a file a long-gone process left under one of our pids is
     not ours (seen: a file 3 hours old under the pid of a worker's child)."""
+    earliest = None if since is None else since - CTIME_SLACK_S
     prefixes = tuple(f"torch_{pid}_" for pid in pids)
     if not prefixes:
         return set()
     try:
         return {entry.name for entry in os.scandir(SHM_DIR)
-                if entry.name.startswith(prefixes) and (since is None or _changed_at(entry) >= since)}
+                if entry.name.startswith(prefixes) and (earliest is None or _changed_at(entry) >= earliest)}
     except FileNotFoundError:  # no /dev/shm: no file anywhere; any other error must not read as "nothing left"
         return set()
 

@@ -9,9 +9,9 @@ import subprocess
 import time
 from email.utils import formatdate
 
-import psutil
 import pytest
 from shifted_clock import LIBFAKETIME, clock_shifted
+from shm_files import TreePids
 
 from farworker.clock_offset import clock_problem, journal_line, offset_from_date
 from farworker.coordinator.app import Settings
@@ -81,16 +81,17 @@ def test_a_worker_five_minutes_ahead_logs_the_clock_once_not_401s(tmp_path, coor
     with clock_shifted(FIVE_MINUTES) as ahead:
         env = worker_env(tmp_path, "w", coordinator.url, [], "0:4", {"FARLABS_HEARTBEAT_INTERVAL": "1", **ahead})
         worker = ManagedProcess("w", farworker_command("run"), env, tmp_path / "w.log").start()
+        tree = TreePids(worker.process.pid)
         try:
             deadline = time.monotonic() + 120
             while "clock is" not in worker.log_tail(400) and time.monotonic() < deadline and worker.alive:
                 time.sleep(0.2)
             time.sleep(8)  # several registration retries, each refused with 401
             assert worker.alive, worker.log_tail()
-            tree = [psutil.Process(worker.process.pid), *psutil.Process(worker.process.pid).children(recursive=True)]
         finally:
             worker.stop(timeout=60)
-    assert not [p for p in tree if p.is_running()], tree  # the test's stop ended the shifted worker, all of it
+            tree.close()
+    assert tree.alive() == [], tree.commands  # the test's stop ended the shifted worker, all of it
     log = worker.log_path.read_text()
     once = rf"clock is \+{AS_MEASURED_300_S_AHEAD} s off the coordinator's \(\d+ s ahead of\)"
     assert re.search(once, log), log[-3000:]

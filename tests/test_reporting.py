@@ -44,14 +44,14 @@ def identity(tmp_path):
     return load_or_create(tmp_path / "identity.key")
 
 
-def make_reporter(url, identity, outbox, **kwargs) -> Reporter:
+def make_reporter(url, identity, outbox, heartbeat_payload=lambda: heartbeat(tokens=12), **kwargs) -> Reporter:
     options = dict(interval=5.0, batch_size=25, backoff_initial_s=0.05, backoff_max_s=0.4, flush_delay_s=0.02)
     options.update(kwargs)
     return Reporter(
         CoordinatorClient(url, identity, timeout=2.0),
         outbox,
         lambda: registration(identity),
-        options.pop("heartbeat_payload", lambda: heartbeat(tokens=12)),
+        heartbeat_payload,
         **options,
     )
 

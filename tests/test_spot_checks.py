@@ -59,9 +59,10 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
         bad = view(altered_id)
         assert bad["state"] == "quarantined" and "differ from the reference" in bad["quarantined"]
         # at its first wrong answer, not after several (how long that took is the loaded machine's, not a rule)
-        altered_worker = coordinator.store.worker_by_peer(altered_id)
-        since = coordinator.store.quarantine_of(altered_worker)["since"]
-        answered_until = [p for p in coordinator.store.probes(altered_worker, 10_000)
+        store = coordinator.store
+        altered_worker = store.worker_by_peer(altered_id)
+        since = store.quarantine_of(altered_worker)["since"]
+        answered_until = [p for p in store.probes(altered_worker, 10_000)
                           if p["at"] <= since and p["error"] is not None]
         assert len(answered_until) == 1, answered_until
         # the worker hears why in its heartbeat answers and says so in its journal and `farworker status`
@@ -69,7 +70,6 @@ def test_an_altered_worker_is_quarantined_and_an_honest_one_is_not(tmp_path, tin
 
         wait_for(lambda: (view(honest_id) or {}).get("probes", 0) >= HONEST_PROBES, 120,
                  f"{HONEST_PROBES} probes of the honest worker")
-        store = coordinator.store
         errors = {peer: [row["error"] for row in store.probes(store.worker_by_peer(peer), 10_000)]
                   for peer in (honest_id, altered_id)}
         # float32 on both sides: the same arithmetic (measured 0.0); the altered blocks: 5.3e-3 of the update. A

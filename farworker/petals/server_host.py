@@ -204,8 +204,8 @@ class PetalsHost:
         """Remember the processes serving now (DHT, both p2pd, handlers, torch_shm_manager): from here on the
         death of any of them is fatal. petals would restart its container only after up to 4 min (its balance
         check wake-up, turned off for fixed blocks), and never a dead DHT or p2pd; a fresh process is back online
-        in seconds. (While petals
-        replaces its container on purpose, health() reports the blocks not loaded, then watches the new one.)"""
+        in seconds. (While petals replaces its container on purpose, health() reports the blocks not loaded, then
+        watches the new one.)"""
         self._watched_container = self.server.module_container
         self._children = []
         for child in psutil.Process().children(recursive=True):
